@@ -1,0 +1,28 @@
+"""keras_glmm: generalized linear mixed models as Keras 3 layers, fitted by variational inference."""
+
+import os as _os
+
+# TensorFlow's C++ start-up chatter is noise for a statistics user.
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_glmm import datasets, families, layers  # noqa: E402
+from keras_glmm.callbacks import ELBOConvergence  # noqa: E402
+from keras_glmm.families import get_family  # noqa: E402
+from keras_glmm.layers import FamilyHead, RandomEffects, VariationalFixedEffects  # noqa: E402
+from keras_glmm.model import GLMM  # noqa: E402
+from keras_glmm.optimizers import SparseAdam  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ELBOConvergence",
+    "FamilyHead",
+    "GLMM",
+    "RandomEffects",
+    "SparseAdam",
+    "VariationalFixedEffects",
+    "datasets",
+    "families",
+    "get_family",
+    "layers",
+]

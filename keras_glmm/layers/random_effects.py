@@ -1,0 +1,499 @@
+"""The random effects of one grouping factor, as a Keras layer holding their posterior."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+tfd = tfp.distributions
+tfb = tfp.bijectors
+
+OUTPUT_MODES = ("sample", "mean", "moments")
+COVARIANCES = ("full", "diagonal")
+
+
+def _softplus_inverse(x):
+    return float(np.log(np.expm1(x)))
+
+
+def _initial_scale_tril(k, sd=0.5):
+    """The unconstrained vector of `sd * I` in `fill_triangular`'s packing."""
+    with tf.init_scope():  # eager even while Keras traces a symbolic build
+        is_diag = tfp.math.fill_triangular_inverse(np.eye(k)).numpy() > 0
+    return np.where(is_diag, _softplus_inverse(sd), 0.0)
+
+
+@keras.saving.register_keras_serializable(package="keras_glmm")
+class RandomEffects(keras.layers.Layer):
+    """Random effects of one grouping factor with a Gaussian variational posterior.
+
+    For a grouping factor with `num_levels` levels and `num_effects` effects per level
+    (an intercept and/or slopes on covariates), row `i` in level `g(i)` with random-effect
+    design row `z_i` gets the contribution `z_i' b_{g(i)}` to its linear predictor:
+
+    ```
+    b_c ~ N(0, Sigma),   Sigma = diag(tau) Omega diag(tau)          (prior)
+    q(b_c) = N(mu_c, L_c L_c'),  L_c lower triangular               (posterior)
+    z_i' b_{g(i)} ~ N(z_i' mu_{g(i)},  |L_{g(i)}' z_i|^2)   under q
+    ```
+
+    `tau` are the standard deviations, `Omega` the correlation matrix (lme4's
+    `(x | g)`, `covariance="full"`), or the identity (lme4's `(x || g)`,
+    `covariance="diagonal"`). Each level's posterior has a full covariance, so for a
+    single grouping factor with point-estimated `Sigma` it holds the exact conditional
+    posterior of a Gaussian model and the ELBO equals the marginal likelihood at the
+    optimum (lme4's maximum-likelihood fit).
+
+    `Sigma` is point-estimated by default (empirical Bayes). With `scale_prior=s` the
+    standard deviations get a `HalfNormal(s)` hyperprior and a Softplus-Normal
+    variational posterior of their own (as TFP's GLMM tutorial does for its county
+    scale); `Omega` stays a point estimate.
+
+    **The KL term.** The layer adds `KL(q || p)` as a loss, attributed to rows: a
+    row of level `c` carries `KL_c / n_c`, with `n_c` the level's number of training
+    rows (set by `adapt`). Averaged over a batch, this is an unbiased estimate of
+    `sum_c KL_c / N`, the KL per observation, so that a data loss that is a mean
+    negative log-likelihood per row plus this loss is the negative ELBO per
+    observation. A step touches only the levels in its batch: the cost of a step and
+    the gradient (a sparse `tf.IndexedSlices` over the table's rows) do not grow
+    with `num_levels`.
+
+    Args:
+        num_levels: positive int, the number of levels of the grouping factor.
+        num_effects: positive int, effects per level. With `intercept=True` the
+            first is the intercept and the layer takes `num_effects - 1` covariate
+            columns; with `intercept=False` it takes `num_effects` columns.
+        intercept: whether the first effect is a random intercept.
+        covariance: `"full"` (correlated effects) or `"diagonal"`.
+        scale_prior: `None` for a point estimate of the standard deviations, or the
+            scale of a `HalfNormal` hyperprior on each of them.
+        effect_scale: float or list of `num_effects` floats, the typical magnitude
+            of each effect. Weights are stored divided by it, so that an optimizer
+            step means the same for every effect whatever the units of the data
+            (`GLMM` sets it from the data). It also sets the initial prior sd.
+        output_mode: `"sample"` (a reparameterized draw of `z_i' b_{g(i)}` in
+            training, its mean at inference: for use beside arbitrary layers),
+            `"mean"` (always the mean) or `"moments"` (a `(batch, 2)` tensor of
+            mean and variance, used by `GLMM` for its closed-form ELBO).
+        num_scale_samples: Monte Carlo draws of the standard deviations per step
+            when `scale_prior` is set.
+        validate_indices: check in training that every level index lies in
+            `[0, num_levels)` and fail with a clear error otherwise.
+        level_counts: optional training-row counts per level (else call `adapt`).
+
+    Input: the level index of each row, shape `(batch,)` (int), alone when the
+    layer has only an intercept, else `[level_index, covariates]` with covariates of
+    shape `(batch, num_effects - intercept)`.
+
+    Output: `(batch, 1)`, or `(batch, 2)` in `"moments"` mode.
+
+    Example:
+
+    >>> county = RandomEffects(num_levels=85)
+    >>> county.adapt(county_code)                      # level counts for the KL
+    >>> out = county(keras.ops.convert_to_tensor(county_code))
+    """
+
+    def __init__(
+        self,
+        num_levels,
+        num_effects=1,
+        intercept=True,
+        covariance="full",
+        scale_prior=None,
+        effect_scale=1.0,
+        output_mode="sample",
+        num_scale_samples=4,
+        validate_indices=True,
+        level_counts=None,
+        **kwargs,
+    ):
+        if not isinstance(num_levels, (int, np.integer)) or num_levels <= 0:
+            raise ValueError(
+                "`num_levels` must be a positive integer. "
+                f"Received: num_levels={num_levels!r}"
+            )
+        if not isinstance(num_effects, (int, np.integer)) or num_effects <= 0:
+            raise ValueError(
+                "`num_effects` must be a positive integer. "
+                f"Received: num_effects={num_effects!r}"
+            )
+        if covariance not in COVARIANCES:
+            raise ValueError(
+                f"`covariance` must be one of {COVARIANCES}. Received: covariance={covariance!r}"
+            )
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(
+                f"`output_mode` must be one of {OUTPUT_MODES}. Received: output_mode={output_mode!r}"
+            )
+        if scale_prior is not None and not float(scale_prior) > 0:
+            raise ValueError(
+                "`scale_prior` must be None or a positive HalfNormal scale. "
+                f"Received: scale_prior={scale_prior!r}"
+            )
+        effect_scale = np.broadcast_to(np.asarray(effect_scale, dtype="float64"), (num_effects,))
+        if not np.all(np.isfinite(effect_scale) & (effect_scale > 0)):
+            raise ValueError(
+                "`effect_scale` must be positive and finite. "
+                f"Received: effect_scale={effect_scale.tolist()}"
+            )
+        super().__init__(**kwargs)
+        self.num_levels = int(num_levels)
+        self.num_effects = int(num_effects)
+        self.intercept = bool(intercept)
+        self.covariance = covariance
+        self.scale_prior = None if scale_prior is None else float(scale_prior)
+        self.effect_scale = [float(s) for s in effect_scale]
+        self.output_mode = output_mode
+        self.num_scale_samples = int(num_scale_samples)
+        self.validate_indices = bool(validate_indices)
+        self._initial_level_counts = level_counts
+        self.num_covariates = self.num_effects - int(self.intercept)
+        self.num_correlations = (
+            self.num_effects * (self.num_effects - 1) // 2 if covariance == "full" else 0
+        )
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape=None):
+        k = self.num_effects
+        scale = np.asarray(self.effect_scale)
+        # Per level: the posterior mean, and the Cholesky factor of the posterior
+        # covariance as an unconstrained vector (softplus on the diagonal), both
+        # stored in units of `effect_scale`.
+        self.posterior_mean = self.add_weight(
+            name="posterior_mean", shape=(self.num_levels, k), initializer="zeros"
+        )
+        tril = _initial_scale_tril(k)
+        self.posterior_scale_tril = self.add_weight(
+            name="posterior_scale_tril",
+            shape=(self.num_levels, k * (k + 1) // 2),
+            initializer=keras.initializers.Constant(np.tile(tril, (self.num_levels, 1))),
+        )
+        if self.scale_prior is None:
+            self.log_scale = self.add_weight(
+                name="log_scale", shape=(k,), initializer=keras.initializers.Constant(np.log(scale))
+            )
+        else:
+            # q(tau_j) = Softplus(N(loc_j, softplus(raw_j))).
+            self.scale_loc = self.add_weight(
+                name="scale_loc",
+                shape=(k,),
+                initializer=keras.initializers.Constant([_softplus_inverse(s) for s in scale]),
+            )
+            self.scale_raw_sd = self.add_weight(
+                name="scale_raw_sd",
+                shape=(k,),
+                initializer=keras.initializers.Constant(_softplus_inverse(0.1)),
+            )
+        if self.num_correlations:
+            self.correlation = self.add_weight(
+                name="correlation", shape=(self.num_correlations,), initializer="zeros"
+            )
+        counts = self._initial_level_counts
+        self.level_counts = self.add_weight(
+            name="level_counts",
+            shape=(self.num_levels,),
+            initializer=keras.initializers.Constant(0.0 if counts is None else np.asarray(counts)),
+            trainable=False,
+        )
+        # A non-trainable weight, not a constant, so that a data-driven
+        # initialization can rescale the layer (`set_effect_scale`) after building.
+        self.effect_scale_weight = self.add_weight(
+            name="effect_scale",
+            shape=(k,),
+            initializer=keras.initializers.Constant(scale),
+            trainable=False,
+        )
+
+    @property
+    def _effect_scale(self):
+        return tf.convert_to_tensor(self.effect_scale_weight)
+
+    def set_effect_scale(self, effect_scale, reset=True):
+        """Sets the units in which the weights are stored.
+
+        With `reset=True` (before fitting) the prior sds are set to `effect_scale`,
+        the posterior means to 0 and the posterior sds to half the prior sds.
+        Otherwise the stored weights are rescaled so the posterior is unchanged.
+        """
+        if not self.built:
+            self.build()
+        new = np.broadcast_to(np.asarray(effect_scale, dtype="float64"), (self.num_effects,))
+        if not np.all(np.isfinite(new) & (new > 0)):
+            raise ValueError(f"`effect_scale` must be positive and finite. Received: {new.tolist()}")
+        if reset:
+            self.posterior_mean.assign(np.zeros(self.posterior_mean.shape))
+            tril = _initial_scale_tril(self.num_effects)
+            self.posterior_scale_tril.assign(np.tile(tril, (self.num_levels, 1)))
+            if self.scale_prior is None:
+                self.log_scale.assign(np.log(new))
+            else:
+                self.scale_loc.assign([_softplus_inverse(s) for s in new])
+        else:
+            ratio = self.effect_scale_weight.numpy() / new
+            self.posterior_mean.assign(self.posterior_mean.numpy() * ratio)
+            # Rows of L scale with the effect; the softplus diagonal makes an exact
+            # rescale of the raw vector impossible, so rebuild it from L itself.
+            tril = self._scale_tril(self.posterior_scale_tril).numpy() / new[:, None]
+            diag = np.diagonal(tril, axis1=-2, axis2=-1)
+            raw_tril = tril.copy()
+            idx = np.arange(self.num_effects)
+            raw_tril[:, idx, idx] = np.log(np.expm1(np.maximum(diag - 1e-6, 1e-12)))
+            self.posterior_scale_tril.assign(tfp.math.fill_triangular_inverse(raw_tril).numpy())
+        self.effect_scale_weight.assign(new)
+        self.effect_scale = [float(s) for s in new]
+
+    # ------------------------------------------------------------ adaptation
+    def adapt(self, level_index, sample_weight=None):
+        """Counts each level's training rows, which scale the per-row KL.
+
+        Args:
+            level_index: integer array of the training rows' level indices.
+            sample_weight: optional per-row weights (counted as fractional rows).
+        """
+        index = np.asarray(level_index).reshape(-1)
+        self._check_index_values(index)
+        if not self.built:
+            self.build()
+        counts = np.bincount(index, weights=sample_weight, minlength=self.num_levels)
+        self.level_counts.assign(counts.astype(self.level_counts.dtype))
+
+    def _check_index_values(self, index):
+        if index.size and not np.issubdtype(index.dtype, np.integer):
+            raise TypeError(
+                f"RandomEffects layer '{self.name}': level indices must be integers. "
+                f"Received dtype {index.dtype}."
+            )
+        bad = np.flatnonzero((index < 0) | (index >= self.num_levels))
+        if bad.size:
+            raise ValueError(
+                f"RandomEffects layer '{self.name}': level index {int(index[bad[0]])} in row "
+                f"{int(bad[0])} is outside [0, {self.num_levels}) "
+                f"({bad.size} rows out of range)."
+            )
+
+    # ------------------------------------------------------- the posterior
+    def _scale_tril(self, raw):
+        """Cholesky factors from unconstrained rows: `(..., k(k+1)/2) -> (..., k, k)`."""
+        tril = tfp.math.fill_triangular(raw)
+        diag = tf.linalg.diag_part(tril)
+        tril = tf.linalg.set_diag(tril, tf.nn.softplus(diag) + 1e-6)
+        return tril * self._effect_scale[..., :, None]
+
+    def _prior_correlation_tril(self):
+        k = self.num_effects
+        if not self.num_correlations:
+            return tf.eye(k, dtype=self.variable_dtype)
+        return tfb.CorrelationCholesky()(self.correlation)
+
+    def _scale_samples(self, training):
+        """Prior standard deviations `tau`, shape `(S, k)` (S draws under a hyperprior)."""
+        if self.scale_prior is None:
+            return tf.exp(self.log_scale)[None, :]
+        q_tau = self._scale_posterior()
+        if training:
+            return q_tau.sample(self.num_scale_samples)
+        # Outside training, fixed-seed draws: reports (and the reported ELBO) repeat.
+        return q_tau.sample(64, seed=tfp.random.sanitize_seed(1))
+
+    def _scale_posterior(self):
+        return tfd.TransformedDistribution(
+            tfd.Normal(self.scale_loc, tf.nn.softplus(self.scale_raw_sd) + 1e-6),
+            tfb.Softplus(),
+        )
+
+    def _gathered(self, level_index):
+        mean = tf.gather(self.posterior_mean, level_index) * self._effect_scale
+        tril = self._scale_tril(tf.gather(self.posterior_scale_tril, level_index))
+        return mean, tril
+
+    def _design(self, covariates, batch):
+        parts = []
+        if self.intercept:
+            parts.append(tf.ones((batch, 1), dtype=self.compute_dtype))
+        if self.num_covariates:
+            parts.append(tf.cast(covariates, self.compute_dtype))
+        return tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+    def _split_inputs(self, inputs):
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) == 1:
+                level_index, covariates = inputs[0], None
+            elif len(inputs) == 2:
+                level_index, covariates = inputs
+            else:
+                raise ValueError(
+                    f"RandomEffects layer '{self.name}' takes `level_index` or "
+                    f"`[level_index, covariates]`. Received {len(inputs)} inputs."
+                )
+        else:
+            level_index, covariates = inputs, None
+        if self.num_covariates and covariates is None:
+            raise ValueError(
+                f"RandomEffects layer '{self.name}' has {self.num_covariates} covariate "
+                "column(s): call it on `[level_index, covariates]`."
+            )
+        if covariates is not None and not self.num_covariates:
+            raise ValueError(
+                f"RandomEffects layer '{self.name}' has no covariates "
+                f"(num_effects={self.num_effects}, intercept={self.intercept}) but "
+                "received a covariate tensor."
+            )
+        level_index = tf.reshape(tf.cast(level_index, "int64"), [-1])
+        if covariates is not None:
+            covariates = tf.reshape(covariates, [-1, self.num_covariates])
+            if covariates.shape[-1] is not None and covariates.shape[-1] != self.num_covariates:
+                raise ValueError(
+                    f"RandomEffects layer '{self.name}' expects {self.num_covariates} "
+                    f"covariate column(s). Received shape {covariates.shape}."
+                )
+        return level_index, covariates
+
+    # ------------------------------------------------------------------ call
+    def call(self, inputs, training=None):
+        level_index, covariates = self._split_inputs(inputs)
+        if self.validate_indices:
+            level_index = self._validated(level_index)
+        z = self._design(covariates, tf.shape(level_index)[0])
+        mean, tril = self._gathered(level_index)
+        eta_mean = tf.reduce_sum(z * mean, axis=-1)
+        # Var(z' b) = |L' z|^2 under q(b) = N(mu, L L').
+        eta_var = tf.reduce_sum(tf.square(tf.einsum("bj,bjk->bk", z, tril)), axis=-1)
+        if training:
+            self.add_loss(self._kl_per_row(level_index, mean, tril))
+        if self.output_mode == "moments":
+            return tf.stack([eta_mean, eta_var], axis=-1)
+        if self.output_mode == "sample" and training:
+            noise = tf.random.normal(tf.shape(eta_mean), dtype=eta_mean.dtype)
+            return (eta_mean + tf.sqrt(eta_var) * noise)[:, None]
+        return eta_mean[:, None]
+
+    def _validated(self, level_index):
+        check = tf.debugging.assert_less(
+            level_index,
+            tf.constant(self.num_levels, "int64"),
+            message=(
+                f"RandomEffects layer '{self.name}': a level index is >= num_levels="
+                f"{self.num_levels} (an unknown level?)"
+            ),
+        )
+        check_neg = tf.debugging.assert_non_negative(
+            level_index, message=f"RandomEffects layer '{self.name}': a level index is negative"
+        )
+        with tf.control_dependencies([check, check_neg]):
+            return tf.identity(level_index)
+
+    # ------------------------------------------------------------------- KL
+    def _kl_per_row(self, level_index, mean, tril):
+        """Mean over the batch of `KL_{g(i)} / n_{g(i)}` (+ the hyperprior's share)."""
+        counts = tf.gather(self.level_counts, level_index)
+        # A level in the batch with no counted training rows would divide by zero:
+        # its count was never set (no `adapt`), which the model checks before fitting.
+        kl = self.level_kl(mean, tril, training=True) / tf.maximum(counts, 1.0)
+        loss = tf.reduce_mean(kl)
+        if self.scale_prior is not None:
+            # The hyperprior's KL is global: spread it over all training rows.
+            total = tf.maximum(tf.reduce_sum(self.level_counts), 1.0)
+            loss += self.scale_kl() / total
+        return loss
+
+    def level_kl(self, mean, tril, training=False):
+        """`KL(N(mean, tril tril') || N(0, Sigma))` for each level given, shape `(n,)`.
+
+        ```
+        KL = 1/2 [ |A^-1 L|_F^2 + |A^-1 mu|^2 - k + 2 log|A| - 2 log|L| ],  Sigma = A A'
+        ```
+        Under a hyperprior the expectation over `q(tau)` is a Monte Carlo average.
+        """
+        k = self.num_effects
+        taus = self._scale_samples(training)  # (S, k)
+        omega = self._prior_correlation_tril()  # (k, k)
+        prior_tril = taus[:, :, None] * omega[None]  # (S, k, k) = diag(tau) L_Omega
+        eye = tf.eye(k, batch_shape=tf.shape(prior_tril)[:1], dtype=prior_tril.dtype)
+        prior_inv = tf.linalg.triangular_solve(prior_tril, eye, lower=True)  # (S, k, k)
+        a = tf.einsum("sij,bjk->sbik", prior_inv, tril)
+        m = tf.einsum("sij,bj->sbi", prior_inv, mean)
+        log_det_prior = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(prior_tril)), -1)
+        log_det_q = tf.reduce_sum(tf.math.log(tf.linalg.diag_part(tril)), -1)
+        kl = 0.5 * (
+            tf.reduce_sum(tf.square(a), axis=[-2, -1])
+            + tf.reduce_sum(tf.square(m), axis=-1)
+            - k
+        ) + log_det_prior[:, None] - log_det_q[None, :]
+        return tf.reduce_mean(kl, axis=0)
+
+    def scale_kl(self):
+        """Monte Carlo `KL(q(tau) || HalfNormal(scale_prior))`, summed over effects."""
+        q_tau = self._scale_posterior()
+        tau = q_tau.sample(self.num_scale_samples)
+        prior = tfd.HalfNormal(tf.constant(self.scale_prior, self.variable_dtype))
+        return tf.reduce_mean(tf.reduce_sum(q_tau.log_prob(tau) - prior.log_prob(tau), -1))
+
+    def total_kl(self):
+        """The whole `KL(q || p)` over all levels (and the hyperprior), a scalar.
+
+        For reporting (the ELBO of a fit); touches every level.
+        """
+        mean = self.posterior_mean * self._effect_scale
+        tril = self._scale_tril(self.posterior_scale_tril)
+        kl = tf.reduce_sum(self.level_kl(mean, tril))
+        if self.scale_prior is not None:
+            kl += self.scale_kl()
+        return kl
+
+    # ------------------------------------------------------------- results
+    def prior_stddev(self):
+        """The standard deviations `tau` (posterior means under a hyperprior), `(k,)`."""
+        if self.scale_prior is None:
+            return tf.exp(self.log_scale).numpy()
+        # The Softplus-Normal has no closed-form mean: average many fixed-seed draws.
+        draws = self._scale_posterior().sample(10000, seed=tfp.random.sanitize_seed(1))
+        return tf.reduce_mean(draws, axis=0).numpy()
+
+    def prior_correlation(self):
+        """The correlation matrix `Omega`, `(k, k)`."""
+        tril = self._prior_correlation_tril()
+        return tf.matmul(tril, tril, transpose_b=True).numpy()
+
+    def prior_covariance(self):
+        """`Sigma = diag(tau) Omega diag(tau)`, `(k, k)`."""
+        tau = self.prior_stddev()
+        return tau[:, None] * self.prior_correlation() * tau[None, :]
+
+    def conditional_mean(self):
+        """Posterior means of every level's effects, `(num_levels, k)` (lme4's ranef)."""
+        return (self.posterior_mean * self._effect_scale).numpy()
+
+    def conditional_covariance(self):
+        """Posterior covariances of every level's effects, `(num_levels, k, k)`."""
+        tril = self._scale_tril(self.posterior_scale_tril)
+        return tf.matmul(tril, tril, transpose_b=True).numpy()
+
+    def conditional_stddev(self):
+        """Posterior standard deviations, `(num_levels, k)` (lme4's condVar, as sds)."""
+        return np.sqrt(np.diagonal(self.conditional_covariance(), axis1=-2, axis2=-1))
+
+    # ---------------------------------------------------------------- keras
+    def compute_output_shape(self, input_shape):
+        shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and isinstance(
+            input_shape[0], (list, tuple)
+        ) else input_shape
+        return (shape[0], 2 if self.output_mode == "moments" else 1)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "num_levels": self.num_levels,
+                "num_effects": self.num_effects,
+                "intercept": self.intercept,
+                "covariance": self.covariance,
+                "scale_prior": self.scale_prior,
+                "effect_scale": self.effect_scale,
+                "output_mode": self.output_mode,
+                "num_scale_samples": self.num_scale_samples,
+                "validate_indices": self.validate_indices,
+            }
+        )
+        return config
+

@@ -1,0 +1,342 @@
+"""`GLMM`: a Keras model whose `fit` maximizes the evidence lower bound of a GLMM."""
+
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_glmm import families as families_lib
+from keras_glmm.callbacks import ELBOConvergence
+from keras_glmm.layers.family_head import FamilyHead
+from keras_glmm.layers.fixed_effects import VariationalFixedEffects
+from keras_glmm.layers.random_effects import RandomEffects
+from keras_glmm.optimizers import SparseAdam
+
+# In-memory data up to this many rows is fitted full-batch by default: the ELBO is
+# then deterministic (closed-form expectations, no minibatch noise) and converges to
+# the optimum instead of jittering around it.
+FULL_BATCH_ROWS = 2**18
+
+
+@keras.saving.register_keras_serializable(package="keras_glmm")
+class GLMM(keras.Model):
+    """A generalized linear mixed model trained by `model.fit` on the negative ELBO.
+
+    ```
+    eta_i = x_i' beta + sum_t z_ti' b_t,g_t(i) + offset_i
+    y_i | eta_i ~ family(link^-1(eta_i), dispersion)
+    b_t,c ~ N(0, Sigma_t)  for each grouping factor t and level c
+    ```
+
+    Each grouping factor is a `RandomEffects` layer holding a Gaussian posterior
+    `q(b_t,c)`; the fixed effects are a `keras.layers.Dense(1, use_bias=False)`
+    (point estimates, the default) or a `VariationalFixedEffects` layer; a
+    `FamilyHead` holds the dispersion. The linear predictor is linear in the random
+    effects, so under `q` each `eta_i` is Gaussian with mean `m_i` and variance `v_i`
+    (summed over the layers' moments) and the expected log-likelihood
+    `E_q[log p(y_i | eta_i)]` is closed form or Gauss-Hermite quadrature: the ELBO
+    has no sampling noise.
+
+    `fit` minimizes, per observation,
+
+    ```
+    loss = -1/n sum_i E_q[log p(y_i | eta_i)]  +  KL(q || p) / n   =  -ELBO / n
+    ```
+
+    and the History holds `loss`, `elbo`, `nll` (expected negative log-likelihood)
+    and `kl`, each per observation. For in-memory data `fit` checks the data,
+    counts each level's rows, initializes from a GLM fit, runs full-batch (up to
+    `FULL_BATCH_ROWS` rows) and stops when the ELBO has converged
+    (`ELBOConvergence`); `converged_` says whether it did.
+
+    Args:
+        random_effects: a list of `RandomEffects` layers; each layer's `name` is the
+            key of its level index in the input dict (and `name + "_z"` that of its
+            covariates, when it has slopes).
+        fixed_effects: a layer mapping `inputs["x"]` to `(batch, 1)` (point
+            estimates) or `(batch, 2)` moments; default `Dense(1, use_bias=False)`,
+            so `x` carries an intercept column when the model has one.
+        family: a family name or `keras_glmm.families.Family`.
+        link: optional link name (the family's canonical link by default).
+        fixed_params: dispersion parameters held fixed, e.g. `{"scale": 1.0}`.
+        quadrature_points: Gauss-Hermite points for families without a closed form.
+
+    Inputs: a dict with `"x"` `(batch, p)`, one entry per random-effects layer (its
+    level indices), `name + "_z"` covariates for layers with slopes, and optionally
+    `"offset"` `(batch,)`. Response `y`: `(batch,)`, or `(batch, 2)` holding
+    successes and trials for a binomial family.
+
+    Outputs: a dict of `(batch,)` tensors: `mean` (response mean), `eta` (linear
+    predictor), `eta_var` (its posterior variance) and the dispersion parameters.
+
+    Example:
+
+    >>> model = GLMM(random_effects=[RandomEffects(85, name="county")], family="gaussian")
+    >>> model.fit({"x": x, "county": county_code}, log_radon)
+    >>> model.converged_
+    True
+    """
+
+    def __init__(
+        self,
+        random_effects=(),
+        fixed_effects=None,
+        family="gaussian",
+        link=None,
+        fixed_params=None,
+        quadrature_points=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.family = families_lib.get_family(family, link=link)
+        self.quadrature_points = quadrature_points
+        random_effects = list(random_effects)
+        names = [layer.name for layer in random_effects]
+        for layer in random_effects:
+            if not isinstance(layer, RandomEffects):
+                raise TypeError(
+                    f"`random_effects` must hold RandomEffects layers. Received: {layer!r}"
+                )
+            if layer.name in ("x", "offset") or layer.name.endswith("_z"):
+                raise ValueError(f"A random-effects layer may not be named '{layer.name}'.")
+            # The model's ELBO needs each term's mean and variance, not a draw.
+            layer.output_mode = "moments"
+        if len(set(names)) != len(names):
+            raise ValueError(f"Random-effects layers need distinct names. Received: {names}")
+        self.random_effects = random_effects
+        if fixed_effects is None:
+            fixed_effects = keras.layers.Dense(
+                1, use_bias=False, kernel_initializer="zeros", name="fixed_effects", dtype=self.dtype_policy
+            )
+        if isinstance(fixed_effects, VariationalFixedEffects):
+            fixed_effects.output_mode = "moments"
+        self.fixed_effects = fixed_effects
+        self.head = FamilyHead(
+            self.family, fixed_params=fixed_params, name="family_head", dtype=self.dtype_policy
+        )
+        self.elbo_tracker = keras.metrics.Mean(name="elbo")
+        self.nll_tracker = keras.metrics.Mean(name="nll")
+        self.kl_tracker = keras.metrics.Mean(name="kl")
+        self.converged_ = None
+        self._data_initialized = False
+
+    # ------------------------------------------------------------------ call
+    def build(self, input_shape):
+        self.fixed_effects.build(input_shape["x"])
+        for layer in self.random_effects:
+            layer.build()
+        self.head.build((None, 2))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        fixed = self.fixed_effects(inputs["x"], training=training)
+        fixed = tf.cast(fixed, self.compute_dtype)
+        eta = fixed[:, 0]
+        eta_var = fixed[:, 1] if fixed.shape[-1] == 2 else tf.zeros_like(eta)
+        for layer in self.random_effects:
+            if layer.num_covariates:
+                args = [inputs[layer.name], inputs[layer.name + "_z"]]
+            else:
+                args = inputs[layer.name]
+            moments = tf.cast(layer(args, training=training), self.compute_dtype)
+            eta += moments[:, 0]
+            eta_var += moments[:, 1]
+        if "offset" in inputs:
+            eta += tf.reshape(tf.cast(inputs["offset"], self.compute_dtype), [-1])
+        return self.head(tf.stack([eta, eta_var], axis=-1))
+
+    def _split_response(self, y):
+        y = tf.cast(y, self.compute_dtype)
+        if self.family.name == "binomial" and len(y.shape) == 2 and y.shape[-1] == 2:
+            return y[:, 0], y[:, 1]
+        return tf.reshape(y, [-1]), None
+
+    def expected_log_likelihood(self, y, y_pred):
+        """Per-row `E_q[log p(y_i | eta_i)]`."""
+        y, trials = self._split_response(y)
+        params = {name: y_pred[name] for name in self.family.dispersion_params}
+        return self.family.expected_log_prob(
+            y, y_pred["eta"], y_pred["eta_var"], params, trials=trials,
+            num_points=self.quadrature_points,
+        )
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        ell = self.expected_log_likelihood(y, y_pred)
+        if sample_weight is not None:
+            ell = ell * tf.reshape(tf.cast(sample_weight, ell.dtype), [-1])
+        nll = -tf.reduce_mean(ell)
+        kl = tf.add_n(self.losses) if self.losses else tf.zeros_like(nll)
+        kl = tf.cast(kl, nll.dtype)
+        loss = nll + kl
+        loss = tf.debugging.check_numerics(
+            loss,
+            "keras_glmm: the negative ELBO is NaN or inf. The data passed the checks, so the "
+            "optimization diverged: lower the learning rate, or check for extreme "
+            "covariate values",
+        )
+        self.nll_tracker.update_state(nll)
+        self.kl_tracker.update_state(kl)
+        self.elbo_tracker.update_state(-loss)
+        return loss
+
+    # ----------------------------------------------------------- compile/fit
+    def compile(self, optimizer=None, jit_compile=False, steps_per_execution=100, **kwargs):
+        """Compiles with `SparseAdam(0.05)` by default and no `loss` (the ELBO is built in).
+
+        `jit_compile` defaults to False: the data checks inside the step
+        (`tf.debugging` asserts on level indices and a finite loss) are not XLA ops.
+        `steps_per_execution` defaults to 100: a full-batch step on a small data set
+        takes well under a millisecond, less than Keras's per-call overhead, so
+        batch-level callbacks see every 100th step.
+        """
+        if "loss" in kwargs and kwargs["loss"] is not None:
+            raise ValueError("GLMM computes its own loss (the negative ELBO): do not pass `loss`.")
+        kwargs.pop("loss", None)
+        if optimizer is None:
+            optimizer = SparseAdam(learning_rate=0.05)
+        super().compile(
+            optimizer=optimizer, jit_compile=jit_compile,
+            steps_per_execution=steps_per_execution, **kwargs,
+        )
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=None,
+        verbose=0,
+        callbacks=None,
+        steps_per_epoch=None,
+        initialize=True,
+        **kwargs,
+    ):
+        """Fits the model: Keras's `fit`, with a GLMM's defaults for in-memory data.
+
+        When `x` is a dict of arrays, the data are checked (clear errors for
+        non-finite values, responses outside the family's support, unknown level
+        indices, mismatched shapes), each layer's level counts are set, the weights
+        are initialized from a GLM fit (`initialize=True`, on the first fit only),
+        the fit runs full-batch (up to `FULL_BATCH_ROWS` rows unless `batch_size` is
+        given) in epochs of `steps_per_epoch` steps (100), for at most `epochs`
+        (200), and an `ELBOConvergence` callback stops it at convergence unless the
+        callbacks already include one. Other inputs (a `tf.data.Dataset`, ...) go
+        to Keras's `fit` unchanged; call `prepare(x, y)` on in-memory data first.
+
+        Returns:
+            The Keras `History`.
+        """
+        if not self.compiled:
+            self.compile()
+        if not isinstance(x, dict):
+            return super().fit(
+                x, y, batch_size=batch_size, epochs=epochs or 1, verbose=verbose,
+                callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs
+            )
+        x, y, num_rows = self.prepare(x, y, initialize=initialize and not self._data_initialized)
+        sample_weight = kwargs.pop("sample_weight", None)
+        data = (x, y) if sample_weight is None else (x, y, np.asarray(sample_weight))
+        if batch_size is None and num_rows <= FULL_BATCH_ROWS:
+            dataset = tf.data.Dataset.from_tensors(data).repeat()
+            steps_per_epoch = steps_per_epoch or 100
+        else:
+            batch_size = batch_size or 8192
+            dataset = (
+                tf.data.Dataset.from_tensor_slices(data)
+                .shuffle(min(num_rows, 1_000_000), reshuffle_each_iteration=True)
+                .batch(batch_size)
+                .repeat()
+            )
+            steps_per_epoch = steps_per_epoch or -(-num_rows // batch_size)
+        callbacks = list(callbacks or [])
+        convergence = next((c for c in callbacks if isinstance(c, ELBOConvergence)), None)
+        if convergence is None:
+            convergence = ELBOConvergence()
+            callbacks.append(convergence)
+        history = super().fit(
+            dataset, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
+            verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
+        )
+        self.converged_ = convergence.converged
+        if not convergence.converged:
+            warnings.warn(
+                f"GLMM fit did not converge in {len(history.epoch)} epochs "
+                f"(last change in the ELBO per observation: {convergence.last_delta:.3g}); "
+                "fit again to continue, or raise `epochs`.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return history
+
+    # ------------------------------------------------------------- the data
+    def prepare(self, x, y, initialize=True):
+        """Checks in-memory data, counts levels and (optionally) initializes weights.
+
+        Returns:
+            `(x, y, num_rows)` with arrays cast to the model's dtype.
+        """
+        from keras_glmm import initialization  # local: initialization imports GLMM's pieces
+
+        x, y, num_rows = initialization.check_data(self, x, y)
+        if not self.built:
+            self({key: value[:1] for key, value in x.items()})  # creates the weights
+        for layer in self.random_effects:
+            layer.adapt(x[layer.name])
+        if isinstance(self.fixed_effects, VariationalFixedEffects):
+            self.fixed_effects.num_observations = num_rows
+        if initialize:
+            initialization.initialize(self, x, y)
+            self._data_initialized = True
+        return x, y, num_rows
+
+    # -------------------------------------------------------------- results
+    def elbo(self, x, y):
+        """The exact ELBO of the whole data set and its parts (totals, not per row).
+
+        Returns:
+            A dict with `elbo`, `expected_log_likelihood` and `kl`.
+        """
+        x, y, _ = self.prepare(x, y, initialize=False)
+        y_pred = self(x, training=False)
+        ell = float(tf.reduce_sum(self.expected_log_likelihood(y, y_pred)))
+        kl = sum(float(layer.total_kl()) for layer in self.random_effects)
+        if isinstance(self.fixed_effects, VariationalFixedEffects):
+            kl += float(self.fixed_effects.total_kl())
+        return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
+
+    def coefficients(self):
+        """Fixed-effect estimates (posterior means), `(p,)`, in the columns of `x`."""
+        if isinstance(self.fixed_effects, VariationalFixedEffects):
+            return self.fixed_effects.coefficients()[0]
+        weights = self.fixed_effects.get_weights()
+        kernel = weights[0].reshape(-1)
+        return np.concatenate([weights[1].reshape(-1), kernel]) if len(weights) > 1 else kernel
+
+    def dispersion(self):
+        """The family's dispersion parameters as floats (e.g. `{"scale": 0.755}`)."""
+        return {k: float(v) for k, v in self.head.params().items()}
+
+    # ---------------------------------------------------------------- keras
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "random_effects": [keras.saving.serialize_keras_object(l) for l in self.random_effects],
+                "fixed_effects": keras.saving.serialize_keras_object(self.fixed_effects),
+                "family": self.family.name,
+                "link": self.family.link.name,
+                "fixed_params": self.head.fixed_params,
+                "quadrature_points": self.quadrature_points,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["random_effects"] = [
+            keras.saving.deserialize_keras_object(c) for c in config["random_effects"]
+        ]
+        config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
+        return cls(**config)

@@ -1,0 +1,70 @@
+"""Optimizers whose cost per step does not grow with the number of random-effect levels.
+
+Keras 3's `Adam` updates both moment estimates of a whole variable every step, also
+when the gradient is a `tf.IndexedSlices` that touches a handful of rows (keras
+#19992): a random-effects table of 10M levels then costs 10M-row work per step.
+`SparseAdam` is the "lazy" Adam of TensorFlow Addons and PyTorch's `SparseAdam`:
+for a sparse gradient it reads, updates and writes back only the rows present in
+the batch; dense gradients get the ordinary Adam update. With every row in every
+step (full-batch fits) the two are identical.
+"""
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="keras_glmm")
+class SparseAdam(keras.optimizers.Adam):
+    """Adam with row-wise ("lazy") updates for sparse gradients.
+
+    For a gradient `g` given as `tf.IndexedSlices` over rows `R` of a variable, only
+    rows `R` of the variable and of its moments change:
+
+    ```
+    m[R] <- beta_1 m[R] + (1 - beta_1) g[R]
+    v[R] <- beta_2 v[R] + (1 - beta_2) g[R]^2
+    w[R] <- w[R] - lr_t m[R] / (sqrt(v[R]) + epsilon)
+    ```
+
+    with the usual bias correction `lr_t = lr sqrt(1 - beta_2^t) / (1 - beta_1^t)`
+    taken at the global step `t`. Rows absent from a batch keep their moments (they
+    are not decayed), which is what makes the step cost independent of the table size.
+
+    Args:
+        Same as `keras.optimizers.Adam` (amsgrad is not supported).
+
+    Example:
+
+    >>> opt = SparseAdam(learning_rate=0.05)
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.amsgrad:
+            raise ValueError("`SparseAdam` does not support `amsgrad=True`.")
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        dtype = variable.dtype
+        lr = tf.cast(learning_rate, dtype)
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1 = tf.cast(self.beta_1, dtype)
+        beta_2 = tf.cast(self.beta_2, dtype)
+        alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+
+        # A batch names a level once per row: sum duplicate rows first, so each
+        # level gets one moment update with its whole gradient.
+        rows, position = tf.unique(gradient.indices)
+        grad = tf.math.unsorted_segment_sum(
+            tf.cast(gradient.values, dtype), position, tf.shape(rows)[0]
+        )
+        index = self._get_variable_index(variable)
+        m = self._momentums[index]
+        v = self._velocities[index]
+        m_rows = beta_1 * tf.gather(m, rows) + (1 - beta_1) * grad
+        v_rows = beta_2 * tf.gather(v, rows) + (1 - beta_2) * tf.square(grad)
+        self.assign(m, tf.IndexedSlices(m_rows, rows))
+        self.assign(v, tf.IndexedSlices(v_rows, rows))
+        step_rows = alpha * m_rows / (tf.sqrt(v_rows) + tf.cast(self.epsilon, dtype))
+        self.assign_sub(variable, tf.IndexedSlices(step_rows, rows))

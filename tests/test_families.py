@@ -1,0 +1,363 @@
+"""Tests for keras_glmm.families: numbers against scipy, quadrature, validation."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import integrate, special, stats
+
+from keras_glmm import families as fam
+
+# numpy reference inverse links
+INV = {
+    "identity": lambda e: e,
+    "log": np.exp,
+    "logit": special.expit,
+    "probit": stats.norm.cdf,
+    "cloglog": lambda e: -np.expm1(-np.exp(e)),
+    "inverse": lambda e: 1.0 / e,
+}
+
+
+def scipy_logp(family, link, y, eta, params, trials=None):
+    eta = np.asarray(eta, dtype=np.float64)
+    mu = INV[link](eta)
+    if family == "binomial" and link != "logit":
+        # tail-stable reference for the numerical integrals (p rounds to 1)
+        n = 1.0 if trials is None else np.asarray(trials, dtype=np.float64)
+        if link == "probit":
+            lp, lq = stats.norm.logcdf(eta), stats.norm.logcdf(-eta)
+        else:
+            lp, lq = np.log(-np.expm1(-np.exp(eta))), -np.exp(eta)
+        return special.gammaln(n + 1) - special.gammaln(y + 1) - special.gammaln(n - y + 1) + y * lp + (n - y) * lq
+    if family == "gaussian":
+        return stats.norm.logpdf(y, loc=mu, scale=params["scale"])
+    if family == "binomial":
+        if trials is None:
+            return stats.bernoulli.logpmf(y, mu)
+        return stats.binom.logpmf(y, trials, mu)
+    if family == "poisson":
+        return stats.poisson.logpmf(y, mu)
+    if family == "negative_binomial":
+        th = params["dispersion"]
+        return stats.nbinom.logpmf(y, n=th, p=th / (th + mu))
+    if family == "gamma":
+        a = params["shape"]
+        return stats.gamma.logpdf(y, a=a, scale=mu / a)
+    raise AssertionError(family)
+
+
+# (family, link, eta rows, y rows, params, trials); eta chosen inside the valid region.
+CASES = [
+    ("gaussian", "identity", [-1.0, 0.3, 2.5], [-0.5, 0.0, 4.0], {"scale": 1.7}, None),
+    ("gaussian", "log", [-1.0, 0.3, 1.5], [0.2, 1.5, 4.0], {"scale": 0.8}, None),
+    ("gaussian", "inverse", [0.5, 1.3, 2.5], [1.5, 0.8, 0.3], {"scale": 0.6}, None),
+    ("binomial", "logit", [-2.0, 0.1, 3.0], [0.0, 1.0, 1.0], {}, None),
+    ("binomial", "logit", [-2.0, 0.1, 3.0], [1.0, 4.0, 9.0], {}, [5.0, 7.0, 10.0]),
+    ("binomial", "probit", [-1.5, 0.2, 1.0], [0.0, 1.0, 0.0], {}, None),
+    ("binomial", "probit", [-1.5, 0.2, 1.0], [2.0, 3.0, 6.0], {}, [4.0, 6.0, 8.0]),
+    ("binomial", "cloglog", [-2.0, -0.3, 0.8], [1.0, 0.0, 1.0], {}, None),
+    ("binomial", "cloglog", [-2.0, -0.3, 0.8], [0.0, 2.0, 5.0], {}, [3.0, 4.0, 5.0]),
+    ("poisson", "log", [-1.0, 0.5, 2.3], [0.0, 2.0, 12.0], {}, None),
+    ("poisson", "identity", [0.7, 3.0, 8.0], [0.0, 4.0, 6.0], {}, None),
+    ("negative_binomial", "log", [-0.5, 1.0, 2.5], [0.0, 3.0, 20.0], {"dispersion": 2.5}, None),
+    ("gamma", "inverse", [0.5, 1.0, 2.0], [1.5, 0.7, 0.4], {"shape": 3.0}, None),
+    ("gamma", "log", [-0.5, 0.4, 1.5], [0.3, 2.0, 5.0], {"shape": 1.7}, None),
+    ("gamma", "identity", [0.5, 2.0, 6.0], [0.8, 1.5, 7.0], {"shape": 4.0}, None),
+]
+IDS = [f"{c[0]}-{c[1]}-{'trials' if c[5] else 'n1'}" for c in CASES]
+
+ALL_PAIRS = [(n, link) for n, cls in fam._FAMILIES.items() for link in cls.valid_links]
+
+
+def _t(x):
+    return tf.constant(np.asarray(x, dtype=np.float64))
+
+
+def _params(params):
+    return {k: _t(v) for k, v in params.items()}
+
+
+# ---------------------------------------------------------------- log_prob
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_log_prob_matches_scipy(case):
+    name, link, eta, y, params, trials = case
+    f = fam.get_family(name, link)
+    got = f.log_prob(_t(y), _t(eta), _params(params), None if trials is None else _t(trials))
+    assert got.dtype == tf.float64 and got.shape == (3,)
+    want = scipy_logp(name, link, np.array(y), np.array(eta), params, trials)
+    if name == "binomial":  # the plain scipy.stats pmf too
+        n = 1 if trials is None else np.array(trials)
+        np.testing.assert_allclose(want, stats.binom.logpmf(y, n, INV[link](np.array(eta))), rtol=1e-12)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-10)
+    # distribution() and mean() agree with the link
+    np.testing.assert_allclose(f.mean(_t(eta)).numpy(), INV[link](np.array(eta)), rtol=1e-12)
+
+
+def test_all_family_link_pairs_covered():
+    assert {(c[0], c[1]) for c in CASES} == set(ALL_PAIRS)
+
+
+def test_negative_binomial_moments():
+    f = fam.get_family("nb")
+    d = f.distribution(_t([np.log(3.0), np.log(10.0)]), {"dispersion": _t(2.0)})
+    np.testing.assert_allclose(d.mean().numpy(), [3.0, 10.0])
+    np.testing.assert_allclose(d.variance().numpy(), [3.0 + 9.0 / 2, 10.0 + 100.0 / 2])
+
+
+def test_gamma_moments():
+    d = fam.get_family("gamma", "log").distribution(_t([np.log(2.0)]), {"shape": _t(4.0)})
+    np.testing.assert_allclose(d.mean().numpy(), [2.0])
+    np.testing.assert_allclose(d.variance().numpy(), [4.0 / 4.0])
+
+
+def test_binomial_tails_stable():
+    # Far tails: probabilities underflow float32 but logits-based log_prob stays finite.
+    for link in ("logit", "probit", "cloglog"):
+        f = fam.get_family("binomial", link)
+        eta = tf.constant([-40.0, -150.0, 40.0, 200.0], tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(eta)
+            lp = f.log_prob(tf.constant([1.0, 1.0, 0.0, 0.0]), eta)
+        assert np.all(np.isfinite(lp.numpy())), link
+        assert np.all(lp.numpy() < -10.0), link
+        assert np.all(np.isfinite(tape.gradient(lp, eta).numpy())), link
+    # cloglog: log mu ~ eta in the lower tail
+    lp = fam.get_family("binomial", "cloglog").log_prob(_t([1.0, 1.0]), _t([-25.0, -500.0]))
+    np.testing.assert_allclose(lp.numpy(), [-25.0, -500.0], rtol=1e-12)
+
+
+def test_float32_preserved():
+    f = fam.get_family("gamma")
+    lp = f.log_prob(np.array([1.0, 2.0]), tf.constant([0.5, 1.0]), {"shape": 2.0})
+    elp = f.expected_log_prob(np.array([1.0, 2.0]), tf.constant([0.5, 1.0]), [0.01, 0.02], {"shape": 2.0})
+    assert lp.dtype == tf.float32 and elp.dtype == tf.float32
+
+
+def test_missing_param_raises():
+    with pytest.raises(ValueError, match="scale"):
+        fam.get_family("gaussian").log_prob(_t([1.0]), _t([0.0]), {})
+
+
+# ------------------------------------------------------ expected_log_prob
+
+def _quad_reference(name, link, y, m, v, params, trials):
+    out = []
+    for i in range(len(m)):
+        t = None if trials is None else trials[i]
+        s = np.sqrt(v[i])
+
+        def integrand(e, i=i, t=t, s=s):
+            return scipy_logp(name, link, y[i], e, params, t) * stats.norm.pdf(e, m[i], s)
+
+        val, _ = integrate.quad(integrand, m[i] - 12 * s, m[i] + 12 * s, epsabs=1e-12, epsrel=1e-12, limit=200)
+        out.append(val)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_expected_log_prob_vs_numerical_integral(case):
+    name, link, eta, y, params, trials = case
+    f = fam.get_family(name, link)
+    m, y = np.array(eta), np.array(y)
+    # keep nodes inside the valid region for inverse/identity links: small v
+    if link in ("inverse", "identity") and (name, link) != ("gaussian", "identity"):
+        # eta must stay away from 0 (mean singular / non-positive): sd = m / 15
+        v = (m / 15.0) ** 2
+    else:
+        v = np.array([0.05, 0.3, 0.8])
+    tr = None if trials is None else _t(trials)
+    got = f.expected_log_prob(_t(y), _t(m), _t(v), _params(params), tr).numpy()
+    want = _quad_reference(name, link, y, m, v, params, trials)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8)
+    # generic quadrature agrees with any closed form
+    quad = f._quadrature(_t(y), _t(m), _t(v), _params(params), tr, 32).numpy()
+    np.testing.assert_allclose(quad, got, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_expected_log_prob_zero_variance_and_gradients(case):
+    name, link, eta, y, params, trials = case
+    f = fam.get_family(name, link)
+    tr = None if trials is None else _t(trials)
+    m = tf.Variable(np.array(eta))
+    v = tf.Variable(np.zeros(3))
+    pv = {k: tf.Variable(np.float64(p)) for k, p in params.items()}
+    with tf.GradientTape(persistent=True) as tape:
+        elp = f.expected_log_prob(_t(y), m, v, pv, tr)
+        total = tf.reduce_sum(elp)
+        lp = tf.reduce_sum(f.log_prob(_t(y), m, pv, tr))
+    np.testing.assert_allclose(elp.numpy(), f.log_prob(_t(y), _t(eta), _params(params), tr).numpy(), rtol=1e-12)
+    grads = tape.gradient(total, [m, v, *pv.values()])
+    for g in grads:
+        assert g is not None and np.all(np.isfinite(g.numpy()))
+    # at v = 0 the m-gradient is that of log_prob
+    np.testing.assert_allclose(grads[0].numpy(), tape.gradient(lp, m).numpy(), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "name,link,params",
+    [("gaussian", "identity", {"scale": 1.3}), ("gaussian", "log", {"scale": 1.3}),
+     ("poisson", "log", {}), ("gamma", "log", {"shape": 2.2})],
+)
+def test_closed_form_gradient_in_variance(name, link, params):
+    # d/dv E[f] = 0.5 E[f''] (Price's theorem); compare to quadrature of f''
+    # via finite differences of the quadrature path.
+    f = fam.get_family(name, link)
+    y, m = _t([0.7, 3.0]), _t([0.2, 1.1])
+    v = tf.Variable([0.1, 0.4], dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        total = tf.reduce_sum(f.expected_log_prob(y, m, v, _params(params)))
+    g = tape.gradient(total, v).numpy()
+    h = 1e-5
+    fd = (
+        f._quadrature(y, m, v + h, _params(params), None, 32) - f._quadrature(y, m, v - h, _params(params), None, 32)
+    ).numpy() / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-5)
+
+
+def test_quadrature_num_points_and_default():
+    f = fam.get_family("binomial", "probit")
+    assert f.quadrature_points == 32
+    args = (_t([1.0]), _t([0.3]), _t([0.5]))
+    a = f.expected_log_prob(*args).numpy()
+    b = f.expected_log_prob(*args, num_points=64).numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+# ------------------------------------------------------------- properties
+
+LINK_RANGES = {
+    "identity": (-1e3, 1e3),
+    "log": (-50.0, 50.0),
+    "logit": (-15.0, 15.0),
+    "probit": (-5.0, 5.0),
+    "cloglog": (-15.0, 2.5),
+    "inverse": (0.01, 100.0),
+}
+
+
+@pytest.mark.parametrize("link", sorted(LINK_RANGES))
+def test_link_round_trip(link):
+    lo, hi = LINK_RANGES[link]
+    g = fam.get_link(link)
+
+    @settings(max_examples=40, deadline=None)
+    @given(st.lists(st.floats(lo, hi), min_size=1, max_size=8))
+    def check(etas):
+        eta = _t(etas)
+        back = g(g.inverse(eta))
+        assert back.dtype == tf.float64
+        np.testing.assert_allclose(back.numpy(), etas, rtol=1e-6, atol=1e-9)
+
+    check()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(ALL_PAIRS))
+def test_family_config_round_trip(pair):
+    f = fam.get_family(*pair)
+    cfg = f.get_config()
+    assert cfg == {"name": pair[0], "link": pair[1]}
+    assert fam.Family.from_config(cfg) == f
+    assert fam.get_family(cfg["name"], cfg["link"]) == f
+    assert fam.get_family(f) is f
+
+
+def test_canonical_links_and_aliases():
+    want = {"gaussian": "identity", "binomial": "logit", "poisson": "log",
+            "negative_binomial": "log", "gamma": "inverse"}
+    for name, link in want.items():
+        assert fam.get_family(name).link.name == link
+    assert isinstance(fam.get_family("Normal"), fam.Gaussian)
+    assert isinstance(fam.get_family("negbin"), fam.NegativeBinomial)
+    assert isinstance(fam.get_family("nb"), fam.NegativeBinomial)
+    assert fam.get_family("gaussian").dispersion_params == ("scale",)
+    assert fam.get_family("poisson").dispersion_params == ()
+
+
+def test_register_user_family():
+    @fam.register_family
+    class MyPoisson(fam.Poisson):
+        name = "my_poisson_test"
+
+    try:
+        f = fam.get_family("my_poisson_test", "identity")
+        assert isinstance(f, MyPoisson) and fam.Family.from_config(f.get_config()) == f
+    finally:
+        fam._FAMILIES.pop("my_poisson_test")
+
+
+# ------------------------------------------------------------- validation
+
+
+def test_invalid_link_message():
+    with pytest.raises(ValueError, match=r"probit.*poisson.*log, identity"):
+        fam.get_family("poisson", "probit")
+    with pytest.raises(ValueError, match="valid links"):
+        fam.Gamma(link="logit")
+
+
+def test_unknown_family_and_link_message():
+    with pytest.raises(ValueError, match=r"tweedie.*gaussian.*negative_binomial"):
+        fam.get_family("tweedie")
+    with pytest.raises(ValueError, match=r"sqrt.*cloglog.*probit"):
+        fam.get_link("sqrt")
+
+
+@pytest.mark.parametrize(
+    "name,y,trials,row",
+    [
+        ("gaussian", [1.0, np.nan, 2.0], None, 1),
+        ("poisson", [1.0, 2.0, np.inf], None, 2),
+        ("poisson", [1.0, -1.0, 2.0], None, 1),
+        ("negative_binomial", [0.0, 1.5, 2.0], None, 1),
+        ("binomial", [1.0, 0.0, 2.0], None, 2),
+        ("binomial", [0.5, 0.0, 1.0], None, 0),
+        ("binomial", [1.0, 6.0, 2.0], [3.0, 5.0, 4.0], 1),
+        ("binomial", [1.0, -1.0, 2.0], [3.0, 5.0, 4.0], 1),
+        ("gamma", [1.0, 2.0, 0.0], None, 2),
+        ("gamma", [-1.0, 2.0, 1.0], None, 0),
+    ],
+)
+def test_check_response_rejects(name, y, trials, row):
+    with pytest.raises(ValueError, match=rf"incidence: row {row} "):
+        fam.get_family(name).check_response(np.array(y), trials=trials, name="incidence")
+
+
+def test_check_response_bad_trials():
+    with pytest.raises(ValueError, match=r"trials for k: row 1"):
+        fam.get_family("binomial").check_response([1, 1], trials=[2, 0], name="k")
+    with pytest.raises(ValueError, match=r"trials for k: row 0"):
+        fam.get_family("binomial").check_response([1, 1], trials=[2.5, 3], name="k")
+
+
+@pytest.mark.parametrize(
+    "name,y,trials",
+    [
+        ("gaussian", [-1.2, 0.0, 3.4], None),
+        ("binomial", [0, 1, 1, 0], None),
+        ("binomial", [0, 3, 5], [4, 5, 5]),
+        ("poisson", [0, 3, 17], None),
+        ("negative_binomial", np.array([0, 3, 17], dtype=np.int64), None),
+        ("gamma", [0.1, 2.0, 30.0], None),
+    ],
+)
+def test_check_response_accepts(name, y, trials):
+    assert fam.get_family(name).check_response(y, trials=trials) is None
+
+
+def test_default_params():
+    rng = np.random.default_rng(0)
+    assert fam.get_family("poisson").default_params([1, 2]) == {}
+    y = rng.normal(3.0, 2.0, 20000)
+    assert abs(fam.get_family("gaussian").default_params(y)["scale"] - 2.0) < 0.05
+    theta, mu = 2.0, 5.0
+    y = rng.negative_binomial(theta, theta / (theta + mu), 20000)
+    assert abs(fam.get_family("nb").default_params(y)["dispersion"] - theta) < 0.2
+    assert fam.get_family("nb").default_params(rng.poisson(3.0, 100) * 0 + 3)["dispersion"] == 1e3
+    y = rng.gamma(3.0, 2.0 / 3.0, 20000)
+    assert abs(fam.get_family("gamma").default_params(y)["shape"] - 3.0) < 0.15
