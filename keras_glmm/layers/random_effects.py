@@ -16,6 +16,15 @@ def _softplus_inverse(x):
     return float(np.log(np.expm1(x)))
 
 
+def _hermite_grid(num_points, dim):
+    """Gauss-Hermite product grid for expectations under `N(0, I_dim)`."""
+    x, w = np.polynomial.hermite_e.hermegauss(num_points)
+    w = w / w.sum()
+    grids = np.meshgrid(*([x] * dim), indexing="ij")
+    weights = np.prod(np.meshgrid(*([w] * dim), indexing="ij"), axis=0)
+    return np.stack([g.reshape(-1) for g in grids], axis=-1), weights.reshape(-1)
+
+
 def _initial_scale_tril(k, sd=0.5):
     """The unconstrained vector of `sd * I` in `fill_triangular`'s packing."""
     with tf.init_scope():  # eager even while Keras traces a symbolic build
@@ -75,8 +84,10 @@ class RandomEffects(keras.layers.Layer):
             training, its mean at inference: for use beside arbitrary layers),
             `"mean"` (always the mean) or `"moments"` (a `(batch, 2)` tensor of
             mean and variance, used by `GLMM` for its closed-form ELBO).
-        num_scale_samples: Monte Carlo draws of the standard deviations per step
-            when `scale_prior` is set.
+        num_scale_points: Gauss-Hermite points per standard deviation for the
+            expectations over `q(tau)` when `scale_prior` is set (a product grid,
+            so `num_scale_points ** num_effects` nodes): the ELBO stays
+            deterministic, with no Monte Carlo noise to confuse convergence.
         validate_indices: check in training that every level index lies in
             `[0, num_levels)` and fail with a clear error otherwise.
         level_counts: optional training-row counts per level (else call `adapt`).
@@ -103,7 +114,7 @@ class RandomEffects(keras.layers.Layer):
         scale_prior=None,
         effect_scale=1.0,
         output_mode="sample",
-        num_scale_samples=4,
+        num_scale_points=12,
         validate_indices=True,
         level_counts=None,
         **kwargs,
@@ -145,7 +156,7 @@ class RandomEffects(keras.layers.Layer):
         self.scale_prior = None if scale_prior is None else float(scale_prior)
         self.effect_scale = [float(s) for s in effect_scale]
         self.output_mode = output_mode
-        self.num_scale_samples = int(num_scale_samples)
+        self.num_scale_points = int(num_scale_points)
         self.validate_indices = bool(validate_indices)
         self._initial_level_counts = level_counts
         self.num_covariates = self.num_effects - int(self.intercept)
@@ -286,21 +297,21 @@ class RandomEffects(keras.layers.Layer):
             return tf.eye(k, dtype=self.variable_dtype)
         return tfb.CorrelationCholesky()(self.correlation)
 
-    def _scale_samples(self, training):
-        """Prior standard deviations `tau`, shape `(S, k)` (S draws under a hyperprior)."""
-        if self.scale_prior is None:
-            return tf.exp(self.log_scale)[None, :]
-        q_tau = self._scale_posterior()
-        if training:
-            return q_tau.sample(self.num_scale_samples)
-        # Outside training, fixed-seed draws: reports (and the reported ELBO) repeat.
-        return q_tau.sample(64, seed=tfp.random.sanitize_seed(1))
+    def _scale_nodes(self):
+        """Values of the prior sds `tau` and their weights: `(S, k)` and `(S,)`.
 
-    def _scale_posterior(self):
-        return tfd.TransformedDistribution(
-            tfd.Normal(self.scale_loc, tf.nn.softplus(self.scale_raw_sd) + 1e-6),
-            tfb.Softplus(),
-        )
+        A point estimate is one node of weight 1. Under a hyperprior,
+        `tau_j = softplus(u_j)` with `u_j ~ N(loc_j, sd_j)` independently, and
+        expectations over `q(tau)` use the Gauss-Hermite product grid in `u`.
+        """
+        if self.scale_prior is None:
+            return tf.exp(self.log_scale)[None, :], tf.ones((1,), self.variable_dtype)
+        x, w = _hermite_grid(self.num_scale_points, self.num_effects)
+        u = self.scale_loc + self._scale_sd() * tf.constant(x, self.variable_dtype)
+        return tf.nn.softplus(u), tf.constant(w, self.variable_dtype)
+
+    def _scale_sd(self):
+        return tf.nn.softplus(self.scale_raw_sd) + 1e-6
 
     def _gathered(self, level_index):
         mean = tf.gather(self.posterior_mean, level_index) * self._effect_scale
@@ -372,13 +383,14 @@ class RandomEffects(keras.layers.Layer):
         check = tf.debugging.assert_less(
             level_index,
             tf.constant(self.num_levels, "int64"),
+            # No quotes around the name: graph assert messages escape them.
             message=(
-                f"RandomEffects layer '{self.name}': a level index is >= num_levels="
+                f"RandomEffects layer {self.name}: a level index is >= num_levels="
                 f"{self.num_levels} (an unknown level?)"
             ),
         )
         check_neg = tf.debugging.assert_non_negative(
-            level_index, message=f"RandomEffects layer '{self.name}': a level index is negative"
+            level_index, message=f"RandomEffects layer {self.name}: a level index is negative"
         )
         with tf.control_dependencies([check, check_neg]):
             return tf.identity(level_index)
@@ -389,7 +401,7 @@ class RandomEffects(keras.layers.Layer):
         counts = tf.gather(self.level_counts, level_index)
         # A level in the batch with no counted training rows would divide by zero:
         # its count was never set (no `adapt`), which the model checks before fitting.
-        kl = self.level_kl(mean, tril, training=True) / tf.maximum(counts, 1.0)
+        kl = self.level_kl(mean, tril) / tf.maximum(counts, 1.0)
         loss = tf.reduce_mean(kl)
         if self.scale_prior is not None:
             # The hyperprior's KL is global: spread it over all training rows.
@@ -397,16 +409,16 @@ class RandomEffects(keras.layers.Layer):
             loss += self.scale_kl() / total
         return loss
 
-    def level_kl(self, mean, tril, training=False):
+    def level_kl(self, mean, tril):
         """`KL(N(mean, tril tril') || N(0, Sigma))` for each level given, shape `(n,)`.
 
         ```
         KL = 1/2 [ |A^-1 L|_F^2 + |A^-1 mu|^2 - k + 2 log|A| - 2 log|L| ],  Sigma = A A'
         ```
-        Under a hyperprior the expectation over `q(tau)` is a Monte Carlo average.
+        Under a hyperprior it is the expectation over `q(tau)` (quadrature).
         """
         k = self.num_effects
-        taus = self._scale_samples(training)  # (S, k)
+        taus, weights = self._scale_nodes()  # (S, k), (S,)
         omega = self._prior_correlation_tril()  # (k, k)
         prior_tril = taus[:, :, None] * omega[None]  # (S, k, k) = diag(tau) L_Omega
         eye = tf.eye(k, batch_shape=tf.shape(prior_tril)[:1], dtype=prior_tril.dtype)
@@ -420,14 +432,23 @@ class RandomEffects(keras.layers.Layer):
             + tf.reduce_sum(tf.square(m), axis=-1)
             - k
         ) + log_det_prior[:, None] - log_det_q[None, :]
-        return tf.reduce_mean(kl, axis=0)
+        return tf.tensordot(weights, kl, axes=1)
 
     def scale_kl(self):
-        """Monte Carlo `KL(q(tau) || HalfNormal(scale_prior))`, summed over effects."""
-        q_tau = self._scale_posterior()
-        tau = q_tau.sample(self.num_scale_samples)
+        """`KL(q(tau) || HalfNormal(scale_prior))`, summed over effects.
+
+        With `tau = softplus(u)`, `u ~ N(loc, sd)`: `log q(tau) = log N(u) - log sigmoid(u)`,
+        so `KL = -1/2 log(2 pi e) - log sd - E[log sigmoid(u) + log p(tau)]`, the
+        expectation by one-dimensional Gauss-Hermite quadrature.
+        """
+        x, w = _hermite_grid(self.num_scale_points, 1)
+        x = tf.constant(x, self.variable_dtype)  # (S, 1)
+        w = tf.constant(w, self.variable_dtype)
+        sd = self._scale_sd()
+        u = self.scale_loc + sd * x  # (S, k)
         prior = tfd.HalfNormal(tf.constant(self.scale_prior, self.variable_dtype))
-        return tf.reduce_mean(tf.reduce_sum(q_tau.log_prob(tau) - prior.log_prob(tau), -1))
+        expected = tf.tensordot(w, tf.math.log_sigmoid(u) + prior.log_prob(tf.nn.softplus(u)), axes=1)
+        return tf.reduce_sum(-0.5 * np.log(2 * np.pi * np.e) - tf.math.log(sd) - expected)
 
     def total_kl(self):
         """The whole `KL(q || p)` over all levels (and the hyperprior), a scalar.
@@ -444,11 +465,8 @@ class RandomEffects(keras.layers.Layer):
     # ------------------------------------------------------------- results
     def prior_stddev(self):
         """The standard deviations `tau` (posterior means under a hyperprior), `(k,)`."""
-        if self.scale_prior is None:
-            return tf.exp(self.log_scale).numpy()
-        # The Softplus-Normal has no closed-form mean: average many fixed-seed draws.
-        draws = self._scale_posterior().sample(10000, seed=tfp.random.sanitize_seed(1))
-        return tf.reduce_mean(draws, axis=0).numpy()
+        taus, weights = self._scale_nodes()
+        return tf.tensordot(weights, taus, axes=1).numpy()
 
     def prior_correlation(self):
         """The correlation matrix `Omega`, `(k, k)`."""
@@ -491,7 +509,7 @@ class RandomEffects(keras.layers.Layer):
                 "scale_prior": self.scale_prior,
                 "effect_scale": self.effect_scale,
                 "output_mode": self.output_mode,
-                "num_scale_samples": self.num_scale_samples,
+                "num_scale_points": self.num_scale_points,
                 "validate_indices": self.validate_indices,
             }
         )

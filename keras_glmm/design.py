@@ -1,0 +1,916 @@
+"""From a data frame to the numeric design of a mixed model.
+
+The work is split in three steps, as in MixedModels.jl (formula -> schema ->
+arrays) and formulaic (formula -> ``ModelSpec`` -> model matrix):
+
+1. :func:`keras_glmm.formula.parse_formula` turns the text into a
+   :class:`~keras_glmm.formula.FormulaSpec` (no data involved).
+2. :meth:`Design.from_data` learns everything that depends on the *training*
+   data, once: formulaic ``ModelSpec`` objects (categorical levels, contrasts,
+   stateful transforms), the levels of every grouping factor, how the response
+   is coded. The result is frozen.
+3. :meth:`Design.arrays` (and the smaller methods it calls) turns any data
+   frame, training data or new data, into NumPy arrays using that frozen
+   schema, so predictions on new data are coded exactly as the fit was.
+
+Decisions worth knowing:
+
+* Grouping factors are always categorical. Their levels are strings:
+  ``308 -> "308"``, ``1.0 -> "1"``, a categorical's category ``c -> str(c)``;
+  so a column that was categorical at fit time and integer at prediction time
+  still matches. Level order: a categorical column's category order
+  (unused categories dropped, like lme4's ``factor()``), otherwise sorted
+  unique values (numerically when every value is numeric-like). An
+  interaction ``a:b`` has the observed combinations ``"la:lb"``, ``a``
+  varying slowest (R's ``a:b``).
+* Levels never seen in training get index ``-1`` (``allow_new_levels``: the
+  random effect of a new level is its prior mean, zero).
+* An unseen level of a categorical variable in the *fixed* part is an error
+  (formulaic would silently code it as all zeros).
+* Random slopes on categorical variables (string/categorical columns or
+  ``C(...)``) are rejected; use numeric indicator columns instead.
+* Fixed-effect names follow lme4/R: ``"(Intercept)"``, and treatment-coded
+  levels ``"C(period)[T.2]" -> "period2"`` (variable name + level). R cannot
+  always be reproduced from names alone (a 0/1 numeric column fitted as a
+  numeric variable is named ``"service"`` in R, while ``C(service)`` gives
+  ``"service1"`` here), so compare coefficients by position when in doubt.
+  formulaic's names are kept in :attr:`Design.fixed_formulaic_columns`.
+* No TensorFlow here: everything is NumPy/pandas/formulaic.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from formulaic import model_matrix
+from formulaic.errors import FactorEvaluationError
+
+from keras_glmm.formula import _NAME, FormulaSpec, RandomTerm, _tokenize, _unquote, parse_formula
+
+__all__ = ["Design", "RandomTermDesign", "lme4_name"]
+
+# Keys of the ``arrays()`` dict that are not random-effect terms.
+_RESERVED_KEYS = {"x", "offset", "y", "weights"}
+_MAX_LISTED_COLUMNS = 30
+_MAX_LISTED_ROWS = 10
+_INTEGER_TOL = 1e-8
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------
+
+
+def _as_frame(data: Any) -> pd.DataFrame:
+    if isinstance(data, pd.DataFrame):
+        return data
+    if isinstance(data, dict):
+        return pd.DataFrame(data)
+    raise TypeError(f"data must be a pandas DataFrame (or a dict of columns), got {type(data).__name__}")
+
+
+def _available(data: pd.DataFrame) -> str:
+    cols = [str(c) for c in data.columns]
+    if len(cols) <= _MAX_LISTED_COLUMNS:
+        return f"; available columns: {cols}"
+    return f"; the data has {len(cols)} columns"
+
+
+def _unknown_column(
+    name: str, where: str, data: pd.DataFrame, exc: BaseException | None = None
+) -> ValueError:
+    detail = ""
+    m = re.search(r"evaluate factor `([^`]+)`", str(exc)) if exc is not None else None
+    if m and m.group(1) != name:
+        detail = f" (in '{m.group(1)}')"
+    return ValueError(f"unknown column '{name}' in {where}{detail}{_available(data)}")
+
+
+def _missing_name(exc: BaseException) -> str | None:
+    """The variable name in a formulaic/Python 'not found' error message, if any."""
+    text = str(exc)
+    for pattern in (r"`([^`]+)` is not present in the dataset", r"name '([^']+)' is not defined"):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)
+    return None
+
+
+def _is_categorical(series: pd.Series) -> bool:
+    """String, object or pandas categorical columns (booleans are numeric, as in formulaic)."""
+    return isinstance(series.dtype, pd.CategoricalDtype) or not (
+        pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype)
+    )
+
+
+def _level_str(value: Any) -> str:
+    """Canonical string of a grouping level: 308 -> "308", 1.0 -> "1", "a" -> "a"."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isfinite(v) and v == int(v):
+            return str(int(v))
+        return repr(v)
+    return str(value)
+
+
+def _numeric_like(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _column_levels(series: pd.Series) -> list[str]:
+    """Observed levels of one grouping column, as strings, in level order."""
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        used = np.unique(series.cat.codes.to_numpy())
+        cats = series.cat.categories
+        raw = [cats[c] for c in used if c >= 0]
+    else:
+        raw = list(pd.unique(series.dropna()))
+        if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
+            raw.sort()
+        else:
+            strs = [_level_str(v) for v in raw]
+            if strs and all(_numeric_like(s) for s in strs):
+                keys = [float(s) for s in strs]
+                raw = [r for _, r in sorted(zip(keys, raw, strict=True), key=lambda t: t[0])]
+            else:
+                raw = [r for _, r in sorted(zip(strs, raw, strict=True), key=lambda t: t[0])]
+    out: list[str] = []
+    seen: set[str] = set()
+    for v in raw:
+        s = _level_str(v)
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def _column_strings(series: pd.Series) -> np.ndarray:
+    """Each row's level string (object array); ``None`` where missing."""
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    names = np.array([_level_str(u) for u in uniques] + [None], dtype=object)
+    return names[np.where(codes < 0, len(uniques), codes)]
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` outside brackets and backticks."""
+    parts, depth, cur, quote = [], 0, [], None
+    for c in text:
+        if quote:
+            cur.append(c)
+            if c == quote:
+                quote = None
+            continue
+        if c in "`'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(c)
+    parts.append("".join(cur))
+    return parts
+
+
+_LEVEL_RE = re.compile(r"^(?P<expr>.*)\[(?:[A-Za-z]+\.)?(?P<level>[^\[\]]*)\]$", re.S)
+_C_RE = re.compile(r"^C\(\s*(?P<var>`[^`]+`|[A-Za-z_.][\w.]*)\s*(?:,.*)?\)$", re.S)
+
+
+def lme4_name(name: str) -> str:
+    """lme4/R-style name of a formulaic column name.
+
+    ``"Intercept" -> "(Intercept)"``, ``"C(period)[T.2]" -> "period2"``,
+    ``"f[T.b]" -> "fb"``, ``"x:C(f)[T.b]" -> "x:fb"``; anything else is kept.
+    """
+    if name == "Intercept":
+        return "(Intercept)"
+    out = []
+    for part in _split_top(name, ":"):
+        m = _LEVEL_RE.match(part)
+        if m:
+            expr = m.group("expr").strip()
+            c = _C_RE.match(expr)
+            var = c.group("var") if c else expr
+            part = _unquote(var) + m.group("level")
+        out.append(part)
+    return ":".join(out)
+
+
+def _safe_name(text: str) -> str:
+    name = _unquote(text).replace(":", "_x_")
+    name = re.sub(r"[^A-Za-z0-9_]", "_", name)
+    return name or "group"
+
+
+def _row_labels(index: pd.Index, mask: np.ndarray) -> str:
+    rows = index[np.flatnonzero(mask)]
+    shown = ", ".join(repr(r) if isinstance(r, str) else str(r) for r in rows[:_MAX_LISTED_ROWS])
+    more = f", ... ({len(rows)} rows in all)" if len(rows) > _MAX_LISTED_ROWS else ""
+    return f"[{shown}{more}]"
+
+
+# Names an offset/response expression may use besides the data columns.
+_EVAL_NAMESPACE: dict[str, Any] = {
+    "np": np,
+    "numpy": np,
+    "log": np.log,
+    "log1p": np.log1p,
+    "log2": np.log2,
+    "log10": np.log10,
+    "exp": np.exp,
+    "expm1": np.expm1,
+    "sqrt": np.sqrt,
+    "abs": np.abs,
+    "I": lambda v: v,
+    "True": True,
+    "False": False,
+}
+
+
+def _expr_columns(expr: str, data_columns) -> list[str]:
+    """Data columns named in a Python/R expression (dotted and backticked names handled)."""
+    cols = {str(c) for c in data_columns}
+    out = []
+    for tok in _tokenize(expr):
+        if tok.kind == _NAME:
+            name = _unquote(tok.text)
+            if name in cols and name not in out:
+                out.append(name)
+    return out
+
+
+def _eval_expr(expr: str, data: pd.DataFrame, where: str) -> Any:
+    """Evaluate an offset / response expression against the data columns.
+
+    Supports plain (or backticked) columns, arithmetic and ``log()``,
+    ``np.log()``-style calls. Column names are substituted by placeholders
+    first, so R-style dotted names (``log.x``) work.
+    """
+    if expr in data.columns:
+        return data[expr]
+    cols = {str(c): c for c in data.columns}
+    tokens = _tokenize(expr)
+    namespace: dict[str, Any] = dict(_EVAL_NAMESPACE)
+    pieces, last = [], 0
+    for tok in tokens:
+        if tok.kind != _NAME:
+            continue
+        name = _unquote(tok.text)
+        if name in cols:
+            key = f"__col{len(namespace)}"
+            namespace[key] = data[cols[name]]
+            pieces.append(expr[last : tok.pos])
+            pieces.append(key)
+            last = tok.pos + len(tok.text)
+        elif tok.text.startswith("`"):
+            raise _unknown_column(name, where, data)
+    pieces.append(expr[last:])
+    code = "".join(pieces)
+    try:
+        return eval(code, {"__builtins__": {}}, namespace)  # noqa: S307 - formulas are code
+    except NameError as e:
+        name = _missing_name(e) or str(e)
+        raise _unknown_column(name, where, data, e) from None
+    except Exception as e:  # pragma: no cover - user expression errors
+        raise ValueError(f"could not evaluate {where}: {type(e).__name__}: {e}") from e
+
+
+def _float_array(values: Any, n: int, what: str) -> np.ndarray:
+    if isinstance(values, pd.Series):
+        if _is_categorical(values):
+            raise ValueError(f"{what} must be numeric, got a {values.dtype} column")
+        values = values.to_numpy(dtype=np.float64, na_value=np.nan)
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    if arr.shape != (n,):
+        raise ValueError(f"{what} has shape {arr.shape}, expected ({n},)")
+    return arr
+
+
+def _check_integer(arr: np.ndarray, what: str) -> np.ndarray:
+    bad = ~np.isfinite(arr) | (arr < 0) | (np.abs(arr - np.round(arr)) > _INTEGER_TOL)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{what} must be non-negative integers (counts); row {i} has {arr[i]!r}"
+        )
+    return np.round(arr)
+
+
+def _model_matrix(formula: str, data: pd.DataFrame, where: str):
+    """formulaic model matrix with errors translated to clear ValueErrors."""
+    try:
+        return model_matrix(formula, data, context={}, na_action="raise", output="pandas")
+    except FactorEvaluationError as e:
+        name = _missing_name(e)
+        if name is not None:
+            raise _unknown_column(name, where, data, e) from None
+        raise ValueError(f"could not evaluate {where}: {e}") from e
+    except Exception as e:
+        raise ValueError(f"could not build the design of {where}: {e}") from e
+
+
+def _categorical_factors(model_spec) -> list[str]:
+    return [
+        name
+        for name, (kind, _state) in model_spec.encoder_state.items()
+        if getattr(kind, "value", kind) == "categorical"
+    ]
+
+
+def _spec_matrix(model_spec, data: pd.DataFrame, where: str) -> np.ndarray:
+    """Evaluate a frozen ModelSpec on (new) data, refusing unseen categorical levels."""
+    _check_known_levels(model_spec, data, where)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            mm = model_spec.get_model_matrix(data, context={})
+        except FactorEvaluationError as e:
+            name = _missing_name(e)
+            if name is not None:
+                raise _unknown_column(name, where, data, e) from None
+            raise ValueError(f"could not evaluate {where}: {e}") from e
+        except Exception as e:
+            raise ValueError(f"could not build the design of {where}: {e}") from e
+    for w in caught:
+        if type(w.message).__name__ == "DataMismatchWarning":
+            raise ValueError(f"{where}: {w.message}")
+    for w in caught:  # pass the others on
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return np.asarray(mm, dtype=np.float64)
+
+
+def _check_known_levels(model_spec, data: pd.DataFrame, where: str) -> None:
+    """Name the column and level when new data has a categorical level unseen in training."""
+    for factor, (kind, state) in model_spec.encoder_state.items():
+        if getattr(kind, "value", kind) != "categorical":
+            continue
+        if factor in data.columns:
+            var = factor
+        else:
+            m = _C_RE.match(factor)
+            var = _unquote(m.group("var")) if m else None
+            if var not in data.columns:
+                continue  # a computed factor: left to formulaic's warning
+        categories = list(state.get("categories", []))
+        known = set(categories) | {_level_str(c) for c in categories}
+        values = pd.unique(data[var].dropna())
+        unseen = [v for v in values if v not in known and _level_str(v) not in known]
+        if unseen:
+            shown = ", ".join(repr(_level_str(v)) for v in unseen[:5])
+            raise ValueError(
+                f"column '{var}' has level(s) {shown} not seen when the model was fitted "
+                f"({where}); known levels: {[_level_str(c) for c in categories]}"
+            )
+
+
+# --------------------------------------------------------------------------
+# Random-effect terms
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class RandomTermDesign:
+    """One random-effect term ``(expr | group)``, frozen at fit time.
+
+    Attributes:
+        term: The parsed term.
+        name: Unique, Keras-safe name (``"g"``, ``"a_x_b"``, ``"g_2"``); also the
+            key of its level index in :meth:`Design.arrays` (``name + "_z"``
+            holds its covariates).
+        levels: Level names (strings) of the grouping factor, in index order.
+        columns: lme4-style effect names (``"(Intercept)"``, ``"Days"``).
+        intercept: Whether ``columns[0]`` is the intercept.
+        model_spec: formulaic ``ModelSpec`` of ``term.expr``.
+        group_columns: Data columns making up the grouping factor.
+    """
+
+    term: RandomTerm
+    name: str
+    levels: list[str]
+    columns: list[str]
+    intercept: bool
+    model_spec: Any
+    group_columns: tuple[str, ...] = ()
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.group_columns:
+            self.group_columns = self.term.group_columns()
+        if not self._index:
+            self._index = {lvl: i for i, lvl in enumerate(self.levels)}
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    @property
+    def n_covariates(self) -> int:
+        """Number of non-intercept columns (width of :meth:`covariates`)."""
+        return len(self.columns) - int(self.intercept)
+
+    def _group_strings(self, data: pd.DataFrame) -> np.ndarray:
+        """Each row's level string; raises on missing columns or values."""
+        parts = []
+        for col in self.group_columns:
+            if col not in data.columns:
+                raise ValueError(
+                    f"grouping column '{col}' of random-effect term {self.term} is missing "
+                    f"from the data{_available(data)}"
+                )
+            strings = _column_strings(data[col])
+            missing = np.equal(strings, None)
+            if missing.any():
+                raise ValueError(
+                    f"grouping column '{col}' has missing values at rows {_row_labels(data.index, missing)}"
+                )
+            parts.append(strings)
+        if len(parts) == 1:
+            return parts[0]
+        return np.array([":".join(row) for row in zip(*parts, strict=True)], dtype=object)
+
+    def level_index(self, data: pd.DataFrame) -> np.ndarray:
+        """Index of each row's level (int64); ``-1`` for a level unseen in training."""
+        data = _as_frame(data)
+        strings = self._group_strings(data)
+        uniq, inverse = np.unique(strings.astype(str), return_inverse=True)
+        lookup = np.array([self._index.get(u, -1) for u in uniq], dtype=np.int64)
+        return lookup[inverse.reshape(-1)] if len(strings) else np.zeros(0, np.int64)
+
+    def covariates(self, data: pd.DataFrame) -> np.ndarray:
+        """The term's non-intercept columns, float64 ``(n, len(columns) - intercept)``."""
+        data = _as_frame(data)
+        mat = _spec_matrix(self.model_spec, data, f"random-effect term {self.term}")
+        return np.ascontiguousarray(mat[:, 1:] if self.intercept else mat)
+
+
+def _group_levels(term: RandomTerm, data: pd.DataFrame) -> list[str]:
+    cols = term.group_columns()
+    for col in cols:
+        if col not in data.columns:
+            raise _unknown_column(col, f"the grouping factor of random-effect term {term}", data)
+    if len(cols) == 1:
+        levels = _column_levels(data[cols[0]])
+    else:
+        per_col = [_column_levels(data[c]) for c in cols]
+        orders = [{lvl: i for i, lvl in enumerate(lv)} for lv in per_col]
+        strings = [_column_strings(data[c]) for c in cols]
+        combos = set()
+        for row in zip(*strings, strict=True):
+            if all(v is not None for v in row):
+                combos.add(row)
+        ordered = sorted(combos, key=lambda row: tuple(o[v] for o, v in zip(orders, row, strict=True)))
+        levels = [":".join(row) for row in ordered]
+    if len(levels) < 2:
+        shown = f"('{levels[0]}')" if levels else "(no non-missing values)"
+        raise ValueError(
+            f"grouping factor '{_unquote(term.group)}' has a single level {shown}: "
+            "a random effect needs at least 2"
+            if levels
+            else f"grouping factor '{_unquote(term.group)}' has no levels {shown}"
+        )
+    return levels
+
+
+def _build_random(term: RandomTerm, name: str, data: pd.DataFrame) -> RandomTermDesign:
+    where = f"random-effect term {term}"
+    levels = _group_levels(term, data)
+    mm = _model_matrix(term.expr, data, where)
+    spec = mm.model_spec
+    cats = _categorical_factors(spec)
+    if cats:
+        raise ValueError(
+            f"{where}: '{cats[0]}' is categorical; random slopes on factors are not supported. "
+            "Use numeric (e.g. 0/1 indicator) columns instead, or separate terms such as "
+            f"(0 + is_b | {term.group})."
+        )
+    raw = list(spec.column_names)
+    intercept = bool(raw) and raw[0] == "Intercept"
+    return RandomTermDesign(
+        term=term,
+        name=name,
+        levels=levels,
+        columns=[lme4_name(c) for c in raw],
+        intercept=intercept,
+        model_spec=spec,
+    )
+
+
+def _unique_names(terms: tuple[RandomTerm, ...]) -> list[str]:
+    used = set(_RESERVED_KEYS)
+    names = []
+    for term in terms:
+        base = _safe_name(term.group)
+        if base in _RESERVED_KEYS:
+            base = base + "_group"
+        name, k = base, 1
+        while name in used or name + "_z" in used:
+            k += 1
+            name = f"{base}_{k}"
+        used.update({name, name + "_z"})
+        names.append(name)
+    return names
+
+
+# --------------------------------------------------------------------------
+# The design
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Design:
+    """The frozen numeric design of a mixed model (see the module docstring).
+
+    Attributes:
+        spec: The parsed formula.
+        fixed_spec: formulaic ``ModelSpec`` of the fixed-effects right-hand side.
+        fixed_columns: lme4-style fixed-effect names (``"(Intercept)"``, ``"period2"``).
+        fixed_formulaic_columns: formulaic's names of the same columns.
+        random: One :class:`RandomTermDesign` per random-effect term.
+        response_kind: ``"continuous"`` (any non-binomial family, counts
+            included), ``"binary"``, ``"cbind"``, ``"proportion"``; ``None``
+            for a one-sided formula.
+        family_name: The family the design was built for.
+        response_levels: For a binary response given as a two-level factor,
+            ``[failure, success]``; else ``None``.
+        na_action: ``"raise"`` or ``"omit"`` (what :meth:`from_data` did).
+    """
+
+    spec: FormulaSpec
+    fixed_spec: Any
+    fixed_columns: list[str]
+    fixed_formulaic_columns: list[str]
+    random: list[RandomTermDesign]
+    response_kind: str | None
+    family_name: str = "gaussian"
+    response_levels: list[str] | None = None
+    na_action: str = "raise"
+    _response_columns: list[str] = field(default_factory=list, repr=False)
+    _offset_columns: list[str] = field(default_factory=list, repr=False)
+
+    # ---------------------------------------------------------------- build
+
+    @classmethod
+    def from_data(
+        cls,
+        spec_or_formula: FormulaSpec | str,
+        data: pd.DataFrame,
+        family_name: str = "gaussian",
+        weights: Any = None,
+        na_action: str = "raise",
+    ) -> "Design":
+        """Learn the design from training data.
+
+        Args:
+            spec_or_formula: A formula string or a parsed :class:`FormulaSpec`.
+            data: Training data frame.
+            family_name: Family name (``"binomial"`` changes how the response is read);
+                a family object with a ``name`` attribute is accepted too.
+            weights: Binomial trials for a proportion response: a column name
+                or an array of length ``n``.
+            na_action: ``"raise"`` (missing values in a used column are an
+                error) or ``"omit"`` (the schema is learned from the complete
+                rows; the caller drops the others, see :meth:`complete_rows`).
+        """
+        spec = parse_formula(spec_or_formula) if isinstance(spec_or_formula, str) else spec_or_formula
+        if not isinstance(spec, FormulaSpec):
+            raise TypeError(f"expected a formula string or FormulaSpec, got {type(spec).__name__}")
+        data = _as_frame(data)
+        if na_action not in ("raise", "omit"):
+            raise ValueError(f"na_action must be 'raise' or 'omit', got {na_action!r}")
+        family = getattr(family_name, "name", family_name)
+        family = str(family).lower()
+        if spec.cbind() is not None and family != "binomial":
+            raise ValueError(
+                f"a cbind(successes, failures) response needs family='binomial', got {family!r}"
+            )
+
+        # Columns named by the response and offsets (evaluated by us, not formulaic).
+        response_cols: list[str] = []
+        if spec.response is not None:
+            exprs = spec.cbind() or (spec.response,)
+            for e in exprs:
+                response_cols += [c for c in _expr_columns(e, data.columns) if c not in response_cols]
+        offset_cols: list[str] = []
+        for e in spec.offsets:
+            offset_cols += [c for c in _expr_columns(e, data.columns) if c not in offset_cols]
+
+        # Unknown-column checks that do not need formulaic.
+        for term in spec.random:
+            for col in term.group_columns():
+                if col not in data.columns:
+                    raise _unknown_column(col, f"the grouping factor of random-effect term {term}", data)
+
+        design = cls(
+            spec=spec,
+            fixed_spec=None,
+            fixed_columns=[],
+            fixed_formulaic_columns=[],
+            random=[],
+            response_kind=None,
+            family_name=family,
+            na_action=na_action,
+            _response_columns=response_cols,
+            _offset_columns=offset_cols,
+        )
+
+        # Missing values: formulaic's own variables are known only after a first
+        # pass, so look at the simple column lists first, then at all.
+        pre_cols = [c for c in data.columns if str(c) in set(response_cols) | set(offset_cols)]
+        pre_cols += [c for t in spec.random for c in t.group_columns() if c not in pre_cols]
+        fixed_vars = cls._formula_vars(spec.fixed_rhs(), data, "the fixed effects")
+        random_vars = [
+            v for t in spec.random for v in cls._formula_vars(t.expr, data, f"random-effect term {t}")
+        ]
+        used_set = {*pre_cols, *fixed_vars, *random_vars}
+        used = [c for c in data.columns if c in used_set]
+        weight_array = design._weights_array(data, weights) if weights is not None else None
+        missing = data[used].isna().to_numpy().any(axis=1) if used else np.zeros(len(data), bool)
+        if weight_array is not None:
+            missing |= np.isnan(weight_array)
+        if missing.any():
+            if na_action == "raise":
+                design._raise_missing(data, used, missing, weight_array)
+            data = data.loc[~missing]
+            if weight_array is not None:
+                weight_array = weight_array[~missing]
+
+        # Fixed effects.
+        mm = _model_matrix(spec.fixed_rhs(), data, "the fixed effects")
+        design.fixed_spec = mm.model_spec
+        design.fixed_formulaic_columns = list(mm.model_spec.column_names)
+        design.fixed_columns = [lme4_name(c) for c in design.fixed_formulaic_columns]
+
+        # Random effects.
+        names = _unique_names(spec.random)
+        design.random = [_build_random(t, n, data) for t, n in zip(spec.random, names, strict=True)]
+
+        # Offsets are checked now so formula mistakes surface at fit time.
+        design.offset(data)
+
+        # Response.
+        if spec.response is not None:
+            design._learn_response(data, weight_array)
+        return design
+
+    @staticmethod
+    def _formula_vars(rhs: str, data: pd.DataFrame, where: str) -> list[str]:
+        """Data columns a formulaic rhs uses (without evaluating it on all rows)."""
+        try:
+            mm = model_matrix(rhs, data, context={}, na_action="ignore")
+        except FactorEvaluationError as e:
+            name = _missing_name(e)
+            if name is not None:
+                raise _unknown_column(name, where, data, e) from None
+            raise ValueError(f"could not evaluate {where}: {e}") from e
+        except Exception:
+            # Some transforms fail on missing values; fall back on the names.
+            return _expr_columns(rhs, data.columns)
+        found = mm.model_spec.variables_by_source.get("data", set())
+        return [c for c in data.columns if str(c) in found]
+
+    # ------------------------------------------------------------ response
+
+    def _weights_array(self, data: pd.DataFrame, weights: Any) -> np.ndarray:
+        if isinstance(weights, str):
+            if weights not in data.columns:
+                raise _unknown_column(weights, "weights", data)
+            weights = data[weights]
+        return _float_array(weights, len(data), "weights")
+
+    def _learn_response(self, data: pd.DataFrame, weights: np.ndarray | None) -> None:
+        if self.family_name != "binomial":
+            self.response_kind = "continuous"
+        elif self.spec.cbind() is not None:
+            self.response_kind = "cbind"
+        else:
+            raw = _eval_expr(self.spec.response, data, f"the response {self.spec.response}")
+            series = raw if isinstance(raw, pd.Series) else pd.Series(np.asarray(raw))
+            if _is_categorical(series):
+                if isinstance(series.dtype, pd.CategoricalDtype):
+                    levels = [_level_str(c) for c in series.cat.categories]
+                else:
+                    levels = _column_levels(series)
+                if len(levels) != 2:
+                    raise ValueError(
+                        f"binomial response '{self.spec.response}' is categorical with "
+                        f"{len(levels)} level(s) {levels[:10]}; it needs exactly 2 "
+                        "(the second is 'success'), or use 0/1, cbind(successes, failures) "
+                        "or proportions with weights"
+                    )
+                self.response_levels = levels
+                self.response_kind = "binary"
+            elif weights is not None:
+                self.response_kind = "proportion"
+            else:
+                self.response_kind = "binary"
+        self.response(data, weights)  # validate now
+
+    def response(self, data: pd.DataFrame, weights: Any = None) -> np.ndarray:
+        """The response as float64: ``(n,)``, or ``(n, 2)`` ``[successes, trials]``
+        for ``cbind`` and proportion responses."""
+        data = _as_frame(data)
+        if self.spec.response is None:
+            raise ValueError("the formula has no response (left-hand side)")
+        n = len(data)
+        where = f"the response {self.spec.response}"
+        if self.response_kind == "cbind":
+            s_expr, f_expr = self.spec.cbind()
+            s = _float_array(_eval_expr(s_expr, data, where), n, f"successes '{s_expr}'")
+            f = _float_array(_eval_expr(f_expr, data, where), n, f"failures '{f_expr}'")
+            s = _check_integer(s, f"successes '{s_expr}' of cbind()")
+            f = _check_integer(f, f"failures '{f_expr}' of cbind()")
+            return np.column_stack([s, s + f])
+        raw = _eval_expr(self.spec.response, data, where)
+        series = raw if isinstance(raw, pd.Series) else pd.Series(np.asarray(raw))
+        name = self.spec.response
+        if self.response_kind == "continuous":
+            if _is_categorical(series):
+                raise ValueError(
+                    f"response '{name}' is categorical ({series.dtype}); the "
+                    f"{self.family_name} family needs a numeric response"
+                )
+            y = _float_array(series, n, f"response '{name}'")
+            if not np.isfinite(y).all():
+                bad = ~np.isfinite(y)
+                raise ValueError(f"response '{name}' is not finite at rows {_row_labels(data.index, bad)}")
+            return y
+        if self.response_kind == "binary":
+            return self._binary(series, data.index)
+        # proportion
+        if weights is None:
+            raise ValueError(
+                f"binomial response '{name}' was fitted as proportions: pass weights (number of trials)"
+            )
+        w = self._weights_array(data, weights)
+        if _is_categorical(series):
+            raise ValueError(f"binomial response '{name}' with weights must be numeric proportions")
+        p = _float_array(series, n, f"response '{name}'")
+        bad = ~np.isfinite(p) | (p < 0) | (p > 1)
+        if bad.any():
+            raise ValueError(
+                f"binomial response '{name}' with weights must be proportions in [0, 1]; "
+                f"rows {_row_labels(data.index, bad)} are not"
+            )
+        w = _check_integer(w, "binomial weights (number of trials)")
+        s = p * w
+        off = np.abs(s - np.round(s)) > _INTEGER_TOL
+        if off.any():
+            i = int(np.flatnonzero(off)[0])
+            raise ValueError(
+                f"binomial response '{name}' times weights must be whole numbers of successes; "
+                f"row {data.index[i]!r}: {p[i]!r} * {w[i]!r} = {s[i]!r}"
+            )
+        return np.column_stack([np.round(s), w])
+
+    def _binary(self, series: pd.Series, index: pd.Index) -> np.ndarray:
+        name = self.spec.response
+        if _is_categorical(series):
+            if self.response_levels is None:
+                raise ValueError(f"binomial response '{name}' was numeric at fit time, got {series.dtype}")
+            strings = _column_strings(series)
+            known = {lvl: float(i) for i, lvl in enumerate(self.response_levels)}
+            bad = np.array([s not in known for s in strings], dtype=bool)
+            if bad.any():
+                other = sorted({str(s) for s in strings[bad]})[:5]
+                raise ValueError(
+                    f"binomial response '{name}' has value(s) {other} that are not among its levels "
+                    f"{self.response_levels} (rows {_row_labels(index, bad)})"
+                )
+            return np.array([known[s] for s in strings], dtype=np.float64)
+        y = _float_array(series, len(series), f"response '{name}'")
+        bad = ~np.isin(y, (0.0, 1.0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            if np.isfinite(y[bad]).all() and ((y[bad] > 0) & (y[bad] < 1)).all():
+                hint = "proportions need weights= (the number of trials)"
+            else:
+                hint = "use cbind(successes, failures) for counts"
+            raise ValueError(
+                f"binomial response '{name}' must be 0/1 (or boolean, or a two-level factor); "
+                f"row {index[i]!r} has {y[i]!r}: {hint}"
+            )
+        return y
+
+    # -------------------------------------------------------------- arrays
+
+    def fixed_matrix(self, data: pd.DataFrame) -> np.ndarray:
+        """Fixed-effects design ``(n, p)`` float64, through the frozen ModelSpec."""
+        return _spec_matrix(self.fixed_spec, _as_frame(data), "the fixed effects")
+
+    def offset(self, data: pd.DataFrame) -> np.ndarray:
+        """Sum of the ``offset()`` expressions, float64 ``(n,)``; zeros if none."""
+        data = _as_frame(data)
+        n = len(data)
+        total = np.zeros(n, dtype=np.float64)
+        for expr in self.spec.offsets:
+            value = _float_array(_eval_expr(expr, data, f"offset({expr})"), n, f"offset({expr})")
+            bad = ~np.isfinite(value)
+            if bad.any():
+                raise ValueError(f"offset({expr}) is not finite at rows {_row_labels(data.index, bad)}")
+            total += value
+        return total
+
+    def used_columns(self, data: pd.DataFrame | None = None, with_response: bool = True) -> list[str]:
+        """Data columns the formula uses (response ones only if ``with_response``)."""
+        cols = list(self.fixed_spec.variables_by_source.get("data", set()))
+        for r in self.random:
+            cols += list(r.model_spec.variables_by_source.get("data", set()))
+            cols += list(r.group_columns)
+        cols += self._offset_columns
+        if with_response:
+            cols += self._response_columns
+        cols = list(dict.fromkeys(cols))
+        if data is not None:
+            order = {str(c): i for i, c in enumerate(data.columns)}
+            cols.sort(key=lambda c: order.get(c, len(order)))
+        return cols
+
+    def complete_rows(self, data: pd.DataFrame, with_response: bool = True) -> np.ndarray:
+        """Boolean mask of rows without missing values in any column the formula uses."""
+        data = _as_frame(data)
+        cols = self.used_columns(data, with_response)
+        for c in cols:
+            if c not in data.columns:
+                raise _unknown_column(c, "the formula", data)
+        if not cols:
+            return np.ones(len(data), dtype=bool)
+        return ~data[cols].isna().to_numpy().any(axis=1)
+
+    def check_rows(self, data: pd.DataFrame, with_response: bool = True) -> None:
+        """Raise a ValueError listing rows and columns with missing values, if any."""
+        data = _as_frame(data)
+        complete = self.complete_rows(data, with_response)
+        if not complete.all():
+            self._raise_missing(data, self.used_columns(data, with_response), ~complete, None)
+
+    @staticmethod
+    def _raise_missing(data, cols, missing, weights) -> None:
+        bad_cols = [str(c) for c in cols if data[c].isna().any()]
+        if weights is not None and np.isnan(weights).any():
+            bad_cols.append("weights")
+        raise ValueError(
+            f"missing values in column(s) {bad_cols} at rows {_row_labels(data.index, missing)}; "
+            "drop those rows first, or use na_action='omit' and keep the rows of complete_rows()"
+        )
+
+    def arrays(
+        self, data: pd.DataFrame, weights: Any = None, with_response: bool = True
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """Model inputs and response for ``data``.
+
+        Returns:
+            ``(inputs, y)``: ``inputs`` has ``"x"`` (fixed design), ``"offset"``
+            (only if the formula has offsets), ``term.name`` (int64 level
+            indices, ``-1`` for new levels) and ``term.name + "_z"`` (the term's
+            non-intercept covariates, only if it has any). ``y`` is
+            :meth:`response` or ``None`` (``with_response=False`` or a
+            one-sided formula).
+        """
+        data = _as_frame(data)
+        with_response = with_response and self.spec.response is not None
+        self.check_rows(data, with_response)
+        inputs: dict[str, np.ndarray] = {"x": self.fixed_matrix(data)}
+        if self.spec.offsets:
+            inputs["offset"] = self.offset(data)
+        for r in self.random:
+            inputs[r.name] = r.level_index(data)
+            if r.n_covariates:
+                inputs[r.name + "_z"] = r.covariates(data)
+        y = self.response(data, weights) if with_response else None
+        return inputs, y
+
+    # ------------------------------------------------------------- helpers
+
+    @property
+    def n_fixed(self) -> int:
+        return len(self.fixed_columns)
+
+    @property
+    def lme4_names(self) -> list[str]:
+        """Alias of :attr:`fixed_columns` (lme4-style names)."""
+        return list(self.fixed_columns)
+
+    def term(self, name: str) -> RandomTermDesign:
+        for r in self.random:
+            if r.name == name:
+                return r
+        raise KeyError(f"no random-effect term named {name!r}; have {[r.name for r in self.random]}")

@@ -1,0 +1,149 @@
+"""Tests for keras_glmm.optimizers.SparseAdam against keras.optimizers.Adam."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_glmm import SparseAdam
+
+KW = dict(learning_rate=0.05, beta_1=0.8, beta_2=0.95, epsilon=1e-7)
+
+
+def _var(value, dtype="float64", name="w"):
+    return keras.Variable(np.array(value, dtype=dtype), dtype=dtype, name=name)
+
+
+def _moments(opt, var):
+    i = opt._get_variable_index(var)
+    return opt._momentums[i].numpy(), opt._velocities[i].numpy()
+
+
+def test_dense_gradients_identical_to_adam():
+    rng = np.random.default_rng(0)
+    init = [rng.normal(size=(5, 3)), rng.normal(size=(4,))]
+    ours = [_var(v, "float32") for v in init]
+    ref = [_var(v, "float32") for v in init]
+    sparse_adam, adam = SparseAdam(**KW), keras.optimizers.Adam(**KW)
+    for _ in range(5):
+        grads = [rng.normal(size=v.shape).astype("float32") for v in init]
+        sparse_adam.apply_gradients(zip([tf.constant(g) for g in grads], ours))
+        adam.apply_gradients(zip([tf.constant(g) for g in grads], ref))
+    for a, b in zip(ours, ref):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+        np.testing.assert_array_equal(_moments(sparse_adam, a)[0], _moments(adam, b)[0])
+        np.testing.assert_array_equal(_moments(sparse_adam, a)[1], _moments(adam, b)[1])
+    assert int(sparse_adam.iterations) == int(adam.iterations) == 5
+
+
+def test_full_batch_sparse_gradient_matches_dense_adam():
+    """A full-batch step names every row (some several times, as a batch names a level
+    once per observation): lazy Adam must equal Adam on the summed dense gradient."""
+    rng = np.random.default_rng(1)
+    rows, cols = 6, 2
+    init = rng.normal(size=(rows, cols))
+    ours, ref = _var(init), _var(init)
+    sparse_adam, adam = SparseAdam(**KW), keras.optimizers.Adam(**KW)
+    for _ in range(6):
+        indices = rng.permutation(np.concatenate([np.arange(rows), rng.integers(0, rows, 5)]))
+        values = rng.normal(size=(len(indices), cols))
+        sparse = tf.IndexedSlices(
+            tf.constant(values), tf.constant(indices, "int64"), tf.constant([rows, cols], "int64")
+        )
+        sparse_adam.apply_gradients([(sparse, ours)])
+        adam.apply_gradients([(tf.convert_to_tensor(sparse), ref)])
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-12, atol=1e-14)
+    for a, b in zip(_moments(sparse_adam, ours), _moments(adam, ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_gradient_in_a_traced_step():
+    """The same under `tf.function` (as in `fit`), with float32 and int32 indices."""
+    rng = np.random.default_rng(2)
+    init = rng.normal(size=(4, 3)).astype("float32")
+    ours, ref = _var(init, "float32"), _var(init, "float32")
+    sparse_adam, adam = SparseAdam(**KW), keras.optimizers.Adam(**KW)
+    sparse_adam.build([ours])
+    adam.build([ref])
+
+    @tf.function
+    def step(values, indices):
+        sparse = tf.IndexedSlices(values, indices, tf.constant([4, 3]))
+        sparse_adam.apply_gradients([(sparse, ours)])
+        adam.apply_gradients([(tf.convert_to_tensor(sparse), ref)])
+
+    for _ in range(3):
+        indices = np.array([3, 0, 1, 2, 0], "int32")
+        step(tf.constant(rng.normal(size=(5, 3)).astype("float32")), tf.constant(indices))
+    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_absent_rows_untouched():
+    rng = np.random.default_rng(3)
+    rows = 1_000_000
+    init = rng.normal(size=(rows, 1)).astype("float32")
+    var = _var(init, "float32")
+    opt = SparseAdam(learning_rate=0.1)
+    # Give every row nonzero moments first (a dense step), so "untouched" is visible:
+    # Adam would decay the moments of, and move, rows with a zero gradient.
+    opt.apply_gradients([(tf.ones((rows, 1)), var)])
+    w0 = var.numpy().copy()
+    m0, v0 = (x.copy() for x in _moments(opt, var))
+    batch = np.array([5, 999_999, 123_456, 5])
+    values = tf.constant([[1.0], [-2.0], [0.5], [3.0]])
+    opt.apply_gradients([(tf.IndexedSlices(values, tf.constant(batch), tf.constant([rows, 1])), var)])
+    w1 = var.numpy()
+    m1, v1 = _moments(opt, var)
+    for before, after in ((w0, w1), (m0, m1), (v0, v1)):
+        changed = np.flatnonzero(np.any(before != after, axis=1))
+        np.testing.assert_array_equal(changed, np.unique(batch))
+    # The batch rows got the lazy Adam update (duplicates summed: row 5 has g = 4).
+    t = 2.0
+    alpha = 0.1 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+    g = {5: 4.0, 999_999: -2.0, 123_456: 0.5}
+    for row, grad in g.items():
+        m = 0.9 * m0[row, 0] + 0.1 * grad
+        v = 0.999 * v0[row, 0] + 0.001 * grad**2
+        np.testing.assert_allclose(m1[row, 0], m, rtol=1e-4)
+        np.testing.assert_allclose(v1[row, 0], v, rtol=1e-4)
+        np.testing.assert_allclose(
+            w1[row, 0], w0[row, 0] - alpha * m / (np.sqrt(v) + 1e-7), rtol=1e-4, atol=1e-6
+        )
+
+
+def test_fit_with_random_effects_uses_sparse_updates():
+    """End to end: a functional model on a RandomEffects layer, fitted with SparseAdam,
+    leaves the rows of levels absent from the data exactly as they were."""
+    from keras_glmm import RandomEffects
+
+    num_levels = 50
+    idx = keras.Input(shape=(), dtype="int32")
+    layer = RandomEffects(num_levels, output_mode="mean")
+    model = keras.Model(idx, layer(idx))
+    model.compile(optimizer=SparseAdam(0.1), loss="mse")
+    seen = np.array([1, 4, 4, 7], "int32")
+    layer.adapt(seen)
+    before = layer.posterior_mean.numpy().copy(), layer.posterior_scale_tril.numpy().copy()
+    model.fit(seen, np.ones(4, "float32"), batch_size=4, epochs=2, verbose=0)
+    after = layer.posterior_mean.numpy(), layer.posterior_scale_tril.numpy()
+    for b, a in zip(before, after):
+        changed = np.flatnonzero(np.any(b != a, axis=1))
+        np.testing.assert_array_equal(changed, [1, 4, 7])
+
+
+def test_get_config_round_trip():
+    opt = SparseAdam(learning_rate=0.01, beta_1=0.7, beta_2=0.9, epsilon=1e-5, clipnorm=1.0)
+    config = opt.get_config()
+    clone = SparseAdam.from_config(config)
+    assert isinstance(clone, SparseAdam)
+    assert clone.get_config() == config
+    serialized = keras.optimizers.serialize(opt)
+    assert serialized["registered_name"] == "keras_glmm>SparseAdam"
+    revived = keras.optimizers.deserialize(serialized)
+    assert type(revived) is SparseAdam
+    assert revived.get_config() == config
+
+
+def test_amsgrad_raises():
+    with pytest.raises(ValueError, match="amsgrad"):
+        SparseAdam(amsgrad=True)
