@@ -8,7 +8,12 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from keras_glmm import datasets, families, layers  # noqa: E402
 from keras_glmm.callbacks import ELBOConvergence  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
-from keras_glmm.layers import FamilyHead, RandomEffects, VariationalFixedEffects  # noqa: E402
+from keras_glmm.layers import (  # noqa: E402
+    FamilyHead,
+    JointRandomEffects,
+    RandomEffects,
+    VariationalFixedEffects,
+)
 from keras_glmm.model import GLMM  # noqa: E402
 from keras_glmm.optimizers import SparseAdam  # noqa: E402
 
@@ -18,6 +23,7 @@ __all__ = [
     "ELBOConvergence",
     "FamilyHead",
     "GLMM",
+    "JointRandomEffects",
     "RandomEffects",
     "SparseAdam",
     "VariationalFixedEffects",

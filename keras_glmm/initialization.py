@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
+from keras_glmm.layers.joint_random_effects import JointRandomEffects
 
 # Newton's method for the starting GLM: a dense p x p Hessian, so only for a
 # moderate number of fixed-effect columns.
@@ -56,7 +57,7 @@ def check_data(model, x, y):
     """
     dtype = model.compute_dtype
     expected = {"x", "offset"}
-    for layer in model.random_effects:
+    for layer in model.terms:
         expected.add(layer.name)
         if layer.num_covariates:
             expected.add(layer.name + "_z")
@@ -69,7 +70,7 @@ def check_data(model, x, y):
         raise ValueError("Inputs need 'x', the fixed-effects design (a column of ones for an intercept).")
     out = {"x": _as_float_matrix(x["x"], "x")}
     num_rows = out["x"].shape[0]
-    for layer in model.random_effects:
+    for layer in model.terms:
         if layer.name not in x:
             raise ValueError(f"Inputs need '{layer.name}', the level index of each row.")
         index = np.asarray(x[layer.name]).reshape(-1)
@@ -114,7 +115,9 @@ def _glm_design(model, x):
     """The fixed-effects design as the GLM sees it, or None if not a linear layer."""
     layer = model.fixed_effects
     design = x["x"].astype("float64")
-    if isinstance(layer, VariationalFixedEffects):
+    if layer is None:  # the fixed effects live in a JointRandomEffects layer
+        use_bias = False
+    elif isinstance(layer, VariationalFixedEffects):
         use_bias = layer.use_bias
     elif isinstance(layer, keras.layers.Dense) and layer.units == 1:
         use_bias = layer.use_bias
@@ -210,7 +213,9 @@ def initialize(model, x, y):
     if design is not None:
         beta, eta = fit_glm(family, design, y64, x.get("offset"), params)
         layer = model.fixed_effects
-        if isinstance(layer, VariationalFixedEffects):
+        if layer is None:
+            pass  # set with the joint posterior below
+        elif isinstance(layer, VariationalFixedEffects):
             layer.set_coefficients(beta)
         else:
             weights = [beta[1:, None], beta[:1]] if layer.use_bias else [beta[:, None]]
@@ -228,7 +233,7 @@ def initialize(model, x, y):
         spread = 1.0
     spread = spread if np.isfinite(spread) and spread > 0 else 1.0
     model.head.set_params({k: v for k, v in params.items() if k not in model.head.fixed_params})
-    for layer in model.random_effects:
+    for layer in model.terms:
         scales = []
         if layer.intercept:
             scales.append(0.5 * spread)
@@ -238,3 +243,10 @@ def initialize(model, x, y):
             sd = np.where(sd > 0, sd, 1.0)
             scales.extend(0.5 * spread / sd)
         layer.set_effect_scale(scales, reset=True)
+    for layer in model.random_effects:
+        if isinstance(layer, JointRandomEffects):
+            fixed_sd = None
+            if layer.num_fixed and design is not None:
+                # Start the fixed effects' posterior sd at a tenth of their GLM size.
+                fixed_sd = 0.1 * (np.abs(beta) + 0.1 * spread)
+            layer.reset_posterior(beta if layer.num_fixed else None, fixed_sd)

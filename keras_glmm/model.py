@@ -10,6 +10,7 @@ from keras_glmm import families as families_lib
 from keras_glmm.callbacks import ELBOConvergence
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
+from keras_glmm.layers.joint_random_effects import JointRandomEffects
 from keras_glmm.layers.random_effects import RandomEffects
 from keras_glmm.optimizers import SparseAdam
 
@@ -92,26 +93,34 @@ class GLMM(keras.Model):
         self.family = families_lib.get_family(family, link=link)
         self.quadrature_points = quadrature_points
         random_effects = list(random_effects)
-        names = [layer.name for layer in random_effects]
         for layer in random_effects:
-            if not isinstance(layer, RandomEffects):
+            if not isinstance(layer, (RandomEffects, JointRandomEffects)):
                 raise TypeError(
-                    f"`random_effects` must hold RandomEffects layers. Received: {layer!r}"
+                    "`random_effects` must hold RandomEffects or JointRandomEffects layers. "
+                    f"Received: {layer!r}"
                 )
-            if layer.name in ("x", "offset") or layer.name.endswith("_z"):
-                raise ValueError(f"A random-effects layer may not be named '{layer.name}'.")
             # The model's ELBO needs each term's mean and variance, not a draw.
             layer.output_mode = "moments"
-        if len(set(names)) != len(names):
-            raise ValueError(f"Random-effects layers need distinct names. Received: {names}")
         self.random_effects = random_effects
+        names = [term.name for term in self.terms]
+        for name in names:
+            if name in ("x", "offset") or name.endswith("_z"):
+                raise ValueError(f"A random-effects term may not be named '{name}'.")
+        if len(set(names)) != len(names):
+            raise ValueError(f"Random-effects terms need distinct names. Received: {names}")
+        joint_fixed = [l for l in random_effects if isinstance(l, JointRandomEffects) and l.num_fixed]
+        if joint_fixed and fixed_effects is not False:
+            raise ValueError(
+                "A JointRandomEffects layer with `num_fixed > 0` holds the fixed effects: "
+                "pass `fixed_effects=False`."
+            )
         if fixed_effects is None:
             fixed_effects = keras.layers.Dense(
                 1, use_bias=False, kernel_initializer="zeros", name="fixed_effects", dtype=self.dtype_policy
             )
         if isinstance(fixed_effects, VariationalFixedEffects):
             fixed_effects.output_mode = "moments"
-        self.fixed_effects = fixed_effects
+        self.fixed_effects = fixed_effects or None
         self.head = FamilyHead(
             self.family, fixed_params=fixed_params, name="family_head", dtype=self.dtype_policy
         )
@@ -122,20 +131,45 @@ class GLMM(keras.Model):
         self._data_initialized = False
 
     # ------------------------------------------------------------------ call
+    @property
+    def terms(self):
+        """Every random-effect term's `RandomEffects` layer (inside joint layers too)."""
+        out = []
+        for layer in self.random_effects:
+            out.extend(layer.terms if isinstance(layer, JointRandomEffects) else [layer])
+        return out
+
+    def _joint_fixed(self):
+        """The JointRandomEffects layer holding the fixed effects, if any."""
+        for layer in self.random_effects:
+            if isinstance(layer, JointRandomEffects) and layer.num_fixed:
+                return layer
+        return None
+
     def build(self, input_shape):
-        self.fixed_effects.build(input_shape["x"])
+        if self.fixed_effects is not None:
+            self.fixed_effects.build(input_shape["x"])
         for layer in self.random_effects:
             layer.build()
         self.head.build((None, 2))
         self.built = True
 
     def call(self, inputs, training=None):
-        fixed = self.fixed_effects(inputs["x"], training=training)
-        fixed = tf.cast(fixed, self.compute_dtype)
-        eta = fixed[:, 0]
-        eta_var = fixed[:, 1] if fixed.shape[-1] == 2 else tf.zeros_like(eta)
+        rows = tf.shape(inputs["x"])[0]
+        eta = tf.zeros([rows], self.compute_dtype)
+        eta_var = tf.zeros([rows], self.compute_dtype)
+        if self.fixed_effects is not None:
+            fixed = tf.cast(self.fixed_effects(inputs["x"], training=training), self.compute_dtype)
+            eta += fixed[:, 0]
+            if fixed.shape[-1] == 2:
+                eta_var += fixed[:, 1]
         for layer in self.random_effects:
-            if layer.num_covariates:
+            if isinstance(layer, JointRandomEffects):
+                keys = {"x"}
+                for term in layer.terms:
+                    keys.update({term.name, term.name + "_z"})
+                args = {k: v for k, v in inputs.items() if k in keys}
+            elif layer.num_covariates:
                 args = [inputs[layer.name], inputs[layer.name + "_z"]]
             else:
                 args = inputs[layer.name]
@@ -281,10 +315,11 @@ class GLMM(keras.Model):
         x, y, num_rows = initialization.check_data(self, x, y)
         if not self.built:
             self({key: value[:1] for key, value in x.items()})  # creates the weights
-        for layer in self.random_effects:
-            layer.adapt(x[layer.name])
-        if isinstance(self.fixed_effects, VariationalFixedEffects):
-            self.fixed_effects.num_observations = num_rows
+        for term in self.terms:
+            term.adapt(x[term.name])
+        for layer in [self.fixed_effects, *self.random_effects]:
+            if isinstance(layer, (VariationalFixedEffects, JointRandomEffects)):
+                layer.num_observations = num_rows
         if initialize:
             initialization.initialize(self, x, y)
             self._data_initialized = True
@@ -307,6 +342,9 @@ class GLMM(keras.Model):
 
     def coefficients(self):
         """Fixed-effect estimates (posterior means), `(p,)`, in the columns of `x`."""
+        joint = self._joint_fixed()
+        if joint is not None:
+            return joint.fixed_posterior()[0]
         if isinstance(self.fixed_effects, VariationalFixedEffects):
             return self.fixed_effects.coefficients()[0]
         weights = self.fixed_effects.get_weights()
@@ -323,7 +361,10 @@ class GLMM(keras.Model):
         config.update(
             {
                 "random_effects": [keras.saving.serialize_keras_object(l) for l in self.random_effects],
-                "fixed_effects": keras.saving.serialize_keras_object(self.fixed_effects),
+                "fixed_effects": (
+                    False if self.fixed_effects is None
+                    else keras.saving.serialize_keras_object(self.fixed_effects)
+                ),
                 "family": self.family.name,
                 "link": self.family.link.name,
                 "fixed_params": self.head.fixed_params,
@@ -338,5 +379,6 @@ class GLMM(keras.Model):
         config["random_effects"] = [
             keras.saving.deserialize_keras_object(c) for c in config["random_effects"]
         ]
-        config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
+        if config["fixed_effects"] is not False:
+            config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
         return cls(**config)

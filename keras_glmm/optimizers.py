@@ -49,9 +49,11 @@ class SparseAdam(keras.optimizers.Adam):
         dtype = variable.dtype
         lr = tf.cast(learning_rate, dtype)
         step = tf.cast(self.iterations + 1, dtype)
-        beta_1 = tf.cast(self.beta_1, dtype)
-        beta_2 = tf.cast(self.beta_2, dtype)
-        alpha = lr * tf.sqrt(1 - tf.pow(beta_2, step)) / (1 - tf.pow(beta_1, step))
+        # The same arithmetic as Adam's: Python-float (1 - beta) factors, so a
+        # float64 table gets the exact update, not one with float32-rounded betas.
+        beta_1_power = tf.pow(tf.cast(self.beta_1, dtype), step)
+        beta_2_power = tf.pow(tf.cast(self.beta_2, dtype), step)
+        alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
 
         # A batch names a level once per row: sum duplicate rows first, so each
         # level gets one moment update with its whole gradient.
@@ -62,9 +64,11 @@ class SparseAdam(keras.optimizers.Adam):
         index = self._get_variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
-        m_rows = beta_1 * tf.gather(m, rows) + (1 - beta_1) * grad
-        v_rows = beta_2 * tf.gather(v, rows) + (1 - beta_2) * tf.square(grad)
+        m_old = tf.gather(m, rows)
+        v_old = tf.gather(v, rows)
+        m_rows = m_old + (grad - m_old) * (1 - self.beta_1)
+        v_rows = v_old + (tf.square(grad) - v_old) * (1 - self.beta_2)
         self.assign(m, tf.IndexedSlices(m_rows, rows))
         self.assign(v, tf.IndexedSlices(v_rows, rows))
-        step_rows = alpha * m_rows / (tf.sqrt(v_rows) + tf.cast(self.epsilon, dtype))
+        step_rows = (m_rows * alpha) / (tf.sqrt(v_rows) + self.epsilon)
         self.assign_sub(variable, tf.IndexedSlices(step_rows, rows))

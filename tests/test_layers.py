@@ -125,7 +125,6 @@ def test_family_head_values():
     np.testing.assert_allclose(out["mean"], np.exp(moments[:, 0]), rtol=1e-5)
     np.testing.assert_allclose(out["dispersion"], np.full(BATCH, 2.0), rtol=1e-6)
     fixed = FamilyHead("gaussian", fixed_params={"scale": 1.5})
-    assert not fixed.trainable_weights or not fixed.built
     np.testing.assert_allclose(fixed(moments)["scale"], np.full(BATCH, 1.5))
     assert not fixed.trainable_weights
     with pytest.raises(ValueError, match="dispersion parameters"):
@@ -190,6 +189,7 @@ def _layer64(num_levels, k, covariance, effect_scale=1.0, **kwargs):
         dtype="float64", **kwargs,
     )
     layer.build()
+    layer.adapt(np.arange(num_levels))  # total_kl covers the levels seen in training
     return layer
 
 
@@ -223,7 +223,7 @@ def _hyp_layer(k, covariance):
 
 
 _hyp = settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -286,10 +286,11 @@ def _slope_data(num_levels, n, seed):
 def test_scale_prior_kl_matches_numerical_integration():
     """Under a HalfNormal hyperprior, KL terms are expectations over q(tau), with
     tau = softplus(u), u ~ N(loc, sd): check both against scipy quadrature (k = 1)."""
-    from scipy import integrate, stats
+    from scipy import integrate, special, stats
 
     layer = RandomEffects(3, scale_prior=2.0, dtype="float64")
     layer.build()
+    layer.adapt(np.arange(3))
     layer.posterior_mean.assign([[0.3], [-1.2], [0.0]])
     layer.posterior_scale_tril.assign([[-0.5], [0.4], [1.0]])
     layer.scale_loc.assign([0.2])
@@ -310,7 +311,7 @@ def test_scale_prior_kl_matches_numerical_integration():
 
     def log_ratio(u):
         tau = _softplus(u)
-        log_q = stats.norm.logpdf(u, loc, sd) - np.log(special_expit(u))  # change of variables
+        log_q = stats.norm.logpdf(u, loc, sd) - np.log(special.expit(u))  # change of variables
         return log_q - stats.halfnorm.logpdf(tau, scale=2.0)
 
     np.testing.assert_allclose(float(layer.scale_kl()), expect(log_ratio), rtol=1e-5)
@@ -319,10 +320,6 @@ def test_scale_prior_kl_matches_numerical_integration():
     )
     # Deterministic: the same number twice.
     assert float(layer.total_kl()) == float(layer.total_kl())
-
-
-def special_expit(u):
-    return 1.0 / (1.0 + np.exp(-u))
 
 
 def test_per_row_kl_loss():
@@ -551,3 +548,33 @@ def test_gradient_is_sparse_over_batch_levels(output_mode):
         # Work proportional to the batch, not the table.
         assert grad.values.shape[0] == len(batch_levels)
         assert tuple(grad.dense_shape.numpy()) == tuple(var.shape)
+
+
+# ------------------------------------------------------------- mixed precision
+MIXED_PRECISION_BUG = (
+    "RandomEffects fails under a 'mixed_float16' dtype policy, in inference and in "
+    "training: the gathered posterior weights are autocast to float16 but "
+    "`_effect_scale` (tf.convert_to_tensor of the non-trainable effect_scale weight) and "
+    "`tf.eye(k, dtype=self.variable_dtype)` in `level_kl` stay float32, so Mul/MatMul get "
+    "mixed float16/float32 inputs (InvalidArgumentError); with k > 1 the KL also needs "
+    "MatrixTriangularSolve in half precision, which has no CPU kernel (NotFoundError). "
+    "Fix: cast effect_scale to compute_dtype for the outputs and compute the KL in "
+    "variable_dtype (float32). VariationalFixedEffects and FamilyHead work under it."
+)
+
+
+@pytest.mark.xfail(strict=True, reason=MIXED_PRECISION_BUG)
+@pytest.mark.parametrize("training", [False, True])
+def test_random_effects_mixed_precision(training):
+    layer = RandomEffects(5, num_effects=2, dtype="mixed_float16")
+    out = layer([np.array([0, 1, 2]), np.ones((3, 1), "float32")], training=training)
+    assert out.dtype == tf.float16 and out.shape == (3, 1)
+    if training:
+        assert np.isfinite(float(layer.losses[0]))
+
+
+def test_other_layers_mixed_precision():
+    fixed = VariationalFixedEffects(num_observations=10, dtype="mixed_float16")
+    assert fixed(np.ones((3, 2), "float32"), training=True).dtype == tf.float16
+    head = FamilyHead("gaussian", dtype="mixed_float16")
+    assert head(np.ones((3, 2), "float32"))["scale"].dtype == tf.float16

@@ -36,25 +36,36 @@ def test_dense_gradients_identical_to_adam():
     assert int(sparse_adam.iterations) == int(adam.iterations) == 5
 
 
-def test_full_batch_sparse_gradient_matches_dense_adam():
+
+
+@pytest.mark.parametrize(
+    "dtype, rtol, atol",
+    [
+        ("float32", 1e-5, 1e-6),
+        ("float64", 1e-12, 1e-15),
+    ],
+)
+def test_full_batch_sparse_gradient_matches_dense_adam(dtype, rtol, atol):
     """A full-batch step names every row (some several times, as a batch names a level
     once per observation): lazy Adam must equal Adam on the summed dense gradient."""
     rng = np.random.default_rng(1)
     rows, cols = 6, 2
     init = rng.normal(size=(rows, cols))
-    ours, ref = _var(init), _var(init)
+    ours, ref = _var(init, dtype), _var(init, dtype)
     sparse_adam, adam = SparseAdam(**KW), keras.optimizers.Adam(**KW)
     for _ in range(6):
         indices = rng.permutation(np.concatenate([np.arange(rows), rng.integers(0, rows, 5)]))
-        values = rng.normal(size=(len(indices), cols))
+        values = rng.normal(size=(len(indices), cols)).astype(dtype)
         sparse = tf.IndexedSlices(
             tf.constant(values), tf.constant(indices, "int64"), tf.constant([rows, cols], "int64")
         )
         sparse_adam.apply_gradients([(sparse, ours)])
         adam.apply_gradients([(tf.convert_to_tensor(sparse), ref)])
-    np.testing.assert_allclose(ours.numpy(), ref.numpy(), rtol=1e-12, atol=1e-14)
+    assert not np.allclose(ours.numpy(), init)
+    # Compare the steps taken (not the weights, which hide small step differences).
+    np.testing.assert_allclose(ours.numpy() - init, ref.numpy() - init, rtol=rtol, atol=atol)
     for a, b in zip(_moments(sparse_adam, ours), _moments(adam, ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
 
 
 def test_sparse_gradient_in_a_traced_step():
@@ -120,7 +131,7 @@ def test_fit_with_random_effects_uses_sparse_updates():
     idx = keras.Input(shape=(), dtype="int32")
     layer = RandomEffects(num_levels, output_mode="mean")
     model = keras.Model(idx, layer(idx))
-    model.compile(optimizer=SparseAdam(0.1), loss="mse")
+    model.compile(optimizer=SparseAdam(0.1), loss="mse", jit_compile=False)
     seen = np.array([1, 4, 4, 7], "int32")
     layer.adapt(seen)
     before = layer.posterior_mean.numpy().copy(), layer.posterior_scale_tril.numpy().copy()

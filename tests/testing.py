@@ -169,7 +169,10 @@ def run_layer_test(
         if model_layer.dtype_policy.variable_dtype == "float64":
             keras.config.set_floatx("float64")
         try:
-            model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss, run_eagerly=run_eagerly)
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.01), loss=loss, run_eagerly=run_eagerly,
+                jit_compile=False,
+            )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "The model does not have any trainable weights")
                 history = model.fit(feed, target, batch_size=len(arrays[0]), epochs=1, verbose=0)

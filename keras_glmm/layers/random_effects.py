@@ -91,8 +91,13 @@ class RandomEffects(keras.layers.Layer):
         validate_indices: check in training that every level index lies in
             `[0, num_levels)` and fail with a clear error otherwise.
         level_counts: optional training-row counts per level (else call `adapt`).
+        own_posterior: False when a `JointRandomEffects` layer holds the posterior
+            of this term's effects jointly with other terms; the layer then keeps
+            only the prior.
 
-    Input: the level index of each row, shape `(batch,)` (int), alone when the
+    Input: the level index of each row, shape `(batch,)` (int; at inference `-1`
+    marks a level never seen in training, whose effect is then 0 in the mean with
+    the prior's variance, as lme4's `allow.new.levels`), alone when the
     layer has only an intercept, else `[level_index, covariates]` with covariates of
     shape `(batch, num_effects - intercept)`.
 
@@ -117,6 +122,7 @@ class RandomEffects(keras.layers.Layer):
         num_scale_points=12,
         validate_indices=True,
         level_counts=None,
+        own_posterior=True,
         **kwargs,
     ):
         if not isinstance(num_levels, (int, np.integer)) or num_levels <= 0:
@@ -158,6 +164,7 @@ class RandomEffects(keras.layers.Layer):
         self.output_mode = output_mode
         self.num_scale_points = int(num_scale_points)
         self.validate_indices = bool(validate_indices)
+        self.own_posterior = bool(own_posterior)
         self._initial_level_counts = level_counts
         self.num_covariates = self.num_effects - int(self.intercept)
         self.num_correlations = (
@@ -171,15 +178,16 @@ class RandomEffects(keras.layers.Layer):
         # Per level: the posterior mean, and the Cholesky factor of the posterior
         # covariance as an unconstrained vector (softplus on the diagonal), both
         # stored in units of `effect_scale`.
-        self.posterior_mean = self.add_weight(
-            name="posterior_mean", shape=(self.num_levels, k), initializer="zeros"
-        )
-        tril = _initial_scale_tril(k)
-        self.posterior_scale_tril = self.add_weight(
-            name="posterior_scale_tril",
-            shape=(self.num_levels, k * (k + 1) // 2),
-            initializer=keras.initializers.Constant(np.tile(tril, (self.num_levels, 1))),
-        )
+        if self.own_posterior:
+            self.posterior_mean = self.add_weight(
+                name="posterior_mean", shape=(self.num_levels, k), initializer="zeros"
+            )
+            tril = _initial_scale_tril(k)
+            self.posterior_scale_tril = self.add_weight(
+                name="posterior_scale_tril",
+                shape=(self.num_levels, k * (k + 1) // 2),
+                initializer=keras.initializers.Constant(np.tile(tril, (self.num_levels, 1))),
+            )
         if self.scale_prior is None:
             self.log_scale = self.add_weight(
                 name="log_scale", shape=(k,), initializer=keras.initializers.Constant(np.log(scale))
@@ -233,14 +241,15 @@ class RandomEffects(keras.layers.Layer):
         if not np.all(np.isfinite(new) & (new > 0)):
             raise ValueError(f"`effect_scale` must be positive and finite. Received: {new.tolist()}")
         if reset:
-            self.posterior_mean.assign(np.zeros(self.posterior_mean.shape))
-            tril = _initial_scale_tril(self.num_effects)
-            self.posterior_scale_tril.assign(np.tile(tril, (self.num_levels, 1)))
+            if self.own_posterior:
+                self.posterior_mean.assign(np.zeros(self.posterior_mean.shape))
+                tril = _initial_scale_tril(self.num_effects)
+                self.posterior_scale_tril.assign(np.tile(tril, (self.num_levels, 1)))
             if self.scale_prior is None:
                 self.log_scale.assign(np.log(new))
             else:
                 self.scale_loc.assign([_softplus_inverse(s) for s in new])
-        else:
+        elif self.own_posterior:
             ratio = self.effect_scale_weight.numpy() / new
             self.posterior_mean.assign(self.posterior_mean.numpy() * ratio)
             # Rows of L scale with the effect; the softplus diagonal makes an exact
@@ -269,13 +278,13 @@ class RandomEffects(keras.layers.Layer):
         counts = np.bincount(index, weights=sample_weight, minlength=self.num_levels)
         self.level_counts.assign(counts.astype(self.level_counts.dtype))
 
-    def _check_index_values(self, index):
+    def _check_index_values(self, index, allow_new=False):
         if index.size and not np.issubdtype(index.dtype, np.integer):
             raise TypeError(
                 f"RandomEffects layer '{self.name}': level indices must be integers. "
                 f"Received dtype {index.dtype}."
             )
-        bad = np.flatnonzero((index < 0) | (index >= self.num_levels))
+        bad = np.flatnonzero((index < (-1 if allow_new else 0)) | (index >= self.num_levels))
         if bad.size:
             raise ValueError(
                 f"RandomEffects layer '{self.name}': level index {int(index[bad[0]])} in row "
@@ -362,16 +371,27 @@ class RandomEffects(keras.layers.Layer):
 
     # ------------------------------------------------------------------ call
     def call(self, inputs, training=None):
+        if not self.own_posterior:
+            raise ValueError(
+                f"RandomEffects layer '{self.name}' keeps only its prior: its posterior is "
+                "held by a JointRandomEffects layer, which is the one to call."
+            )
         level_index, covariates = self._split_inputs(inputs)
         if self.validate_indices:
-            level_index = self._validated(level_index)
+            level_index = self.validated_index(level_index, training)
         z = self._design(covariates, tf.shape(level_index)[0])
-        mean, tril = self._gathered(level_index)
+        known = level_index >= 0
+        safe_index = tf.maximum(level_index, 0)
+        mean, tril = self._gathered(safe_index)
         eta_mean = tf.reduce_sum(z * mean, axis=-1)
         # Var(z' b) = |L' z|^2 under q(b) = N(mu, L L').
         eta_var = tf.reduce_sum(tf.square(tf.einsum("bj,bjk->bk", z, tril)), axis=-1)
+        if not training:
+            # A new level (-1): effect 0 on average, with the prior's variance.
+            eta_mean = tf.where(known, eta_mean, tf.zeros_like(eta_mean))
+            eta_var = tf.where(known, eta_var, self.prior_variance(z))
         if training:
-            self.add_loss(self._kl_per_row(level_index, mean, tril))
+            self.add_loss(self._kl_per_row(safe_index, mean, tril))
         if self.output_mode == "moments":
             return tf.stack([eta_mean, eta_var], axis=-1)
         if self.output_mode == "sample" and training:
@@ -379,7 +399,15 @@ class RandomEffects(keras.layers.Layer):
             return (eta_mean + tf.sqrt(eta_var) * noise)[:, None]
         return eta_mean[:, None]
 
-    def _validated(self, level_index):
+    def prior_variance(self, z):
+        """`z' Sigma z` per row, the variance of a new level's contribution."""
+        taus, weights = self._scale_nodes()
+        tau = tf.tensordot(weights, taus, axes=1)  # E[tau] under a hyperprior
+        prior_tril = tau[:, None] * self._prior_correlation_tril()
+        return tf.reduce_sum(tf.square(tf.linalg.matvec(prior_tril, z, transpose_a=True)), -1)
+
+    def validated_index(self, level_index, training):
+        """Asserts level indices lie in `[0, num_levels)`, or `[-1, ...)` at inference."""
         check = tf.debugging.assert_less(
             level_index,
             tf.constant(self.num_levels, "int64"),
@@ -389,10 +417,16 @@ class RandomEffects(keras.layers.Layer):
                 f"{self.num_levels} (an unknown level?)"
             ),
         )
-        check_neg = tf.debugging.assert_non_negative(
-            level_index, message=f"RandomEffects layer {self.name}: a level index is negative"
+        lowest = 0 if training else -1
+        check_low = tf.debugging.assert_greater_equal(
+            level_index,
+            tf.constant(lowest, "int64"),
+            message=(
+                f"RandomEffects layer {self.name}: a level index is below {lowest} "
+                "(-1 marks a new level, allowed only at inference)"
+            ),
         )
-        with tf.control_dependencies([check, check_neg]):
+        with tf.control_dependencies([check, check_low]):
             return tf.identity(level_index)
 
     # ------------------------------------------------------------------- KL
@@ -457,7 +491,10 @@ class RandomEffects(keras.layers.Layer):
         """
         mean = self.posterior_mean * self._effect_scale
         tril = self._scale_tril(self.posterior_scale_tril)
-        kl = tf.reduce_sum(self.level_kl(mean, tril))
+        # Levels without training rows are never seen by the per-row KL (their q
+        # stays where it started): the ELBO of the data leaves them out.
+        seen = tf.cast(self.level_counts > 0, mean.dtype)
+        kl = tf.reduce_sum(self.level_kl(mean, tril) * seen)
         if self.scale_prior is not None:
             kl += self.scale_kl()
         return kl
@@ -511,6 +548,7 @@ class RandomEffects(keras.layers.Layer):
                 "output_mode": self.output_mode,
                 "num_scale_points": self.num_scale_points,
                 "validate_indices": self.validate_indices,
+                "own_posterior": self.own_posterior,
             }
         )
         return config
