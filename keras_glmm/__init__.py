@@ -14,7 +14,7 @@ from keras_glmm.layers import (  # noqa: E402
     RandomEffects,
     VariationalFixedEffects,
 )
-from keras_glmm.model import GLMM  # noqa: E402
+from keras_glmm.model import GLMM, glmm  # noqa: E402
 from keras_glmm.optimizers import SparseAdam  # noqa: E402
 
 __version__ = "0.1.0"
@@ -30,5 +30,6 @@ __all__ = [
     "datasets",
     "families",
     "get_family",
+    "glmm",
     "layers",
 ]

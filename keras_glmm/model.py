@@ -4,9 +4,11 @@ import warnings
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from keras_glmm import families as families_lib
+from keras_glmm import results as results_lib
 from keras_glmm.callbacks import ELBOConvergence
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
@@ -128,7 +130,11 @@ class GLMM(keras.Model):
         self.nll_tracker = keras.metrics.Mean(name="nll")
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self.converged_ = None
+        self.fit_summary_ = None
+        self.design = None  # set by from_formula: the frozen formula -> arrays schema
+        self.reml = False
         self._data_initialized = False
+        self._training_arrays = None
 
     # ------------------------------------------------------------------ call
     @property
@@ -263,6 +269,13 @@ class GLMM(keras.Model):
         """
         if not self.compiled:
             self.compile()
+        if isinstance(x, pd.DataFrame):
+            if self.design is None:
+                raise ValueError(
+                    "This model was not built from a formula: pass a dict of arrays, or build "
+                    "it with GLMM.from_formula to fit a data frame."
+                )
+            x, y = self._frame_arrays(x, weights=y)
         if not isinstance(x, dict):
             return super().fit(
                 x, y, batch_size=batch_size, epochs=epochs or 1, verbose=verbose,
@@ -293,6 +306,8 @@ class GLMM(keras.Model):
             verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
         )
         self.converged_ = convergence.converged
+        self._training_arrays = (x, y)
+        self._summarize_fit(x, y, history)
         if not convergence.converged:
             warnings.warn(
                 f"GLMM fit did not converge in {len(history.epoch)} epochs "
@@ -325,7 +340,288 @@ class GLMM(keras.Model):
             self._data_initialized = True
         return x, y, num_rows
 
+    # ------------------------------------------------------------ formulas
+    @classmethod
+    def from_formula(
+        cls,
+        formula,
+        data,
+        family="gaussian",
+        link=None,
+        weights=None,
+        reml=False,
+        posterior="auto",
+        max_joint_coefficients=2000,
+        na_action="raise",
+        **kwargs,
+    ):
+        """Builds a compiled, unfitted GLMM from an lme4 formula and its data.
+
+        Args:
+            formula: an lme4 formula, e.g. `"y ~ x + (x | g)"`; see `keras_glmm.formula`.
+            data: a pandas DataFrame (the training data: it fixes the level
+                vocabularies, the fixed-effects coding and the response coding).
+            family: a family name or `keras_glmm.families.Family`.
+            link: optional link name.
+            weights: binomial trials for a proportion response (a column name or array).
+            reml: restricted maximum likelihood (gaussian only): the fixed effects
+                get a flat prior inside a joint posterior, whose ELBO is then the
+                restricted likelihood.
+            posterior: `"auto"`, `"joint"` (one full-covariance Gaussian over every
+                random effect: exact for gaussian models, needed for crossed and
+                nested factors) or `"mean_field"` (one Gaussian per level and term:
+                what scales to millions of levels). `"auto"` takes `"joint"` when the
+                model has several terms with at most `max_joint_coefficients`
+                random-effect coefficients in all, or `reml=True`.
+            na_action: `"raise"` (missing values are an error listing the rows) or
+                `"omit"` (rows with missing values are dropped, with a warning).
+            **kwargs: passed to `GLMM(...)` (e.g. `quadrature_points`, `name`).
+
+        Returns:
+            A compiled `GLMM`; `model.fit(data)` fits it.
+        """
+        from keras_glmm.design import Design
+
+        family_obj = families_lib.get_family(family, link=link)
+        if reml and family_obj.name != "gaussian":
+            raise ValueError(
+                f"`reml=True` is defined for gaussian models only. Received family={family_obj.name!r}."
+            )
+        if posterior not in ("auto", "joint", "mean_field"):
+            raise ValueError(
+                "`posterior` must be 'auto', 'joint' or 'mean_field'. "
+                f"Received: posterior={posterior!r}"
+            )
+        design = Design.from_data(formula, data, family_obj.name, weights=weights, na_action=na_action)
+        terms = [
+            RandomEffects(
+                num_levels=r.n_levels,
+                num_effects=len(r.columns),
+                intercept=r.intercept,
+                covariance="full" if r.term.correlated else "diagonal",
+                name=r.name,
+            )
+            for r in design.random
+        ]
+        num_coefficients = sum(t.num_levels * t.num_effects for t in terms)
+        if posterior == "auto":
+            posterior = (
+                "joint"
+                if reml or (len(terms) > 1 and num_coefficients <= max_joint_coefficients)
+                else "mean_field"
+            )
+        if reml and posterior != "joint":
+            raise ValueError("`reml=True` needs the joint posterior (posterior='joint' or 'auto').")
+        if posterior == "joint" and terms:
+            layers = [JointRandomEffects(terms, num_fixed=design.n_fixed if reml else 0, name="joint")]
+        else:
+            layers = terms
+        model = cls(
+            random_effects=layers,
+            fixed_effects=False if reml else None,
+            family=family_obj,
+            **kwargs,
+        )
+        model.design = design
+        model.reml = bool(reml)
+        model._weights = weights
+        model.compile()
+        return model
+
+    def _frame_arrays(self, data, weights=None, with_response=True):
+        design = self.design
+        if weights is None:
+            weights = getattr(self, "_weights", None)
+        if design.na_action == "omit":
+            complete = design.complete_rows(data, with_response=with_response)
+            if not complete.all():
+                warnings.warn(
+                    f"na_action='omit': dropped {int((~complete).sum())} of {len(data)} rows "
+                    "with missing values.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                if weights is not None and not isinstance(weights, str):
+                    weights = np.asarray(weights)[complete]
+                data = data.loc[complete]
+        return design.arrays(data, weights=weights, with_response=with_response)
+
+    @property
+    def posterior_kind(self):
+        return "joint" if any(isinstance(l, JointRandomEffects) for l in self.random_effects) else "mean-field"
+
+    def _summarize_fit(self, x, y, history):
+        elbo = self.elbo(x, y)["elbo"]
+        num_parameters = len(self.coefficients()) + len(self.head.log_params)
+        for term in self.terms:
+            num_parameters += term.num_effects + term.num_correlations
+        gaussian = self.family.name == "gaussian" and self.family.link.name == "identity"
+        exact = gaussian and (len(self.terms) <= 1 or self.posterior_kind == "joint")
+        exact = exact and all(t.scale_prior is None for t in self.terms)
+        self.fit_summary_ = {
+            "elbo": elbo,
+            "nobs": len(x["x"]),
+            "num_parameters": num_parameters,
+            "exact": exact,
+            "epochs": len(history.epoch),
+        }
+        results_lib.warn_if_singular(self)
+
+    def _require_fit(self):
+        if self._training_arrays is None:
+            raise ValueError("The model has not been fitted: call `fit` first.")
+        return self._training_arrays
+
     # -------------------------------------------------------------- results
+    def fixef(self):
+        """Fixed-effect estimates as a pandas Series in design-column order (lme4's fixef)."""
+        return pd.Series(self.coefficients(), index=results_lib.fixed_names(self), name="Estimate")
+
+    def vcov(self):
+        """Covariance of the fixed-effect estimates (DataFrame); see `results.fixed_vcov`."""
+        x, y = self._require_fit()
+        names = results_lib.fixed_names(self)
+        return pd.DataFrame(results_lib.fixed_vcov(self, x, y), index=names, columns=names)
+
+    def coef_table(self):
+        """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect."""
+        return results_lib.coef_table(self.fixef(), self.vcov().values)
+
+    def ranef(self, condvar=True):
+        """Per grouping factor a DataFrame of conditional means (and posterior sds)."""
+        return results_lib.ranef(self, condvar=condvar)
+
+    def varcorr(self):
+        """lme4's `as.data.frame(VarCorr(fit))`: grp, var1, var2, vcov, sdcor."""
+        return results_lib.varcorr(self)
+
+    def coef(self):
+        """Per grouping factor, each level's coefficients (fixed + random), as lme4's coef."""
+        return results_lib.coef(self)
+
+    def report(self):
+        """An lme4-like summary (a string; `model.summary()` keeps its Keras meaning)."""
+        return results_lib.report(self)
+
+    def _response_vector(self, y):
+        y = np.asarray(y, "float64")
+        if y.ndim == 2:  # binomial (successes, trials): the proportion
+            return y[:, 0] / y[:, 1]
+        return y
+
+    def fitted(self):
+        """Fitted response means of the training rows, random effects included."""
+        x, _ = self._require_fit()
+        return self.predict(x, verbose=0)["mean"]
+
+    def residuals(self):
+        """Response residuals `y - fitted()` of the training rows (proportions for binomial)."""
+        x, y = self._require_fit()
+        return self._response_vector(y) - self.fitted()
+
+    def _prediction_inputs(self, newdata, re_form, allow_new_levels):
+        if newdata is None:
+            x, _ = self._require_fit()
+        elif isinstance(newdata, pd.DataFrame):
+            if self.design is None:
+                raise ValueError("`newdata` as a DataFrame needs a model built from a formula.")
+            x, _ = self._frame_arrays(newdata, with_response=False)
+        else:
+            x = newdata
+        x = dict(x)
+        if re_form is not None:
+            text = str(re_form).replace(" ", "")
+            if text not in ("~0", "NA", "~1-1"):
+                raise ValueError(
+                    "`re_form` must be None (all random effects) or '~0' (none). "
+                    f"Received: re_form={re_form!r}"
+                )
+            for term in self.terms:
+                x[term.name] = np.full(len(x["x"]), -1, "int64")
+            return x, True
+        if not allow_new_levels:
+            for term in self.terms:
+                new = np.flatnonzero(np.asarray(x[term.name]) < 0)
+                if new.size:
+                    group = results_lib.term_group(self, term)
+                    raise ValueError(
+                        f"Row {int(new[0])} has a level of '{group}' not seen in training "
+                        f"({new.size} rows); pass allow_new_levels=True to predict them at "
+                        "the population level."
+                    )
+        return x, False
+
+    def predict_response(self, newdata=None, re_form=None, allow_new_levels=True, type="response"):
+        """lme4's `predict`: the mean response (or linear predictor) for new data.
+
+        Args:
+            newdata: a DataFrame (formula models), a dict of arrays, or None for the
+                training rows.
+            re_form: None to include every random effect; `"~0"` for the fixed
+                effects only (population level).
+            allow_new_levels: levels not seen in training get the population value
+                (random effect 0); False makes them an error.
+            type: `"response"` (the mean) or `"link"` (the linear predictor).
+
+        Returns:
+            A numpy array, one value per row.
+        """
+        if type not in ("response", "link"):
+            raise ValueError(f"`type` must be 'response' or 'link'. Received: type={type!r}")
+        x, _ = self._prediction_inputs(newdata, re_form, allow_new_levels)
+        out = self.predict(x, verbose=0)
+        return out["mean"] if type == "response" else out["eta"]
+
+    def posterior_predictive(self, newdata=None, num_draws=1000, seed=None, re_form=None):
+        """Posterior predictive draws of the response, `(num_draws, rows)`.
+
+        Each draw takes the linear predictor from its posterior, `N(eta, eta_var +
+        x' vcov x)` (random effects' uncertainty, a new level's prior variance and
+        the fixed effects' standard errors included), then the response from the
+        family: quantiles of the draws are prediction intervals.
+        """
+        x, _ = self._prediction_inputs(newdata, re_form, True)
+        out = self.predict(x, verbose=0)
+        eta_var = out["eta_var"].astype("float64")
+        if self._training_arrays is not None and self._joint_fixed() is None:
+            vcov = results_lib.fixed_vcov(self, *self._training_arrays)
+            xx = np.asarray(x["x"], "float64")
+            eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
+        rng = np.random.default_rng(seed)
+        eta = out["eta"][None, :] + np.sqrt(eta_var)[None, :] * rng.standard_normal((num_draws, len(eta_var)))
+        return self._sample_response(eta, x, seed=None if seed is None else seed + 1)
+
+    def _sample_response(self, eta, x, seed=None, trials=None):
+        shape = eta.shape
+        params = {k: tf.constant(v, tf.float64) for k, v in self.dispersion().items()}
+        if trials is None and self.family.name == "binomial" and self._training_arrays is not None:
+            y = self._training_arrays[1]
+            if np.ndim(y) == 2 and len(y) == shape[-1]:
+                trials = y[:, 1]
+        trials_t = None if trials is None else tf.constant(np.broadcast_to(trials, shape), tf.float64)
+        dist = self.family.distribution(tf.constant(eta.reshape(shape), tf.float64), params, trials=trials_t)
+        return dist.sample(seed=seed).numpy()
+
+    def simulate(self, nsim=1, seed=None):
+        """lme4's `simulate`: new responses for the training rows, `(nsim, rows)`.
+
+        Random effects are drawn afresh from their fitted prior `N(0, Sigma)` (lme4's
+        default `re.form = NA`), fixed effects and dispersion at their estimates.
+        """
+        x, _ = self._require_fit()
+        rng = np.random.default_rng(seed)
+        eta = np.asarray(self.predict_response(x, re_form="~0", type="link"), "float64")
+        eta = np.tile(eta, (nsim, 1))
+        for term in self.terms:
+            chol = np.linalg.cholesky(term.prior_covariance())
+            b = rng.standard_normal((nsim, term.num_levels, term.num_effects)) @ chol.T
+            n = len(x["x"])
+            z = np.ones((n, 1)) if term.intercept else np.zeros((n, 0))
+            if term.num_covariates:
+                z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
+            eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
+        return self._sample_response(eta, x, seed=None if seed is None else seed + 1)
+
     def elbo(self, x, y):
         """The exact ELBO of the whole data set and its parts (totals, not per row).
 
@@ -382,3 +678,31 @@ class GLMM(keras.Model):
         if config["fixed_effects"] is not False:
             config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
         return cls(**config)
+
+
+def glmm(formula, data, family="gaussian", weights=None, **options):
+    """Fits a GLMM from an lme4 formula: the one call an lme4 user makes.
+
+    ```python
+    fit = keras_glmm.glmm("Reaction ~ Days + (Days | Subject)", sleepstudy)
+    print(fit.report())
+    fit.fixef(); fit.ranef(); fit.varcorr(); fit.predict_response(newdata)
+    ```
+
+    Args:
+        formula: an lme4 formula.
+        data: a pandas DataFrame.
+        family: a family name or `keras_glmm.families.Family`.
+        weights: binomial trials for a proportion response.
+        **options: `GLMM.from_formula` options (`link`, `reml`, `posterior`,
+            `na_action`, ...) and `fit` options (`epochs`, `callbacks`, `verbose`,
+            `batch_size`, `steps_per_epoch`).
+
+    Returns:
+        The fitted `GLMM`.
+    """
+    fit_keys = ("epochs", "callbacks", "verbose", "batch_size", "steps_per_epoch")
+    fit_options = {k: options.pop(k) for k in fit_keys if k in options}
+    model = GLMM.from_formula(formula, data, family=family, weights=weights, **options)
+    model.fit(data, **fit_options)
+    return model

@@ -1,0 +1,311 @@
+"""Results of a fitted GLMM in lme4's vocabulary: fixef, vcov, ranef, VarCorr, report.
+
+These functions read a fitted `GLMM` (and, for names, the `Design` it was built from
+by `GLMM.from_formula`); the model's methods of the same names call them.
+"""
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import tensorflow as tf
+from scipy import stats
+
+from keras_glmm.layers.joint_random_effects import JointRandomEffects
+
+# A standard deviation below this fraction of its effect's scale, or a correlation
+# within this distance of +-1, is a boundary ("singular") fit, as lme4's isSingular
+# (tol 1e-4 on the relative Cholesky factor).
+SINGULAR_TOLERANCE = 1e-4
+
+
+def fixed_names(model):
+    design = getattr(model, "design", None)
+    if design is not None:
+        return list(design.fixed_columns)
+    return [f"x{j}" for j in range(len(model.coefficients()))]
+
+
+def term_columns(model, term):
+    design = getattr(model, "design", None)
+    if design is not None:
+        return list(design.term(term.name).columns)
+    names = ["(Intercept)"] if term.intercept else []
+    return names + [f"z{j}" for j in range(term.num_covariates)]
+
+
+def term_group(model, term):
+    design = getattr(model, "design", None)
+    if design is not None:
+        return design.term(term.name).term.group
+    return term.name
+
+
+def term_levels(model, term):
+    design = getattr(model, "design", None)
+    if design is not None:
+        return list(design.term(term.name).levels)
+    return [str(i) for i in range(term.num_levels)]
+
+
+def _joint_of(model, term):
+    for layer in model.random_effects:
+        if isinstance(layer, JointRandomEffects) and term in layer.terms:
+            return layer
+    return None
+
+
+def conditional_mean(model, term):
+    joint = _joint_of(model, term)
+    return joint.conditional_mean(term) if joint is not None else term.conditional_mean()
+
+
+def conditional_stddev(model, term):
+    joint = _joint_of(model, term)
+    return joint.conditional_stddev(term) if joint is not None else term.conditional_stddev()
+
+
+# ---------------------------------------------------------------- variance
+def varcorr(model):
+    """lme4's `as.data.frame(VarCorr(fit))`: columns grp, var1, var2, vcov, sdcor.
+
+    Terms split by `||` on one grouping factor are named as lme4 names them
+    (`Subject`, `Subject.1`, ...). A gaussian model adds the residual sd as `Residual`.
+    """
+    rows = []
+    seen = {}
+    for term in model.terms:
+        group = term_group(model, term)
+        count = seen.get(group, 0)
+        seen[group] = count + 1
+        grp = group if count == 0 else f"{group}.{count}"
+        names = term_columns(model, term)
+        sd = term.prior_stddev()
+        corr = term.prior_correlation()
+        for j, name in enumerate(names):
+            rows.append({"grp": grp, "var1": name, "var2": None, "vcov": sd[j] ** 2, "sdcor": sd[j]})
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                rows.append(
+                    {"grp": grp, "var1": names[a], "var2": names[b],
+                     "vcov": corr[a, b] * sd[a] * sd[b], "sdcor": corr[a, b]}
+                )
+    if model.family.name == "gaussian":
+        scale = model.dispersion()["scale"]
+        rows.append({"grp": "Residual", "var1": None, "var2": None, "vcov": scale**2, "sdcor": scale})
+    return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
+
+
+def singular_components(model):
+    """Descriptions of variance components at the boundary (sd ~ 0 or |corr| ~ 1)."""
+    out = []
+    for term in model.terms:
+        sd = term.prior_stddev()
+        scale = np.asarray(term.effect_scale)
+        names = term_columns(model, term)
+        group = term_group(model, term)
+        for j, name in enumerate(names):
+            if sd[j] < SINGULAR_TOLERANCE * max(scale[j], 1e-12):
+                out.append(f"the sd of {name} in {group} is {sd[j]:.3g}, at zero")
+        corr = term.prior_correlation()
+        for a in range(len(names)):
+            for b in range(a + 1, len(names)):
+                if abs(corr[a, b]) > 1 - SINGULAR_TOLERANCE:
+                    out.append(f"the correlation of {names[a]} and {names[b]} in {group} is {corr[a, b]:.4f}")
+    return out
+
+
+# ---------------------------------------------------------------- vcov
+def _second_derivative(model, y, eta, params):
+    """`-d^2 log p(y_i | eta_i) / d eta_i^2` at each row (observed information)."""
+    family = model.family
+    y = np.asarray(y, "float64")
+    trials = None
+    if y.ndim == 2:
+        y, trials = y[:, 0], y[:, 1]
+    eta_t = tf.constant(np.asarray(eta, "float64"))
+    y_t = tf.constant(y)
+    trials_t = None if trials is None else tf.constant(trials)
+    params = {k: tf.constant(float(v), tf.float64) for k, v in params.items()}
+    with tf.GradientTape() as outer:
+        outer.watch(eta_t)
+        with tf.GradientTape() as inner:
+            inner.watch(eta_t)
+            log_p = tf.reduce_sum(family.log_prob(y_t, eta_t, params, trials=trials_t))
+        grad = inner.gradient(log_p, eta_t)
+    # Rows are independent, so the gradient of the summed gradient is the diagonal.
+    return -outer.gradient(grad, eta_t).numpy()
+
+
+def _random_design(model, x):
+    """Sparse Z (n x K) over all terms and the block-diagonal prior precision."""
+    blocks, precisions = [], []
+    n = len(x["x"])
+    for term in model.terms:
+        k = term.num_effects
+        index = np.asarray(x[term.name])
+        z = np.ones((n, 1)) if term.intercept else np.zeros((n, 0))
+        if term.num_covariates:
+            z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
+        rows = np.repeat(np.arange(n), k)
+        cols = (index[:, None] * k + np.arange(k)).reshape(-1)
+        blocks.append(sp.csr_matrix((z.reshape(-1), (rows, cols)), shape=(n, term.num_levels * k)))
+        precisions.append(sp.kron(sp.identity(term.num_levels), np.linalg.inv(term.prior_covariance())))
+    return sp.hstack(blocks).tocsc(), sp.block_diag(precisions).tocsc()
+
+
+def fixed_vcov(model, x, y):
+    """Covariance of the fixed-effect estimates, `(p, p)`.
+
+    With the fixed effects in a joint posterior (REML fits) this is their posterior
+    covariance. Otherwise it is the Laplace (Hessian) covariance at the optimum,
+    conditional on the variance components: with `W` the observed information of
+    each row's linear predictor and `P` the prior precision of the random effects,
+
+    ```
+    H = [[X'WX, X'WZ], [Z'WX, Z'WZ + P]],   vcov(beta) = (X'WX - X'WZ (Z'WZ + P)^-1 Z'WX)^-1
+    ```
+
+    which for a Gaussian model is lme4's `(X' V^-1 X)^-1`. Mean-field VI's own
+    posterior would understate these (Goplerud, Papaspiliopoulos & Zanella 2023);
+    the sparse Schur complement is exact and costs one sparse LU of `Z'WZ + P`.
+    """
+    joint = model._joint_fixed()
+    if joint is not None:
+        return joint.fixed_posterior()[1]
+    pred = model(x, training=False)
+    params = model.dispersion()
+    w = _second_derivative(model, y, pred["eta"].numpy(), params)
+    w = np.maximum(w, 0.0)  # a row with negative curvature adds no information
+    X = np.asarray(x["x"], "float64")
+    Wd = sp.diags(w)
+    xtwx = X.T @ (w[:, None] * X)
+    if not model.terms:
+        return np.linalg.inv(xtwx)
+    Z, P = _random_design(model, x)
+    hbb = (Z.T @ Wd @ Z + P).tocsc()
+    hbx = np.asarray(Z.T @ (w[:, None] * X))
+    solved = spla.splu(hbb).solve(hbx)
+    schur = xtwx - hbx.T @ solved
+    return np.linalg.inv(schur)
+
+
+def coef_table(fixef, vcov):
+    se = np.sqrt(np.diag(vcov))
+    z = fixef.values / se
+    return pd.DataFrame(
+        {"Estimate": fixef.values, "Std. Error": se, "z value": z,
+         "Pr(>|z|)": 2 * stats.norm.sf(np.abs(z))},
+        index=fixef.index,
+    )
+
+
+# ---------------------------------------------------------------- ranef
+def ranef(model, condvar=True):
+    """Per grouping factor a DataFrame of conditional means (and posterior sds).
+
+    Terms on the same grouping factor (e.g. `(1|g) + (0+x|g)`) share one frame, as
+    in lme4. Posterior sds come as columns `"<effect> sd"` when `condvar`.
+    """
+    frames = {}
+    for term in model.terms:
+        group = term_group(model, term)
+        names = term_columns(model, term)
+        levels = term_levels(model, term)
+        frame = pd.DataFrame(conditional_mean(model, term), index=levels, columns=names)
+        if condvar:
+            sd = pd.DataFrame(
+                conditional_stddev(model, term), index=levels, columns=[f"{n} sd" for n in names]
+            )
+            frame = pd.concat([frame, sd], axis=1)
+        frame.index.name = group
+        frames[group] = frame if group not in frames else pd.concat([frames[group], frame], axis=1)
+    return frames
+
+
+def coef(model):
+    """lme4's `coef()`: per grouping factor, fixed effects plus each level's random effects."""
+    fixef = model.fixef()
+    out = {}
+    for group, frame in ranef(model, condvar=False).items():
+        table = pd.DataFrame(np.tile(fixef.values, (len(frame), 1)), index=frame.index, columns=fixef.index)
+        for column in frame.columns:
+            if column in table.columns:
+                table[column] = table[column] + frame[column]
+            else:
+                table[column] = frame[column]
+        out[group] = table
+    return out
+
+
+# ---------------------------------------------------------------- report
+def _format_table(frame, digits=4):
+    return frame.to_string(float_format=lambda v: f"{v:.{digits}g}" if abs(v) < 1e-3 else f"{v:.{digits}f}")
+
+
+def report(model):
+    """An lme4-like printed summary of a fitted model (a string)."""
+    design = getattr(model, "design", None)
+    fit = model.fit_summary_ or {}
+    lines = []
+    method = "restricted maximum likelihood (REML)" if getattr(model, "reml", False) else "maximum likelihood"
+    lines.append(f"Generalized linear mixed model fit by variational inference ({method}, "
+                 f"{model.posterior_kind} posterior)")
+    lines.append(f" Family: {model.family.name}  ( {model.family.link.name} )")
+    if design is not None:
+        lines.append(f"Formula: {design.spec.formula}")
+    if "elbo" in fit:
+        npar = fit["num_parameters"]
+        elbo = fit["elbo"]
+        lines.append("")
+        lines.append(f"     ELBO {elbo:.4f}" + ("   (= logLik: the posterior is exact)" if fit["exact"]
+                                               else "   (a lower bound of logLik)"))
+        if not getattr(model, "reml", False):
+            nobs = fit["nobs"]
+            lines.append(
+                f"      AIC {-2 * elbo + 2 * npar:.2f}   BIC {-2 * elbo + math.log(nobs) * npar:.2f}"
+                f"   (from the ELBO, {npar} parameters)"
+            )
+    lines.append("")
+    lines.append("Random effects:")
+    vc = varcorr(model)
+    table = []
+    for _, row in vc.iterrows():
+        if row["var2"] is None or (isinstance(row["var2"], float) and math.isnan(row["var2"])):
+            name = row["var1"] if isinstance(row["var1"], str) else ""
+            table.append([row["grp"], name, row["vcov"], row["sdcor"]])
+    frame = pd.DataFrame(table, columns=["Groups", "Name", "Variance", "Std.Dev."])
+    corr_rows = vc[vc["var2"].notna()]
+    if len(corr_rows):
+        frame["Corr"] = ""
+        for _, row in corr_rows.iterrows():
+            hit = frame.index[(frame["Groups"] == row["grp"]) & (frame["Name"] == row["var2"])]
+            frame.loc[hit, "Corr"] = (frame.loc[hit, "Corr"] + f" {row['sdcor']:.3f}").str.strip()
+    lines.append(frame.to_string(index=False))
+    if design is not None:
+        counts = ", ".join(f"{r.term.group}, {r.n_levels}" for r in design.random)
+        lines.append(f"Number of obs: {fit.get('nobs', '?')}, groups:  {counts}")
+    lines.append("")
+    lines.append("Fixed effects:")
+    try:
+        lines.append(_format_table(model.coef_table()))
+    except Exception as err:  # noqa: BLE001 - the report must print even without SEs
+        lines.append(model.fixef().to_string() + f"\n(standard errors unavailable: {err})")
+    lines.append("")
+    if model.converged_:
+        lines.append(f"Converged: the ELBO changed by less than its tolerance ({fit.get('epochs', '?')} epochs).")
+    else:
+        lines.append("NOT CONVERGED: the ELBO was still changing when fitting stopped; fit again.")
+    singular = singular_components(model)
+    if singular:
+        lines.append("boundary (singular) fit: " + "; ".join(singular))
+    return "\n".join(lines)
+
+
+def warn_if_singular(model):
+    singular = singular_components(model)
+    if singular:
+        warnings.warn("boundary (singular) fit: " + "; ".join(singular), RuntimeWarning, stacklevel=3)
