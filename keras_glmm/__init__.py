@@ -16,6 +16,7 @@ from keras_glmm.layers import (  # noqa: E402
 )
 from keras_glmm.model import GLMM, glmm  # noqa: E402
 from keras_glmm.optimizers import SparseAdam  # noqa: E402
+from keras_glmm.tensorboard import GLMMTensorBoard  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "ELBOConvergence",
     "FamilyHead",
     "GLMM",
+    "GLMMTensorBoard",
     "JointRandomEffects",
     "RandomEffects",
     "SparseAdam",

@@ -78,6 +78,10 @@ class ELBOConvergence(keras.callbacks.Callback):
         if lr > self.min_learning_rate:
             optimizer.learning_rate = max(lr * self.factor, self.min_learning_rate)
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
     def get_config(self):
         return {
             "tolerance": self.tolerance,

@@ -35,6 +35,13 @@ Decisions worth knowing:
   numeric variable is named ``"service"`` in R, while ``C(service)`` gives
   ``"service1"`` here), so compare coefficients by position when in doubt.
   formulaic's names are kept in :attr:`Design.fixed_formulaic_columns`.
+* :meth:`Design.get_config` / :meth:`Design.from_config` round-trip a fitted
+  design through plain JSON (for Keras ``safe_mode`` saving). formulaic
+  ``ModelSpec`` objects are stored as formula text plus their learned
+  structure, encoder state (categories, contrasts) and transform state
+  (``center()``/``scale()``/``poly()``/``bs()``... training statistics); the
+  training data is not needed to load. States holding values JSON cannot
+  carry (e.g. tz-aware timestamp categories) raise ``TypeError`` on save.
 * No TensorFlow here: everything is NumPy/pandas/formulaic.
 """
 
@@ -383,6 +390,264 @@ def _check_known_levels(model_spec, data: pd.DataFrame, where: str) -> None:
 
 
 # --------------------------------------------------------------------------
+# JSON round trip of formulaic ModelSpecs (for Keras ``get_config()``)
+# --------------------------------------------------------------------------
+#
+# A fitted ModelSpec is rebuilt *without the training data*: the formula is
+# re-parsed from its text, and everything formulaic learned at fit time is
+# restored verbatim:
+#
+# * ``structure``: per term, its scoped terms (which factors, reduced rank or
+#   not, scale) and output column names, so rank reduction and column names
+#   are not re-derived;
+# * ``encoder_state``: factor kind plus categories and contrasts
+#   (``ContrastsState``) of categorical factors;
+# * ``transform_state``: the state of stateful transforms (``center()``,
+#   ``scale()``, ``poly()``, ``bs()``, ``cs()``, ...), e.g. the training mean.
+#
+# Values are written as plain JSON; what JSON cannot say is tagged
+# (``{"__tuple__": [...]}``, ``{"__np__": "float64", "v": 1.5}``,
+# ``{"__ndarray__": [...], "dtype": ..., "shape": ...}``, non-string dict keys,
+# non-finite floats, tz-naive timestamps, formulaic enums and contrasts).
+# Decoding only creates these whitelisted types (no imports by name, no
+# pickles, no code). A state holding anything else (e.g. tz-aware timestamp or
+# arbitrary-object categories) makes ``get_config()`` raise a ``TypeError``
+# naming it, rather than silently approximating the coding. The formula text
+# is re-parsed on load; if the installed formulaic parses it into other terms
+# than at save time, loading raises a ``ValueError``.
+
+_CONFIG_FORMAT = 1
+
+
+def _formulaic_types() -> tuple[dict[str, type], dict[str, type]]:
+    """Whitelisted formulaic enums and (data)classes that may appear in states."""
+    from formulaic.materializers import ClusterBy, NAAction
+    from formulaic.parser.types import Factor
+    from formulaic.transforms import contrasts as _c
+    from formulaic.utils.sentinels import Sentinel
+
+    enums = {
+        "Factor.Kind": Factor.Kind,
+        "Factor.EvalMethod": Factor.EvalMethod,
+        "NAAction": NAAction,
+        "ClusterBy": ClusterBy,
+        "Sentinel": Sentinel,
+    }
+    classes = {
+        name: getattr(_c, name)
+        for name in (
+            "ContrastsState",
+            "TreatmentContrasts",
+            "SASContrasts",
+            "SumContrasts",
+            "HelmertContrasts",
+            "DiffContrasts",
+            "PolyContrasts",
+            "CustomContrasts",
+        )
+        if hasattr(_c, name)
+    }
+    return enums, classes
+
+
+def _to_json(value: Any, where: str) -> Any:
+    """Encode a formulaic state value as plain JSON (tagging what JSON lacks)."""
+    import dataclasses
+    import enum
+
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, float)) and type(value) in (int, float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return {"__float__": repr(value)}
+        return value
+    if isinstance(value, (np.bool_, np.integer, np.floating)):
+        return {"__np__": value.dtype.name, "v": _to_json(value.item(), where)}
+    if isinstance(value, pd.Timestamp) and value.tz is None:
+        return {"__timestamp__": value.isoformat(), "unit": value.unit}
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf" and value.dtype != object:
+            raise TypeError(f"cannot store {where}: array of dtype {value.dtype}")
+        flat = [_to_json(v, where) for v in value.ravel().tolist()]
+        return {"__ndarray__": flat, "dtype": value.dtype.str if value.dtype != object else "O",
+                "shape": list(value.shape)}
+    if isinstance(value, list):
+        return [_to_json(v, where) for v in value]
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, where) for v in value]}
+    if isinstance(value, (set, frozenset)):
+        return {"__set__": [_to_json(v, where) for v in value]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _to_json(v, where) for k, v in value.items()}
+        return {"__dict__": [[_to_json(k, where), _to_json(v, where)] for k, v in value.items()]}
+    enums, classes = _formulaic_types()
+    if isinstance(value, enum.Enum):
+        for name, cls in enums.items():
+            if type(value) is cls:
+                return {"__enum__": name, "v": value.value}
+    else:
+        name = type(value).__name__
+        if classes.get(name) is type(value):
+            if name == "CustomContrasts":
+                fields = {"contrasts": value.contrasts, "names": value.contrast_names}
+            else:
+                fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            return {"__formulaic__": name, "fields": _to_json(fields, where)}
+    raise TypeError(
+        f"cannot store {where} as JSON: {type(value).__module__}.{type(value).__qualname__} "
+        f"value {value!r} is not supported"
+    )
+
+
+def _from_json(value: Any) -> Any:
+    """Inverse of :func:`_to_json`."""
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__float__" in value:
+        return float(value["__float__"])
+    if "__np__" in value:
+        return np.dtype(value["__np__"]).type(_from_json(value["v"]))
+    if "__ndarray__" in value:
+        items = [_from_json(v) for v in value["__ndarray__"]]
+        dtype = np.dtype(object) if value["dtype"] == "O" else np.dtype(value["dtype"])
+        if dtype == object:
+            arr = np.empty(len(items), dtype=object)
+            arr[:] = items
+        else:
+            arr = np.array(items, dtype=dtype)
+        return arr.reshape(value["shape"])
+    if "__timestamp__" in value:
+        return pd.Timestamp(value["__timestamp__"]).as_unit(value["unit"])
+    if "__tuple__" in value:
+        return tuple(_from_json(v) for v in value["__tuple__"])
+    if "__set__" in value:
+        return {_from_json(v) for v in value["__set__"]}
+    if "__dict__" in value:
+        return {_hashable(_from_json(k)): _from_json(v) for k, v in value["__dict__"]}
+    if "__enum__" in value:
+        enums, _ = _formulaic_types()
+        return enums[value["__enum__"]](value["v"])
+    if "__formulaic__" in value:
+        _, classes = _formulaic_types()
+        cls = classes[value["__formulaic__"]]
+        return cls(**_from_json(value["fields"]))
+    return {k: _from_json(v) for k, v in value.items()}
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+
+
+def _variables_to_json(variables) -> list | None:
+    if variables is None:
+        return None
+    out = []
+    for v in sorted(variables, key=str):
+        roles = sorted(getattr(r, "value", r) for r in getattr(v, "roles", ()))
+        out.append([str(v), roles, getattr(v, "source", None)])
+    return out
+
+
+def _variables_from_json(items) -> set | None:
+    from formulaic.utils.variables import Variable
+
+    if items is None:
+        return None
+    return {Variable(name, roles=roles, source=source) for name, roles, source in items}
+
+
+def _model_spec_config(model_spec, rhs: str) -> dict[str, Any]:
+    """JSON config of a materialized formulaic ModelSpec built from ``rhs``."""
+    where = f"the formulaic model spec of '{rhs}'"
+    structure = []
+    for s in model_spec.structure:
+        scoped = []
+        for st in s.scoped_terms:
+            factors = [
+                {
+                    "expr": sf.factor.expr,
+                    "reduced": bool(sf.reduced),
+                    "variables": _variables_to_json(sf.factor.variables),
+                }
+                for sf in st.factors
+            ]
+            scoped.append({"factors": factors, "scale": _to_json(st.scale, where)})
+        structure.append(
+            {"term": str(s.term), "scoped_terms": scoped, "columns": [str(c) for c in s.columns]}
+        )
+    encoder = {
+        expr: [getattr(kind, "value", kind), _to_json(state, f"{where} (encoder state of '{expr}')")]
+        for expr, (kind, state) in model_spec.encoder_state.items()
+    }
+    return {
+        "rhs": rhs,
+        "terms": [str(t) for t in model_spec.formula],
+        "materializer": model_spec.materializer,
+        "materializer_params": _to_json(model_spec.materializer_params, where),
+        "ensure_full_rank": bool(model_spec.ensure_full_rank),
+        "na_action": getattr(model_spec.na_action, "value", model_spec.na_action),
+        "output": model_spec.output,
+        "cluster_by": getattr(model_spec.cluster_by, "value", model_spec.cluster_by),
+        "structure": structure,
+        "encoder_state": encoder,
+        "transform_state": _to_json(model_spec.transform_state, f"{where} (transform state)"),
+    }
+
+
+def _model_spec_from_config(config: dict[str, Any]):
+    """Rebuild a materialized ModelSpec from :func:`_model_spec_config` (no data needed)."""
+    from formulaic import ModelSpec
+    from formulaic.materializers.base import EncodedTermStructure
+    from formulaic.materializers.types import EvaluatedFactor, ScopedFactor, ScopedTerm
+    from formulaic.parser.types import Factor
+
+    rhs = config["rhs"]
+    base = ModelSpec.from_spec(rhs, context={})
+    terms = {str(t): t for t in base.formula}
+    if [str(t) for t in base.formula] != list(config["terms"]):
+        raise ValueError(
+            f"formula '{rhs}' parses to terms {list(terms)} with this formulaic version, "
+            f"but the saved design has {config['terms']}"
+        )
+    factors = {f.expr: f for t in base.formula for f in t.factors}
+    structure = []
+    for s in config["structure"]:
+        if s["term"] not in terms:
+            raise ValueError(f"saved design of '{rhs}' has unknown term '{s['term']}'")
+        scoped = []
+        for st in s["scoped_terms"]:
+            scoped_factors = []
+            for f in st["factors"]:
+                factor = factors.get(f["expr"])
+                if factor is None:
+                    raise ValueError(f"saved design of '{rhs}' has unknown factor '{f['expr']}'")
+                evaluated = EvaluatedFactor(
+                    factor=factor, values=None, variables=_variables_from_json(f["variables"])
+                )
+                scoped_factors.append(ScopedFactor(evaluated, reduced=bool(f["reduced"])))
+            scoped.append(ScopedTerm(scoped_factors, scale=_from_json(st["scale"])))
+        structure.append(EncodedTermStructure(terms[s["term"]], scoped, list(s["columns"])))
+    encoder_state = {
+        expr: (Factor.Kind(kind), _from_json(state))
+        for expr, (kind, state) in config["encoder_state"].items()
+    }
+    return base.update(
+        materializer=config["materializer"],
+        materializer_params=_from_json(config["materializer_params"]),
+        ensure_full_rank=config["ensure_full_rank"],
+        na_action=config["na_action"],
+        output=config["output"],
+        cluster_by=config["cluster_by"],
+        structure=structure,
+        encoder_state=encoder_state,
+        transform_state=_from_json(config["transform_state"]),
+    )
+
+
+# --------------------------------------------------------------------------
 # Random-effect terms
 # --------------------------------------------------------------------------
 
@@ -460,6 +725,36 @@ class RandomTermDesign:
         data = _as_frame(data)
         mat = _spec_matrix(self.model_spec, data, f"random-effect term {self.term}")
         return np.ascontiguousarray(mat[:, 1:] if self.intercept else mat)
+
+    def get_config(self) -> dict[str, Any]:
+        """Plain-JSON description of this term (see :meth:`Design.get_config`)."""
+        return {
+            "term": {
+                "expr": self.term.expr,
+                "group": self.term.group,
+                "correlated": bool(self.term.correlated),
+            },
+            "name": self.name,
+            "levels": [str(v) for v in self.levels],
+            "columns": [str(c) for c in self.columns],
+            "intercept": bool(self.intercept),
+            "model_spec": _model_spec_config(self.model_spec, self.term.expr),
+            "group_columns": [str(c) for c in self.group_columns],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "RandomTermDesign":
+        """Inverse of :meth:`get_config`."""
+        t = config["term"]
+        return cls(
+            term=RandomTerm(expr=t["expr"], group=t["group"], correlated=bool(t["correlated"])),
+            name=config["name"],
+            levels=list(config["levels"]),
+            columns=list(config["columns"]),
+            intercept=bool(config["intercept"]),
+            model_spec=_model_spec_from_config(config["model_spec"]),
+            group_columns=tuple(config["group_columns"]),
+        )
 
 
 def _group_levels(term: RandomTerm, data: pd.DataFrame) -> list[str]:
@@ -565,6 +860,78 @@ class Design:
     na_action: str = "raise"
     _response_columns: list[str] = field(default_factory=list, repr=False)
     _offset_columns: list[str] = field(default_factory=list, repr=False)
+
+    # ---------------------------------------------------------------- config
+
+    def get_config(self) -> dict[str, Any]:
+        """Everything the frozen design knows, as plain JSON (str, numbers, bools,
+        ``None``, lists, dicts): ``json.dumps(design.get_config())`` works, and
+        :meth:`from_config` rebuilds a design whose :meth:`arrays` are identical
+        on any data, without the training data.
+
+        formulaic ``ModelSpec`` objects are stored as their formula text plus
+        what was learned at fit time (term structure, categories and contrasts,
+        states of stateful transforms such as ``center()``/``scale()``/``poly()``).
+        Raises ``TypeError`` if such a state holds a value JSON cannot carry
+        (e.g. datetime categories).
+        """
+        s = self.spec
+        return {
+            "format": _CONFIG_FORMAT,
+            "spec": {
+                "formula": s.formula,
+                "response": s.response,
+                "fixed": s.fixed,
+                "random": [
+                    {"expr": t.expr, "group": t.group, "correlated": bool(t.correlated)} for t in s.random
+                ],
+                "offsets": list(s.offsets),
+            },
+            "fixed_spec": _model_spec_config(self.fixed_spec, s.fixed_rhs()),
+            "fixed_columns": [str(c) for c in self.fixed_columns],
+            "fixed_formulaic_columns": [str(c) for c in self.fixed_formulaic_columns],
+            "random": [r.get_config() for r in self.random],
+            "response_kind": self.response_kind,
+            "family_name": self.family_name,
+            "response_levels": (
+                None if self.response_levels is None else [str(v) for v in self.response_levels]
+            ),
+            "na_action": self.na_action,
+            "response_columns": [str(c) for c in self._response_columns],
+            "offset_columns": [str(c) for c in self._offset_columns],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Design":
+        """Rebuild a design from :meth:`get_config` (e.g. after ``json.loads``)."""
+        fmt = config.get("format")
+        if fmt != _CONFIG_FORMAT:
+            raise ValueError(f"unsupported Design config format {fmt!r} (expected {_CONFIG_FORMAT})")
+        s = config["spec"]
+        spec = FormulaSpec(
+            formula=s["formula"],
+            response=s["response"],
+            fixed=s["fixed"],
+            random=tuple(
+                RandomTerm(expr=t["expr"], group=t["group"], correlated=bool(t["correlated"]))
+                for t in s["random"]
+            ),
+            offsets=tuple(s["offsets"]),
+        )
+        levels = config["response_levels"]
+        return cls(
+            spec=spec,
+            fixed_spec=_model_spec_from_config(config["fixed_spec"]),
+            fixed_columns=list(config["fixed_columns"]),
+            fixed_formulaic_columns=list(config["fixed_formulaic_columns"]),
+            random=[RandomTermDesign.from_config(r) for r in config["random"]],
+            response_kind=config["response_kind"],
+            family_name=config["family_name"],
+            response_levels=None if levels is None else list(levels),
+            na_action=config["na_action"],
+            _response_columns=list(config["response_columns"]),
+            _offset_columns=list(config["offset_columns"]),
+        )
 
     # ---------------------------------------------------------------- build
 

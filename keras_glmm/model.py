@@ -153,11 +153,14 @@ class GLMM(keras.Model):
         return None
 
     def build(self, input_shape):
-        if self.fixed_effects is not None:
+        # Sublayers restored from a config may arrive built already.
+        if self.fixed_effects is not None and not self.fixed_effects.built:
             self.fixed_effects.build(input_shape["x"])
         for layer in self.random_effects:
-            layer.build()
-        self.head.build((None, 2))
+            if not layer.built:
+                layer.build()
+        if not self.head.built:
+            self.head.build((None, 2))
         self.built = True
 
     def call(self, inputs, training=None):
@@ -240,6 +243,17 @@ class GLMM(keras.Model):
             steps_per_execution=steps_per_execution, **kwargs,
         )
 
+    def compile_from_config(self, config):
+        """Restores the compiled state of a loaded model (optimizer and its settings)."""
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(
+            optimizer=config.get("optimizer"),
+            jit_compile=config.get("jit_compile", False),
+            steps_per_execution=config.get("steps_per_execution", 100),
+        )
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def fit(
         self,
         x=None,
@@ -308,6 +322,10 @@ class GLMM(keras.Model):
         self.converged_ = convergence.converged
         self._training_arrays = (x, y)
         self._summarize_fit(x, y, history)
+        for callback in callbacks:
+            # Callbacks that report the finished fit (GLMMTensorBoard) need the summary.
+            if hasattr(callback, "write_final"):
+                callback.write_final(self)
         if not convergence.converged:
             warnings.warn(
                 f"GLMM fit did not converge in {len(history.epoch)} epochs "
@@ -426,6 +444,11 @@ class GLMM(keras.Model):
         model.reml = bool(reml)
         model._weights = weights
         model.compile()
+        # The training data are at hand: check them, count each level's rows (the
+        # KL's scaling) and start from the GLM fit now, so that `fit` on a tf.data
+        # pipeline of the same data works as well as `fit(data)`.
+        x, y = model._frame_arrays(data, weights=weights)
+        model.prepare(x, y)
         return model
 
     def _frame_arrays(self, data, weights=None, with_response=True):
@@ -665,6 +688,12 @@ class GLMM(keras.Model):
                 "link": self.family.link.name,
                 "fixed_params": self.head.fixed_params,
                 "quadrature_points": self.quadrature_points,
+                # A formula model keeps its formula, level vocabularies and codings
+                # (plain JSON: loads under safe_mode).
+                "design": None if self.design is None else self.design.get_config(),
+                "reml": self.reml,
+                "weights": getattr(self, "_weights", None) if isinstance(
+                    getattr(self, "_weights", None), str) else None,
             }
         )
         return config
@@ -677,7 +706,17 @@ class GLMM(keras.Model):
         ]
         if config["fixed_effects"] is not False:
             config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
-        return cls(**config)
+        design = config.pop("design", None)
+        reml = config.pop("reml", False)
+        weights = config.pop("weights", None)
+        model = cls(**config)
+        if design is not None:
+            from keras_glmm.design import Design
+
+            model.design = Design.from_config(design)
+        model.reml = bool(reml)
+        model._weights = weights
+        return model
 
 
 def glmm(formula, data, family="gaussian", weights=None, **options):

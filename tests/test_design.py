@@ -364,3 +364,214 @@ def test_level_index_roundtrip(groups):
     assert r.levels == sorted(set(groups))
     idx = r.level_index(df)
     assert [r.levels[i] for i in idx] == groups
+
+
+# ------------------------------------------------ JSON config (Keras safe_mode)
+
+import json  # noqa: E402
+
+
+def _json_only(obj, path="config"):
+    """Assert ``obj`` is made of plain JSON types only (what safe_mode loading accepts)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            assert type(k) is str, f"{path}: non-string key {k!r}"
+            _json_only(v, f"{path}[{k!r}]")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _json_only(v, f"{path}[{i}]")
+    else:
+        assert obj is None or type(obj) in (str, int, float, bool), f"{path}: {type(obj).__name__} {obj!r}"
+
+
+def _restore(design):
+    cfg = design.get_config()
+    _json_only(cfg)
+    text = json.dumps(cfg, allow_nan=False)
+    restored = Design.from_config(json.loads(text))
+    # Saving the restored design again gives the same config.
+    assert json.dumps(restored.get_config(), allow_nan=False) == text
+    return restored
+
+
+def _assert_same_design(d1, d2, frames, weights=None):
+    assert d2.spec == d1.spec
+    assert d2.fixed_columns == d1.fixed_columns
+    assert d2.fixed_formulaic_columns == d1.fixed_formulaic_columns
+    assert d2.response_kind == d1.response_kind
+    assert d2.response_levels == d1.response_levels
+    assert d2.family_name == d1.family_name and d2.na_action == d1.na_action
+    assert [r.name for r in d2.random] == [r.name for r in d1.random]
+    for r1, r2 in zip(d1.random, d2.random, strict=True):
+        assert r2.term == r1.term
+        assert r2.levels == r1.levels
+        assert r2.columns == r1.columns
+        assert r2.intercept == r1.intercept
+        assert r2.group_columns == r1.group_columns
+        assert list(r2.model_spec.column_names) == list(r1.model_spec.column_names)
+    for frame in frames:
+        assert d2.used_columns(frame) == d1.used_columns(frame)
+        a1, y1 = d1.arrays(frame, weights=weights)
+        a2, y2 = d2.arrays(frame, weights=weights)
+        assert list(a1) == list(a2)
+        for key in a1:
+            assert a1[key].dtype == a2[key].dtype, key
+            np.testing.assert_array_equal(a1[key], a2[key], err_msg=key)
+        if y1 is None:
+            assert y2 is None
+        else:
+            np.testing.assert_array_equal(y1, y2)
+
+
+def _synthetic(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    succ = rng.integers(0, 6, n)
+    trials = succ + rng.integers(0, 6, n)
+    trials = np.maximum(trials, 1)
+    return pd.DataFrame(
+        {
+            "y": rng.normal(size=n),
+            "x": rng.uniform(1.0, 3.0, n),
+            "e": rng.uniform(1.0, 2.0, n),
+            "f": np.array(list("abc"))[np.arange(n) % 3],
+            "g": [f"g{i % 4}" for i in range(n)],
+            "a": [f"a{i % 3}" for i in range(n)],
+            "b": [f"b{(i // 3) % 2}" for i in range(n)],
+            "cat": pd.Categorical(
+                np.array(["lo", "hi"])[np.arange(n) % 2], categories=["hi", "lo", "unused"]
+            ),
+            "bo": np.arange(n) % 3 == 0,
+            "yb": np.array(["no", "yes"])[rng.integers(0, 2, n)],
+            "succ": succ,
+            "fail": trials - succ,
+            "prop": succ / trials,
+            "w": trials.astype(float),
+        }
+    )
+
+
+def _new_frame(data, group_cols):
+    """New data: shuffled rows, shifted covariates, an unseen level in each grouping column."""
+    new = data.iloc[::-1].reset_index(drop=True).copy()
+    new["x"] = new["x"] * 1.3 + 0.1
+    for col in group_cols:
+        values = new[col].astype(str).to_numpy(dtype=object)
+        values[:3] = "never_seen"
+        new[col] = values
+    return new
+
+
+_CONFIG_CASES = [
+    ("y ~ C(f) + (1 | g)", "gaussian", None),
+    ("y ~ C(f, levels=['c', 'a', 'b']) + (1 | g)", "gaussian", None),
+    ("y ~ x:f + (1 | g)", "gaussian", None),
+    ("y ~ x * f + cat + bo + (1 | g)", "gaussian", None),
+    ("y ~ I(x**2) + np.log(x) + (1 | g)", "gaussian", None),
+    ("y ~ 0 + f + x + (1 | g)", "gaussian", None),
+    ("y ~ center(x) + scale(x) + (1 | g)", "gaussian", None),
+    ("y ~ poly(x, 2) + bs(x, df=4, extrapolation='extend') + C(f, contr.sum) + (1 | g)", "gaussian", None),
+    ("y ~ x + offset(np.log(e)) + offset(e) + (1 | g)", "gaussian", None),
+    ("cbind(succ, fail) ~ x + (1 | g)", "binomial", None),
+    ("yb ~ x + f + (1 | g)", "binomial", None),
+    ("prop ~ x + (1 | g)", "binomial", "w"),
+    ("y ~ x + (1 | a/b)", "gaussian", None),
+    ("y ~ x + (x || g)", "gaussian", None),
+    ("y ~ x + (1 + center(x) | g) + (0 + I(x**2) | a:b)", "gaussian", None),
+    ("~ x + f + (1 | g)", "gaussian", None),
+]
+
+
+@pytest.mark.parametrize("formula,family,weights", _CONFIG_CASES)
+def test_config_roundtrip_synthetic(formula, family, weights):
+    data = _synthetic()
+    d1 = Design.from_data(formula, data, family, weights=weights)
+    d2 = _restore(d1)
+    group_cols = sorted({c for r in d1.random for c in r.group_columns})
+    new = _new_frame(data, group_cols)
+    _assert_same_design(d1, d2, [data, new], weights=weights)
+    inputs, _ = d2.arrays(new, weights=weights)
+    for r in d2.random:
+        assert (inputs[r.name][:3] == -1).all()
+        assert (inputs[r.name][3:] >= 0).all()
+
+
+def test_config_keeps_training_state_of_stateful_transforms():
+    data = _synthetic()
+    d2 = _restore(Design.from_data("y ~ center(x) + scale(x) + (1 | g)", data))
+    new = _new_frame(data, ["g"])
+    x = d2.fixed_matrix(new)
+    mean, sd = data["x"].mean(), data["x"].std(ddof=1)
+    np.testing.assert_allclose(x[:, 1], new["x"] - mean, rtol=1e-12)
+    np.testing.assert_allclose(x[:, 2], (new["x"] - mean) / sd, rtol=1e-12)
+
+
+def test_config_restored_design_keeps_fixed_level_checks():
+    data = _synthetic()
+    d2 = _restore(Design.from_data("y ~ C(f, levels=['c', 'a', 'b']) + cat + (1 | g)", data))
+    new = data.copy()
+    new.loc[0, "f"] = "zzz"
+    with pytest.raises(ValueError, match="zzz"):
+        d2.arrays(new)
+    # A categorical's unused category is part of the coding, and survives.
+    assert "cat[T.unused]" in d2.fixed_formulaic_columns
+
+
+def test_config_numeric_and_timestamp_categories():
+    data = _synthetic()
+    data["n"] = np.arange(len(data)) % 3 + 1
+    data["c"] = pd.Categorical(np.array([1.5, 2.5])[np.arange(len(data)) % 2], categories=[2.5, 1.5, 9.0])
+    data["t"] = pd.to_datetime(np.array(["2020-01-01", "2021-06-30"])[np.arange(len(data)) % 2])
+    d1 = Design.from_data("y ~ C(n) + c + C(t) + (1 | g)", data)
+    _assert_same_design(d1, _restore(d1), [data])
+
+
+def test_config_rejects_unknown_format():
+    cfg = Design.from_data("y ~ x + (1 | g)", _synthetic()).get_config()
+    cfg["format"] = 99
+    with pytest.raises(ValueError, match="format"):
+        Design.from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "loader,formula,family,weights,groups",
+    [
+        (load_sleepstudy, "Reaction ~ Days + (Days | Subject)", "gaussian", None, ["Subject"]),
+        (load_sleepstudy, "Reaction ~ Days + (Days || Subject)", "gaussian", None, ["Subject"]),
+        (
+            load_sleepstudy,
+            "Reaction ~ center(Days) + I(Days**2) + (1 | Subject)",
+            "gaussian",
+            None,
+            ["Subject"],
+        ),
+        (load_cbpp, "cbind(incidence, size - incidence) ~ period + (1 | herd)", "binomial", None, ["herd"]),
+        (load_cbpp, "incidence ~ period + offset(np.log(size)) + (1 | herd)", "poisson", None, ["herd"]),
+        (
+            load_grouseticks,
+            "TICKS ~ YEAR + HEIGHTs + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)",
+            "poisson",
+            None,
+            ["BROOD", "INDEX", "LOCATION"],
+        ),
+        (
+            load_grouseticks,
+            "TICKS ~ YEAR * scale(HEIGHT) + (1 | LOCATION/BROOD)",
+            "poisson",
+            None,
+            ["LOCATION", "BROOD"],
+        ),
+    ],
+)
+def test_config_roundtrip_datasets(loader, formula, family, weights, groups):
+    data = loader()
+    d1 = Design.from_data(formula, data, family, weights=weights)
+    d2 = _restore(d1)
+    new = data.iloc[::-1].reset_index(drop=True).copy()
+    for col in groups:
+        values = new[col].astype(str).to_numpy(dtype=object)
+        values[:2] = "never_seen"
+        new[col] = values
+    _assert_same_design(d1, d2, [data, new], weights=weights)
+    inputs, _ = d2.arrays(new, weights=weights)
+    for r in d2.random:
+        assert (inputs[r.name][:2] == -1).all()
