@@ -16,6 +16,7 @@ from keras_glmm.layers import (  # noqa: E402
 )
 from keras_glmm.model import GLMM, glmm  # noqa: E402
 from keras_glmm.optimizers import SparseAdam  # noqa: E402
+from keras_glmm.saving import load_model  # noqa: E402
 from keras_glmm.tensorboard import GLMMTensorBoard  # noqa: E402
 
 __version__ = "0.1.0"
@@ -34,4 +35,5 @@ __all__ = [
     "get_family",
     "glmm",
     "layers",
+    "load_model",
 ]
