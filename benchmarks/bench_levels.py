@@ -22,6 +22,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_glmm as kg  # noqa: E402
+from keras_glmm.model import minibatches  # noqa: E402
 from _results import append_results  # noqa: E402
 
 
@@ -40,8 +41,7 @@ def step_time(num_levels, batch, optimizer_name, steps=40, seed=0):
     }[optimizer_name]()
     model.compile(optimizer=optimizer, steps_per_execution=1)
     model.prepare(x, y, initialize=False)
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
-    ds = ds.prefetch(2)
+    ds = minibatches((x, y), batch)
 
     class Timer(keras.callbacks.Callback):
         def __init__(self):

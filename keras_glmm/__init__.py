@@ -17,6 +17,7 @@ from keras_glmm.layers import (  # noqa: E402
 from keras_glmm.model import GLMM, glmm  # noqa: E402
 from keras_glmm.optimizers import SparseAdam  # noqa: E402
 from keras_glmm.saving import load_model  # noqa: E402
+from keras_glmm.structured import StructuredGLMM  # noqa: E402
 from keras_glmm.tensorboard import GLMMTensorBoard  # noqa: E402
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "JointRandomEffects",
     "RandomEffects",
     "SparseAdam",
+    "StructuredGLMM",
     "VariationalFixedEffects",
     "datasets",
     "families",

@@ -64,8 +64,10 @@ class SparseAdam(keras.optimizers.Adam):
         index = self._get_variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
-        m_old = tf.gather(m, rows)
-        v_old = tf.gather(v, rows)
+        # Read the slots' rows through their resource variables: converting a Keras
+        # variable to a tensor would copy the whole table every step.
+        m_old = tf.gather(m.value, rows)
+        v_old = tf.gather(v.value, rows)
         m_rows = m_old + (grad - m_old) * (1 - self.beta_1)
         v_rows = v_old + (tf.square(grad) - v_old) * (1 - self.beta_2)
         self.assign(m, tf.IndexedSlices(m_rows, rows))

@@ -16,6 +16,18 @@ def _softplus_inverse(x):
     return float(np.log(np.expm1(x)))
 
 
+def gather_rows(variable, index):
+    """Rows of a Keras variable, read without copying the whole table.
+
+    `tf.gather` on a Keras variable first converts it to a tensor, a read of the
+    whole table each step (40 MB at 10M levels); gathering from the underlying
+    resource variable reads only the rows (ResourceGather), and its gradient is a
+    `tf.IndexedSlices` over them.
+    """
+    value = getattr(variable, "value", variable)
+    return tf.gather(value, index)
+
+
 def _hermite_grid(num_points, dim):
     """Gauss-Hermite product grid for expectations under `N(0, I_dim)`."""
     x, w = np.polynomial.hermite_e.hermegauss(num_points)
@@ -323,8 +335,8 @@ class RandomEffects(keras.layers.Layer):
         return tf.nn.softplus(self.scale_raw_sd) + 1e-6
 
     def _gathered(self, level_index):
-        mean = tf.gather(self.posterior_mean, level_index) * self._effect_scale
-        tril = self._scale_tril(tf.gather(self.posterior_scale_tril, level_index))
+        mean = gather_rows(self.posterior_mean, level_index) * self._effect_scale
+        tril = self._scale_tril(gather_rows(self.posterior_scale_tril, level_index))
         return mean, tril
 
     def _design(self, covariates, batch):
@@ -432,7 +444,7 @@ class RandomEffects(keras.layers.Layer):
     # ------------------------------------------------------------------- KL
     def _kl_per_row(self, level_index, mean, tril):
         """Mean over the batch of `KL_{g(i)} / n_{g(i)}` (+ the hyperprior's share)."""
-        counts = tf.gather(self.level_counts, level_index)
+        counts = gather_rows(self.level_counts, level_index)
         # A level in the batch with no counted training rows would divide by zero:
         # its count was never set (no `adapt`), which the model checks before fitting.
         kl = self.level_kl(mean, tril) / tf.maximum(counts, 1.0)
