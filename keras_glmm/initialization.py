@@ -164,40 +164,44 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25):
         eta = tf.linalg.matvec(X, b) + off_t
         return tf.reduce_sum(family.log_prob(y_t, eta, params, trials=trials_t))
 
-    b = tf.Variable(beta)
-    current = float(log_lik(b))
+    # The iterate is a plain array, watched as a constant: a scratch tf.Variable
+    # would become a MirroredVariable under a distribution strategy's scope.
+    b = np.asarray(beta, "float64")
+    current = float(log_lik(tf.constant(b)))
     if not np.isfinite(current):
-        b.assign(np.zeros_like(beta))
-        current = float(log_lik(b))
-    ridge = 1e-8 * np.eye(len(beta))
+        b = np.zeros_like(b)
+        current = float(log_lik(tf.constant(b)))
+    ridge = 1e-8 * np.eye(len(b))
     for _ in range(max_iter):
+        b_t = tf.constant(b)
         with tf.GradientTape() as outer:
+            outer.watch(b_t)
             with tf.GradientTape() as inner:
-                value = log_lik(b)
-            grad = inner.gradient(value, b)
-        hess = outer.jacobian(grad, b).numpy()
+                inner.watch(b_t)
+                value = log_lik(b_t)
+            grad = inner.gradient(value, b_t)
+        hess = outer.jacobian(grad, b_t).numpy()
         try:
             step = np.linalg.solve(-hess + ridge * max(1.0, np.abs(hess).max()), grad.numpy())
         except np.linalg.LinAlgError:
             break
-        start_b = b.numpy()
+        start_b = b
         improved = False
         for _ in range(30):
-            b.assign(start_b + step)
-            new = float(log_lik(b))
+            b = start_b + step
+            new = float(log_lik(tf.constant(b)))
             if np.isfinite(new) and new >= current - 1e-12 * abs(current):
                 improved = True
                 break
             step = step / 2
         if not improved:
-            b.assign(start_b)
+            b = start_b
             break
         done = abs(new - current) <= 1e-10 * (abs(current) + 1.0)
         current = new
         if done:
             break
-    beta = b.numpy()
-    return beta, design @ beta + offset
+    return b, design @ b + offset
 
 
 def initialize(model, x, y):

@@ -261,21 +261,45 @@ class GLMM(keras.Model):
             "optimization diverged: lower the learning rate, or check for extreme "
             "covariate values",
         )
-        self.nll_tracker.update_state(nll)
-        self.kl_tracker.update_state(kl)
-        self.elbo_tracker.update_state(-loss)
+        # Weighted by rows: with unequal shards or a short last batch the logs are
+        # still per-observation values of the whole data.
+        rows = tf.cast(tf.shape(ell)[0], loss.dtype)
+        self.nll_tracker.update_state(nll, sample_weight=rows)
+        self.kl_tracker.update_state(kl, sample_weight=rows)
+        self.elbo_tracker.update_state(-loss, sample_weight=rows)
+        # Keras sums the replicas' gradients and expects each replica's share of the
+        # loss (Trainer.compute_loss's convention, which this override replaces).
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            loss = loss / tf.cast(replicas, loss.dtype)
         return loss
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds a model by averaging a first data batch across replicas,
+        # which fails when shards differ in size (919 rows on 2 replicas). A GLMM
+        # that `prepare` built needs no batch: only its optimizer may be unbuilt.
+        if self.built and self._distribute_strategy is not None:
+            with self.distribute_strategy.scope():
+                if self.optimizer is not None and not self.optimizer.built:
+                    self.optimizer.build(self.trainable_variables)
+            return None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
     # ----------------------------------------------------------- compile/fit
-    def compile(self, optimizer=None, jit_compile=False, steps_per_execution=100, **kwargs):
+    def compile(self, optimizer=None, jit_compile=False, steps_per_execution=None, **kwargs):
         """Compiles with `SparseAdam(0.05)` by default and no `loss` (the ELBO is built in).
 
         `jit_compile` defaults to False: the data checks inside the step
         (`tf.debugging` asserts on level indices and a finite loss) are not XLA ops.
         `steps_per_execution` defaults to 100: a full-batch step on a small data set
         takes well under a millisecond, less than Keras's per-call overhead, so
-        batch-level callbacks see every 100th step.
+        batch-level callbacks see every 100th step. Under a distribution strategy
+        with several replicas it defaults to 1 (keras #19246: several steps per
+        execution fail under MirroredStrategy).
         """
+        if steps_per_execution is None:
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            steps_per_execution = 1 if replicas > 1 else 100
         if "loss" in kwargs and kwargs["loss"] is not None:
             raise ValueError("GLMM computes its own loss (the negative ELBO): do not pass `loss`.")
         kwargs.pop("loss", None)
@@ -292,7 +316,7 @@ class GLMM(keras.Model):
         self.compile(
             optimizer=config.get("optimizer"),
             jit_compile=config.get("jit_compile", False),
-            steps_per_execution=config.get("steps_per_execution", 100),
+            steps_per_execution=config.get("steps_per_execution"),
         )
         if self.built:
             self.optimizer.build(self.trainable_variables)

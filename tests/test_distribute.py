@@ -93,115 +93,34 @@ def mirrored():
     return {name: _finish(proc) for name, proc in procs.items()}
 
 
-def _attempt(report, name):
-    attempt = report["attempts"][name]
-    assert attempt["ok"], f"MirroredStrategy fit ({name}) failed: {attempt['error']}"
-    assert report["num_replicas"] == 2
-    return attempt
-
-
 ESTIMATES = {
     "radon": ("intercept", "floor", "county_sd", "residual_sd"),
     "penicillin": ("intercept", "plate_sd", "sample_sd", "residual_sd"),
 }
+LME4 = {"radon": RADON_LME4, "penicillin": PENICILLIN_LME4}
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "GLMM.fit fails under MirroredStrategy: (1) initialization.fit_glm's scratch "
-        "tf.Variable becomes a MirroredVariable in strategy.scope() and GradientTape "
-        "fails on it; (2) with 919 rows on 2 replicas (460 + 459) Keras's "
-        "_maybe_symbolic_build reduces the first batch across replicas (AddN shape "
-        "mismatch); (3) steps_per_execution=100 (GLMM.compile's default) fails in "
-        "Keras's tf.while_loop under MirroredStrategy ('You must feed a value for "
-        "placeholder tensor', keras-team/keras#19246)"
-    ),
-)
 @pytest.mark.parametrize("data", ["radon", "penicillin"])
-def test_mirrored_fit_with_library_defaults(mirrored, data):
-    report = mirrored[data]
-    attempt = _attempt(report, "defaults")
-    _assert_rel(attempt, report["single"], 1e-3, ESTIMATES[data], "mirrored vs single device")
+def test_mirrored_fit_matches_single_device(mirrored, data):
+    """Two replicas (radon's 919 rows split 460 + 459) give the one-device fit.
 
-
-@pytest.mark.slow
-def test_mirrored_radon_with_proposed_fixes(mirrored):
-    """With the fit_glm, _maybe_symbolic_build and steps_per_execution fixes."""
-    report = mirrored["radon"]
-    single = report["single"]
-    attempt = _attempt(report, "fixed")
-    assert attempt["converged"]
-    _assert_rel(attempt, single, 1e-3, ESTIMATES["radon"], "mirrored vs single device")
-    _assert_rel(attempt, RADON_LME4, 1e-3, ESTIMATES["radon"], "mirrored vs lme4")
-    # The KL is counted once per step: a second count would double the KL's weight
-    # against the data, shrink the county sd and cost nats of ELBO.
-    assert abs(attempt["elbo_total"] - RADON_ELBO) < 0.05
-    assert abs(single["elbo_total"] - RADON_ELBO) < 0.05
-    # The logged KL is the equal-weight mean of the replicas' per-row means over
-    # 460 and 459 rows: within 3e-4 of KL / n (counted twice it would be 2 KL / n).
-    kl_per_row = attempt["kl_total"] / attempt["num_rows"]
-    assert abs(attempt["kl"] / kl_per_row - 1) < 3e-4
-    assert abs(attempt["kl"] / single["kl"] - 1) < 3e-4
-
-
-@pytest.mark.slow
-def test_mirrored_joint_random_effects_with_proposed_fixes(mirrored):
-    """A JointRandomEffects layer's global KL (added in full on each replica).
-
-    GLMM.compute_loss skips Keras's per-replica scaling, so each replica's loss is
-    its mean negative log-likelihood plus KL / n, and the summed gradient that of
-    twice the negative ELBO: the KL keeps its weight against the data (Adam does
-    not see the factor 2) and the variance components match lme4.
+    radon's per-row KL (RandomEffects) and penicillin's global KL (a
+    JointRandomEffects layer, added in full on each replica) must each be counted
+    once per step: counted twice, the KL's weight against the data would double,
+    shrinking the variance components and costing nats of ELBO.
     """
-    report = mirrored["penicillin"]
-    single = report["single"]
-    attempt = _attempt(report, "fixed")
-    assert attempt["converged"]
-    _assert_rel(attempt, single, 1e-3, ESTIMATES["penicillin"], "mirrored vs single device")
-    _assert_rel(attempt, PENICILLIN_LME4, 1e-3, what="mirrored vs lme4")
-    _assert_rel(single, PENICILLIN_LME4, 1e-3, what="single device vs lme4")
-    assert abs(attempt["elbo_total"] - single["elbo_total"]) < 0.05
-    kl_per_row = attempt["kl_total"] / attempt["num_rows"]
-    assert abs(attempt["kl"] / kl_per_row - 1) < 1e-4  # once, not twice
-    assert abs(attempt["kl"] / single["kl"] - 1) < 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "GLMM.compute_loss returns each replica's whole loss instead of 1/num_replicas "
-        "of it (Keras's Trainer.compute_loss convention), so Keras's logged `loss` "
-        "(unscale_loss_for_distribution) is num_replicas times the negative ELBO per "
-        "row, and ELBOConvergence monitors that"
-    ),
-)
-@pytest.mark.parametrize("data", ["radon", "penicillin"])
-def test_mirrored_logged_loss_is_negative_elbo(mirrored, data):
-    attempt = _attempt(mirrored[data], "fixed")
-    assert abs(attempt["loss"] / -attempt["elbo"] - 1) < 1e-5, (attempt["loss"], attempt["elbo"])
-
-
-@pytest.mark.slow
-def test_mirrored_with_proposed_compute_loss(mirrored):
-    """The proposed compute_loss (1/num_replicas, trackers weighted by rows).
-
-    On radon, whose 919 rows split unevenly (460 + 459): the logs are then the
-    full-batch values. (`_distribute_worker.py mirrored penicillin --attempts
-    loss_fix` runs it on the joint layer: too slow for the suite.)
-    """
-    data = "radon"
     report = mirrored[data]
-    single = report["single"]
-    attempt = _attempt(report, "loss_fix")
-    assert attempt["converged"]
-    _assert_rel(attempt, single, 1e-3, ESTIMATES[data], "mirrored vs single device")
-    assert abs(attempt["loss"] / -attempt["elbo"] - 1) < 1e-5
-    # The logs are full-batch values: the KL per row is KL / n exactly.
-    kl_per_row = attempt["kl_total"] / attempt["num_rows"]
-    assert abs(attempt["kl"] / kl_per_row - 1) < 1e-5
-    assert abs(attempt["kl"] / single["kl"] - 1) < 2e-4
-    assert abs(attempt["elbo"] * attempt["num_rows"] - attempt["elbo_total"]) < 0.01
-    assert abs(attempt["elbo_total"] - single["elbo_total"]) < 0.05
+    assert report["num_replicas"] == 2
+    single, fit = report["single"], report["mirrored"]
+    assert fit["converged"]
+    _assert_rel(fit, single, 1e-3, ESTIMATES[data], "mirrored vs single device")
+    _assert_rel(fit, LME4[data], 1e-3, what="mirrored vs lme4")
+    assert abs(fit["elbo_total"] - single["elbo_total"]) < 0.05
+    if data == "radon":
+        assert abs(fit["elbo_total"] - RADON_ELBO) < 0.05
+    # The logs are per-observation values of the whole data (once, not twice)...
+    kl_per_row = fit["kl_total"] / fit["num_rows"]
+    assert abs(fit["kl"] / kl_per_row - 1) < 1e-4
+    # ...and Keras's `loss` is the negative ELBO per observation, not R times it.
+    assert abs(fit["loss"] / -fit["elbo"] - 1) < 1e-5, (fit["loss"], fit["elbo"])
