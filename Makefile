@@ -20,8 +20,12 @@ example: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Benchmarks append to benchmarks/RESULTS.md; InstEval runs lme4 too when Rscript
+# and lme4 are installed (Debian: r-base-core r-cran-lme4).
 bench: $(STAMP)
 	$(PY) benchmarks/bench_radon.py
+	$(PY) benchmarks/bench_insteval.py
+	$(PY) benchmarks/bench_levels.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

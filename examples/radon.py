@@ -205,6 +205,11 @@ def main():
     logs = OUTPUT_DIR / "logs"
     print(f"TensorBoard logs of the ELBO: {os.path.relpath(logs)}  "
           f"(view with `tensorboard --logdir {os.path.relpath(logs)}`)")
+
+    # The same lme4 model from its formula, with lme4's report; REML as lme4's default.
+    print("\nkg.glmm('log_radon ~ floor + (1 | county)', df, reml=True).report():\n")
+    fit = kg.glmm("log_radon ~ floor + (1 | county)", df, reml=True)
+    print(fit.report())
     return right, tutorial_fit
 
 
