@@ -348,15 +348,7 @@ class GLMM(keras.Model):
         Returns:
             The Keras `History`.
         """
-        if not self.compiled:
-            self.compile()
-        if isinstance(x, pd.DataFrame):
-            if self.design is None:
-                raise ValueError(
-                    "This model was not built from a formula: pass a dict of arrays, or build "
-                    "it with GLMM.from_formula to fit a data frame."
-                )
-            x, y = self._frame_arrays(x, weights=y)
+        x, y = self._fit_inputs(x, y)
         if not isinstance(x, dict):
             return super().fit(
                 x, y, batch_size=batch_size, epochs=epochs or 1, verbose=verbose,
@@ -528,6 +520,19 @@ class GLMM(keras.Model):
         x, y = model._frame_arrays(data, weights=weights)
         model.prepare(x, y)
         return model
+
+    def _fit_inputs(self, x, y):
+        """Compiles if needed and turns a formula model's data frame into arrays."""
+        if not self.compiled:
+            self.compile()
+        if isinstance(x, pd.DataFrame):
+            if self.design is None:
+                raise ValueError(
+                    "This model was not built from a formula: pass a dict of arrays, or build "
+                    "it with GLMM.from_formula to fit a data frame."
+                )
+            x, y = self._frame_arrays(x, weights=y)
+        return x, y
 
     def _frame_arrays(self, data, weights=None, with_response=True):
         design = self.design

@@ -377,15 +377,7 @@ class StructuredGLMM(GLMM):
             if kwargs.get(key) is not None:
                 raise ValueError(f"StructuredGLMM.fit is full-batch on in-memory data: `{key}` is not supported.")
             kwargs.pop(key, None)
-        if not self.compiled:
-            self.compile()
-        if isinstance(x, pd.DataFrame):
-            if self.design is None:
-                raise ValueError(
-                    "This model was not built from a formula: pass a dict of arrays, or build "
-                    "it with GLMM.from_formula to fit a data frame."
-                )
-            x, y = self._frame_arrays(x, weights=y)
+        x, y = self._fit_inputs(x, y)
         if not isinstance(x, dict):
             raise ValueError("StructuredGLMM.fit takes in-memory data: a dict of arrays or a DataFrame.")
         x, y, _ = self.prepare(x, y, initialize=False)
