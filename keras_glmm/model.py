@@ -757,6 +757,22 @@ class GLMM(keras.Model):
         """The family's dispersion parameters as floats (e.g. `{"scale": 0.755}`)."""
         return {k: float(v) for k, v in self.head.params().items()}
 
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Exports for serving; a formula model's signature takes raw grouping levels.
+
+        For a model built from a formula (and `format="tf_saved_model"`), the
+        SavedModel's `serving_default` takes the fixed-effects design `x`, each
+        grouping column's raw levels as strings (looked up in the graph; unseen
+        levels predict at the population level) and slope covariates, and returns
+        `mean` and `eta`; see `keras_glmm.serving`. Other models use Keras's export.
+        """
+        if self.design is not None and format == "tf_saved_model" and input_signature is None:
+            from keras_glmm.serving import export_saved_model
+
+            return export_saved_model(self, filepath)
+        return super().export(filepath, format=format, verbose=verbose,
+                               input_signature=input_signature, **kwargs)
+
     # ---------------------------------------------------------------- keras
     def get_config(self):
         config = super().get_config()
