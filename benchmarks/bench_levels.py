@@ -19,7 +19,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_glmm as kg  # noqa: E402
 from keras_glmm.model import minibatches  # noqa: E402

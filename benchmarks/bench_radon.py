@@ -17,7 +17,6 @@ Usage: `make bench` or `python benchmarks/bench_radon.py`.
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """Tests for keras_glmm.layers: the shared layer harness, and numbers against TFP/numpy."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
