@@ -27,7 +27,7 @@ def request(features):
 
 def test_signature_takes_raw_levels(exported):
     fit, path, inputs, new = exported
-    assert inputs == ["Subject", "Subject_z", "x"]
+    assert inputs == ["Days", "Subject", "Subject_z"]  # raw columns
     served = tf.saved_model.load(str(path)).signatures["serving_default"]
     out = served(**request(serving_features(fit, new)))
     np.testing.assert_allclose(out["mean"].numpy(), fit.predict_response(new), rtol=1e-6)
@@ -66,3 +66,26 @@ def test_export_needs_a_formula_model():
 
     with pytest.raises(ValueError, match="formula"):
         export_saved_model(model, "/tmp/unused")
+
+
+@pytest.mark.parametrize(
+    "formula,raw",
+    [
+        ("cbind(incidence, size - incidence) ~ C(period) * size + (1|herd)", True),
+        # A transform in the fixed part: the design matrix enters as `x` instead.
+        ("cbind(incidence, size - incidence) ~ C(period) + I(size / 10) + (1|herd)", False),
+    ],
+)
+def test_fixed_part_from_raw_columns(tmp_path, formula, raw):
+    data = kg.datasets.load_cbpp()
+    fit = kg.GLMM.from_formula(formula, data, family="binomial")
+    fit.fit(data, epochs=3)  # the check is of the export, not of convergence
+    inputs = fit.export(tmp_path / "1")
+    assert ("x" not in inputs) == raw
+    if raw:
+        assert inputs == ["herd", "period", "size"]
+    new = data.assign(herd=data["herd"].astype(str))
+    new.loc[0, "herd"] = "new herd"
+    features = serving_features(fit, new)
+    out = tf.saved_model.load(str(tmp_path / "1")).signatures["serving_default"](**request(features))
+    np.testing.assert_allclose(out["mean"].numpy(), fit.predict_response(new), rtol=1e-5)
