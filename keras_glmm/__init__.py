@@ -5,7 +5,7 @@ import os as _os
 # TensorFlow's C++ start-up chatter is noise for a statistics user.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_glmm import datasets, families, layers  # noqa: E402
+from keras_glmm import datasets, distribute, families, layers  # noqa: E402
 from keras_glmm.callbacks import ELBOConvergence  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
 from keras_glmm.layers import (  # noqa: E402
@@ -33,6 +33,7 @@ __all__ = [
     "StructuredGLMM",
     "VariationalFixedEffects",
     "datasets",
+    "distribute",
     "families",
     "get_family",
     "glmm",

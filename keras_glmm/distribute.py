@@ -1,0 +1,233 @@
+"""Multi-worker (multi-machine) training of GLMMs with `MultiWorkerMirroredStrategy`.
+
+Keras 3 supports one distribution strategy across machines on the TensorFlow
+backend: synchronous data parallelism with `tf.distribute.MultiWorkerMirroredStrategy`
+(it has no `ParameterServerStrategy`, keras-team/keras#18624). Every worker holds
+a copy of the weights, computes the gradient of its share of each batch, and the
+workers add their gradients with collective all-reduces before each update.
+"""
+
+import json
+import os
+import socket
+import time
+
+__all__ = ["multi_worker_strategy"]
+
+
+def _cluster_from_tf_config():
+    """Parses and checks `TF_CONFIG`; returns `(config, workers, task_index)`."""
+    raw = os.environ.get("TF_CONFIG")
+    if raw is None or not raw.strip():
+        raise ValueError(
+            "keras_glmm.distribute.multi_worker_strategy: the TF_CONFIG environment "
+            "variable is not set. Set it on every machine to JSON such as "
+            '{"cluster": {"worker": ["host0:12345", "host1:12345"]}, '
+            '"task": {"type": "worker", "index": 0}} (only "index" differs between machines).'
+        )
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({err}): {raw!r}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"TF_CONFIG must be a JSON object, got {type(config).__name__}: {raw!r}")  # noqa: TRY004
+    cluster = config.get("cluster")
+    if not isinstance(cluster, dict):
+        raise ValueError(f'TF_CONFIG has no "cluster" object: {raw!r}')  # noqa: TRY004
+    workers = cluster.get("worker")
+    if (
+        not isinstance(workers, list) or not workers
+        or not all(isinstance(w, str) and w for w in workers)
+    ):
+        raise ValueError(
+            f'TF_CONFIG\'s "cluster" needs a non-empty "worker" list of "host:port" strings: {raw!r}'
+        )
+    for address in workers:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"TF_CONFIG's worker address {address!r} is not of the form host:port")
+    other_jobs = sorted(set(cluster) - {"worker", "chief"})
+    if other_jobs:
+        raise ValueError(
+            f"TF_CONFIG's cluster has jobs {other_jobs}: MultiWorkerMirroredStrategy takes only "
+            "'worker' (and optionally 'chief'); Keras 3 has no ParameterServerStrategy "
+            "(keras-team/keras#18624)."
+        )
+    task = config.get("task")
+    if not isinstance(task, dict):
+        raise ValueError(f'TF_CONFIG has no "task" object: {raw!r}')  # noqa: TRY004
+    task_type = task.get("type")
+    index = task.get("index")
+    if task_type not in ("worker", "chief"):
+        raise ValueError(f'TF_CONFIG\'s task "type" must be "worker" (or "chief"), got {task_type!r}')
+    job = cluster.get(task_type)
+    if not isinstance(job, list) or not job:
+        raise ValueError(f'TF_CONFIG\'s task type {task_type!r} has no list in "cluster"')
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(job):
+        raise ValueError(
+            f'TF_CONFIG\'s task "index" must be an integer in [0, {len(job)}), got {index!r}'
+        )
+    addresses = [a for name in ("chief", "worker") for a in cluster.get(name, []) or []]
+    own = job[index]
+    return raw, addresses, own
+
+
+def _split(address):
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _reachable(address, timeout=1.0):
+    try:
+        with socket.create_connection(_split(address), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _wait_for_peers(raw, addresses, own, timeout):
+    """Waits until every other address accepts TCP connections; raises TimeoutError.
+
+    Meanwhile this worker's own port listens (a plain socket, closed before
+    TensorFlow starts its server there), so that workers checking each other at
+    the same time do not wait for each other forever.
+    """
+    _, port = _split(own)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", port))
+    except OSError as err:
+        listener.close()
+        raise OSError(
+            f"keras_glmm.distribute: this worker's port {port} (its address {own!r} in TF_CONFIG) "
+            f"is already in use ({err}); free it or change TF_CONFIG: {raw}"
+        ) from err
+    listener.listen(64)
+    try:
+        pending = [a for a in addresses if a != own]
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [a for a in pending if not _reachable(a)]
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(0.2)
+        if pending:
+            raise TimeoutError(
+                f"keras_glmm.distribute: worker(s) {', '.join(pending)} did not accept "
+                f"connections within {timeout:g} seconds: start the same script on every "
+                f"machine named in TF_CONFIG, and check the addresses and firewalls. "
+                f"TF_CONFIG={raw}"
+            )
+    finally:
+        listener.close()
+
+
+def _patch_keras_scalar_logs():
+    """Lets Keras reduce scalar logs across workers (idempotent).
+
+    Keras 3's TensorFlow trainer reduces each step's logs under a multi-worker
+    strategy with `strategy.reduce("MEAN", v, axis=0)`, which fails for the
+    scalar metric results every model returns ("Invalid reduction dimension 0
+    for input with 0 dimensions"). Scalars are reduced with `axis=None` (the mean
+    over replicas, as Keras does under `MirroredStrategy`); other values go to
+    Keras's own reduction unchanged.
+    """
+    try:
+        from keras.src import tree
+        from keras.src.backend.tensorflow import trainer as tf_trainer
+    except ImportError:  # another Keras layout: leave it alone
+        return
+    original = tf_trainer.reduce_per_replica
+    if getattr(original, "_keras_glmm_patched", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not tf_trainer._collective_all_reduce_multi_worker(
+            strategy
+        ):
+            return original(values, strategy, reduction)
+
+        def reduce(v):
+            local = strategy.experimental_local_results(v)[0] if hasattr(v, "values") else v
+            rank = getattr(getattr(local, "shape", None), "rank", None)
+            return strategy.reduce("MEAN", v, axis=None if rank == 0 else 0)
+
+        return tree.map_structure(reduce, values)
+
+    reduce_per_replica._keras_glmm_patched = True
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def multi_worker_strategy(timeout=60.0):
+    """Creates a `tf.distribute.MultiWorkerMirroredStrategy` from `TF_CONFIG`, or fails fast.
+
+    `tf.distribute.MultiWorkerMirroredStrategy()` waits forever for workers that
+    never come up. This function first checks, for at most `timeout` seconds,
+    that every other worker named in `TF_CONFIG` accepts TCP connections, and
+    raises a `TimeoutError` naming the unreachable ones instead of hanging. The
+    strategy's collectives get the same timeout, where TensorFlow supports it.
+
+    Recipe for several machines: run the same script on every machine, with
+    `TF_CONFIG` differing only in the task index::
+
+        # machine 0: TF_CONFIG='{"cluster": {"worker": ["host0:12345", "host1:12345"]},
+        #                        "task": {"type": "worker", "index": 0}}'
+        # machine 1: the same, with "index": 1
+        import keras_glmm as kg
+
+        strategy = kg.distribute.multi_worker_strategy()
+        with strategy.scope():
+            model = kg.GLMM(random_effects=[kg.RandomEffects(85, name="county")])
+            model.fit(x, y)  # the same in-memory data on every worker
+
+    Each worker fits on its share of every (full) batch and the gradients are
+    summed across workers, so the fit matches a single-device fit. Worker 0 is
+    the chief: save the model, write checkpoints and logs only there (the other
+    workers should write to temporary locations). Keras 3 has no
+    `ParameterServerStrategy` (keras-team/keras#18624); this synchronous
+    strategy is the one multi-machine option.
+
+    Args:
+        timeout: Seconds to wait for the other workers to accept connections
+            (and the collectives' timeout).
+
+    Returns:
+        A `tf.distribute.MultiWorkerMirroredStrategy`.
+
+    Raises:
+        ValueError: `TF_CONFIG` is missing or malformed (the message says what is wrong).
+        TimeoutError: A worker did not accept connections within `timeout`
+            seconds (the message names it and shows `TF_CONFIG`).
+    """
+    import tensorflow as tf
+
+    raw, addresses, own = _cluster_from_tf_config()
+    _patch_keras_scalar_logs()
+    if len(addresses) > 1:
+        _wait_for_peers(raw, addresses, own, timeout)
+    try:
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
+    except (AttributeError, TypeError):
+        options = None
+    # The strategy's start-up barrier (an all-reduce) waits forever by default.
+    from tensorflow.python.distribute import collective_all_reduce_strategy as _cars
+
+    extended = getattr(_cars, "CollectiveAllReduceExtended", None)
+    saved = getattr(extended, "_check_health_initial_timeout", None)
+    if saved is not None:
+        extended._check_health_initial_timeout = max(1, round(timeout))
+    try:
+        if options is None:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    except RuntimeError as err:
+        if "Timeout waiting for the cluster" in str(err):
+            raise TimeoutError(
+                f"keras_glmm.distribute: the workers did not all join within {timeout:g} "
+                f"seconds ({err}). TF_CONFIG={raw}"
+            ) from err
+        raise
+    finally:
+        if saved is not None:
+            extended._check_health_initial_timeout = saved
