@@ -5,7 +5,7 @@ import os as _os
 # TensorFlow's C++ start-up chatter is noise for a statistics user.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_glmm import datasets, distribute, families, layers  # noqa: E402
+from keras_glmm import datasets, distribute, families, layers, serving  # noqa: E402
 from keras_glmm.callbacks import ELBOConvergence  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
 from keras_glmm.layers import (  # noqa: E402
@@ -39,4 +39,5 @@ __all__ = [
     "glmm",
     "layers",
     "load_model",
+    "serving",
 ]
