@@ -143,3 +143,15 @@ def test_tutorial_model_lands_on_the_tutorial_numbers(radon):
     assert abs(model.random_effects[0].prior_stddev()[0] - TUTORIAL["county_scale"]) < 0.025
     # ...and far from lme4, because the likelihood scale is fixed at 1.
     assert relerr(intercept, RADON_ML["(Intercept)"]) > 0.01
+
+
+def test_float64_reaches_lme4_to_many_digits(radon):
+    """float64 for small exact problems: the ELBO is lme4's logLik to 1e-6 nats."""
+    x, y = radon
+    model = kg.GLMM(
+        random_effects=[kg.RandomEffects(85, name="county", dtype="float64")], dtype="float64"
+    )
+    model.fit(x, y)
+    assert model.coefficients().dtype == np.float64
+    assert abs(model.elbo(x, y)["elbo"] - RADON_ML["logLik"]) < 1e-6
+    np.testing.assert_allclose(model.coefficients(), [RADON_ML["(Intercept)"], RADON_ML["floor"]], rtol=1e-6)
