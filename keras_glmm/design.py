@@ -47,6 +47,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -322,10 +323,11 @@ def _check_integer(arr: np.ndarray, what: str) -> np.ndarray:
     return np.round(arr)
 
 
-def _model_matrix(formula: str, data: pd.DataFrame, where: str):
-    """formulaic model matrix with errors translated to clear ValueErrors."""
+@contextlib.contextmanager
+def _formulaic_errors(data: pd.DataFrame, where: str):
+    """Translates formulaic's errors into clear ValueErrors naming the column or part."""
     try:
-        return model_matrix(formula, data, context={}, na_action="raise", output="pandas")
+        yield
     except FactorEvaluationError as e:
         name = _missing_name(e)
         if name is not None:
@@ -333,6 +335,12 @@ def _model_matrix(formula: str, data: pd.DataFrame, where: str):
         raise ValueError(f"could not evaluate {where}: {e}") from e
     except Exception as e:
         raise ValueError(f"could not build the design of {where}: {e}") from e
+
+
+def _model_matrix(formula: str, data: pd.DataFrame, where: str):
+    """formulaic model matrix with errors translated to clear ValueErrors."""
+    with _formulaic_errors(data, where):
+        return model_matrix(formula, data, context={}, na_action="raise", output="pandas")
 
 
 def _categorical_factors(model_spec) -> list[str]:
@@ -348,15 +356,8 @@ def _spec_matrix(model_spec, data: pd.DataFrame, where: str) -> np.ndarray:
     _check_known_levels(model_spec, data, where)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
+        with _formulaic_errors(data, where):
             mm = model_spec.get_model_matrix(data, context={})
-        except FactorEvaluationError as e:
-            name = _missing_name(e)
-            if name is not None:
-                raise _unknown_column(name, where, data, e) from None
-            raise ValueError(f"could not evaluate {where}: {e}") from e
-        except Exception as e:
-            raise ValueError(f"could not build the design of {where}: {e}") from e
     for w in caught:
         if type(w.message).__name__ == "DataMismatchWarning":
             raise ValueError(f"{where}: {w.message}")

@@ -165,7 +165,7 @@ class GLMM(keras.Model):
             )
         if isinstance(fixed_effects, VariationalFixedEffects):
             fixed_effects.output_mode = "moments"
-        self.fixed_effects = fixed_effects or None
+        self.fixed_effects = None if fixed_effects is False else fixed_effects
         self.head = FamilyHead(
             self.family, fixed_params=fixed_params, name="family_head", dtype=self.dtype_policy
         )
@@ -373,6 +373,11 @@ class GLMM(keras.Model):
             dataset, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
             verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
         )
+        self._finish_fit(x, y, history, convergence, callbacks)
+        return history
+
+    def _finish_fit(self, x, y, history, convergence, callbacks):
+        """Records a finished fit: convergence, summary, final reports, a warning."""
         self.converged_ = convergence.converged
         self._training_arrays = (x, y)
         self._summarize_fit(x, y, history)
@@ -382,13 +387,12 @@ class GLMM(keras.Model):
                 callback.write_final(self)
         if not convergence.converged:
             warnings.warn(
-                f"GLMM fit did not converge in {len(history.epoch)} epochs "
+                f"{type(self).__name__} fit did not converge in {len(history.epoch)} epochs "
                 f"(last change in the ELBO per observation: {convergence.last_delta:.3g}); "
                 "fit again to continue, or raise `epochs`.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        return history
 
     # ------------------------------------------------------------- the data
     def prepare(self, x, y, initialize=True):

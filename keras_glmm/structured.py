@@ -34,7 +34,6 @@ family head's residual scale), so `predict`, `fixef`, `ranef`, `varcorr` and
 """
 
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -401,23 +400,14 @@ class StructuredGLMM(GLMM):
         )
         self._write_results()
         self._pf_vcov = None
-        self.converged_ = convergence.converged
-        self._training_arrays = (x, y)
-        self._summarize_fit(x, y, history)
-        small, large = self._split_terms()
-        self.fit_summary_["exact"] = len(large) <= 1
-        for callback in callbacks:
-            if hasattr(callback, "write_final"):
-                callback.write_final(self)
-        if not convergence.converged:
-            warnings.warn(
-                f"StructuredGLMM fit did not converge in {len(history.epoch)} steps "
-                f"(last change in the ELBO per observation: {convergence.last_delta:.3g}); "
-                "fit again to continue, or raise `epochs`.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        self._finish_fit(x, y, history, convergence, callbacks)  # one step per epoch
         return history
+
+    def _summarize_fit(self, x, y, history):
+        super()._summarize_fit(x, y, history)
+        # Exact when at most one term is outside the joint block (see the module docstring).
+        _, large = self._split_terms()
+        self.fit_summary_["exact"] = len(large) <= 1
 
     # ------------------------------------------------------------ results
     def _write_results(self):
