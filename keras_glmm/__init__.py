@@ -5,7 +5,7 @@ import os as _os
 # TensorFlow's C++ start-up chatter is noise for a statistics user.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_glmm import datasets, distribute, families, layers, serving  # noqa: E402
+from keras_glmm import datasets, distribute, families, layers, serving, streaming  # noqa: E402
 from keras_glmm.callbacks import ELBOConvergence  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
 from keras_glmm.layers import (  # noqa: E402
@@ -17,6 +17,7 @@ from keras_glmm.layers import (  # noqa: E402
 from keras_glmm.model import GLMM, glmm  # noqa: E402
 from keras_glmm.optimizers import SparseAdam  # noqa: E402
 from keras_glmm.saving import load_model  # noqa: E402
+from keras_glmm.streaming import read_csv, read_parquet  # noqa: E402
 from keras_glmm.structured import StructuredGLMM  # noqa: E402
 from keras_glmm.tensorboard import GLMMTensorBoard  # noqa: E402
 
@@ -39,5 +40,8 @@ __all__ = [
     "glmm",
     "layers",
     "load_model",
+    "read_csv",
+    "read_parquet",
     "serving",
+    "streaming",
 ]

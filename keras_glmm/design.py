@@ -131,6 +131,19 @@ def _level_str(value: Any) -> str:
     return str(value)
 
 
+def _level_strs(values: Any) -> list[str]:
+    """:func:`_level_str` of each value, without a Python call per value for
+    integer and string arrays (a chunk of a large file can hold 50,000 levels)."""
+    arr = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return arr.astype(str).tolist()
+    if not isinstance(getattr(values, "dtype", None), pd.CategoricalDtype) and pd.api.types.is_string_dtype(
+        getattr(values, "dtype", arr.dtype)
+    ):
+        return [v if type(v) is str else _level_str(v) for v in arr.tolist()]
+    return [_level_str(v) for v in arr.tolist()]
+
+
 def _numeric_like(text: str) -> bool:
     try:
         float(text)
@@ -169,7 +182,7 @@ def _column_levels(series: pd.Series) -> list[str]:
 def _column_strings(series: pd.Series) -> np.ndarray:
     """Each row's level string (object array); ``None`` where missing."""
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
-    names = np.array([_level_str(u) for u in uniques] + [None], dtype=object)
+    names = np.array(_level_strs(uniques) + [None], dtype=object)
     return names[np.where(codes < 0, len(uniques), codes)]
 
 
@@ -313,12 +326,13 @@ def _float_array(values: Any, n: int, what: str) -> np.ndarray:
     return arr
 
 
-def _check_integer(arr: np.ndarray, what: str) -> np.ndarray:
+def _check_integer(arr: np.ndarray, what: str, index: pd.Index | None = None) -> np.ndarray:
     bad = ~np.isfinite(arr) | (arr < 0) | (np.abs(arr - np.round(arr)) > _INTEGER_TOL)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        row = i if index is None else index[i]
         raise ValueError(
-            f"{what} must be non-negative integers (counts); row {i} has {arr[i]!r}"
+            f"{what} must be non-negative integers (counts); row {row!r} has {float(arr[i])!r}"
         )
     return np.round(arr)
 
@@ -693,33 +707,46 @@ class RandomTermDesign:
         """Number of non-intercept columns (width of :meth:`covariates`)."""
         return len(self.columns) - int(self.intercept)
 
-    def _group_strings(self, data: pd.DataFrame) -> np.ndarray:
-        """Each row's level string; raises on missing columns or values."""
-        parts = []
+    def level_index(self, data: pd.DataFrame) -> np.ndarray:
+        """Index of each row's level (int64); ``-1`` for a level unseen in training.
+
+        Level strings are made once per distinct value (combination), not per
+        row: the codes of ``pd.factorize`` carry the rows, so a chunk of 65,536
+        rows costs a few milliseconds (files are read chunk by chunk).
+        """
+        data = _as_frame(data)
+        codes_all, names_all = [], []
         for col in self.group_columns:
             if col not in data.columns:
                 raise ValueError(
                     f"grouping column '{col}' of random-effect term {self.term} is missing "
                     f"from the data{_available(data)}"
                 )
-            strings = _column_strings(data[col])
-            missing = np.equal(strings, None)
+            codes, uniques = pd.factorize(data[col], use_na_sentinel=True)
+            missing = codes < 0
             if missing.any():
                 raise ValueError(
                     f"grouping column '{col}' has missing values at rows {_row_labels(data.index, missing)}"
                 )
-            parts.append(strings)
-        if len(parts) == 1:
-            return parts[0]
-        return np.array([":".join(row) for row in zip(*parts, strict=True)], dtype=object)
-
-    def level_index(self, data: pd.DataFrame) -> np.ndarray:
-        """Index of each row's level (int64); ``-1`` for a level unseen in training."""
-        data = _as_frame(data)
-        strings = self._group_strings(data)
-        uniq, inverse = np.unique(strings.astype(str), return_inverse=True)
-        lookup = np.array([self._index.get(u, -1) for u in uniq], dtype=np.int64)
-        return lookup[inverse.reshape(-1)] if len(strings) else np.zeros(0, np.int64)
+            codes_all.append(codes.astype(np.int64))
+            names_all.append(_level_strs(uniques))
+        if not len(data):
+            return np.zeros(0, np.int64)
+        if len(codes_all) == 1:
+            lookup = np.array([self._index.get(name, -1) for name in names_all[0]], dtype=np.int64)
+            return lookup[codes_all[0]]
+        combined = codes_all[0]
+        for codes, names in zip(codes_all[1:], names_all[1:], strict=True):
+            combined = combined * len(names) + codes  # mixed radix: one code per combination
+        values, inverse = np.unique(combined, return_inverse=True)
+        lookup = np.empty(len(values), dtype=np.int64)
+        for j, value in enumerate(values.tolist()):
+            parts = []
+            for names in reversed(names_all):
+                value, r = divmod(value, len(names))
+                parts.append(names[r])
+            lookup[j] = self._index.get(":".join(reversed(parts)), -1)
+        return lookup[inverse.reshape(-1)]
 
     def covariates(self, data: pd.DataFrame) -> np.ndarray:
         """The term's non-intercept columns, float64 ``(n, len(columns) - intercept)``."""
@@ -786,9 +813,11 @@ def _group_levels(term: RandomTerm, data: pd.DataFrame) -> list[str]:
     return levels
 
 
-def _build_random(term: RandomTerm, name: str, data: pd.DataFrame) -> RandomTermDesign:
+def _build_random(
+    term: RandomTerm, name: str, data: pd.DataFrame, levels: list[str] | None = None
+) -> RandomTermDesign:
     where = f"random-effect term {term}"
-    levels = _group_levels(term, data)
+    levels = _group_levels(term, data) if levels is None else list(levels)
     mm = _model_matrix(term.expr, data, where)
     spec = mm.model_spec
     cats = _categorical_factors(spec)
@@ -944,6 +973,7 @@ class Design:
         family_name: str = "gaussian",
         weights: Any = None,
         na_action: str = "raise",
+        group_levels: list[list[str]] | None = None,
     ) -> "Design":
         """Learn the design from training data.
 
@@ -957,6 +987,11 @@ class Design:
             na_action: ``"raise"`` (missing values in a used column are an
                 error) or ``"omit"`` (the schema is learned from the complete
                 rows; the caller drops the others, see :meth:`complete_rows`).
+            group_levels: Optional level vocabulary of each random-effect term
+                (one list per term of the formula, in index order), used instead
+                of the levels found in ``data``. :mod:`keras_glmm.streaming`
+                learns them from files in one pass and passes a sample of rows
+                as ``data``; the levels must be in :func:`_group_levels` order.
         """
         spec = parse_formula(spec_or_formula) if isinstance(spec_or_formula, str) else spec_or_formula
         if not isinstance(spec, FormulaSpec):
@@ -971,21 +1006,12 @@ class Design:
                 f"a cbind(successes, failures) response needs family='binomial', got {family!r}"
             )
 
-        # Columns named by the response and offsets (evaluated by us, not formulaic).
-        response_cols: list[str] = []
-        if spec.response is not None:
-            exprs = spec.cbind() or (spec.response,)
-            for e in exprs:
-                response_cols += [c for c in _expr_columns(e, data.columns) if c not in response_cols]
-        offset_cols: list[str] = []
-        for e in spec.offsets:
-            offset_cols += [c for c in _expr_columns(e, data.columns) if c not in offset_cols]
-
-        # Unknown-column checks that do not need formulaic.
-        for term in spec.random:
-            for col in term.group_columns():
-                if col not in data.columns:
-                    raise _unknown_column(col, f"the grouping factor of random-effect term {term}", data)
+        if group_levels is not None and len(group_levels) != len(spec.random):
+            raise ValueError(
+                f"group_levels has {len(group_levels)} entries for {len(spec.random)} random-effect terms"
+            )
+        columns = cls._formula_columns(spec, data)
+        response_cols, offset_cols, used = columns["response"], columns["offset"], columns["used"]
 
         design = cls(
             spec=spec,
@@ -1000,16 +1026,6 @@ class Design:
             _offset_columns=offset_cols,
         )
 
-        # Missing values: formulaic's own variables are known only after a first
-        # pass, so look at the simple column lists first, then at all.
-        pre_cols = [c for c in data.columns if str(c) in set(response_cols) | set(offset_cols)]
-        pre_cols += [c for t in spec.random for c in t.group_columns() if c not in pre_cols]
-        fixed_vars = cls._formula_vars(spec.fixed_rhs(), data, "the fixed effects")
-        random_vars = [
-            v for t in spec.random for v in cls._formula_vars(t.expr, data, f"random-effect term {t}")
-        ]
-        used_set = {*pre_cols, *fixed_vars, *random_vars}
-        used = [c for c in data.columns if c in used_set]
         weight_array = design._weights_array(data, weights) if weights is not None else None
         missing = data[used].isna().to_numpy().any(axis=1) if used else np.zeros(len(data), bool)
         if weight_array is not None:
@@ -1029,7 +1045,10 @@ class Design:
 
         # Random effects.
         names = _unique_names(spec.random)
-        design.random = [_build_random(t, n, data) for t, n in zip(spec.random, names, strict=True)]
+        levels = group_levels or [None] * len(spec.random)
+        design.random = [
+            _build_random(t, n, data, lv) for t, n, lv in zip(spec.random, names, levels, strict=True)
+        ]
 
         # Offsets are checked now so formula mistakes surface at fit time.
         design.offset(data)
@@ -1038,6 +1057,52 @@ class Design:
         if spec.response is not None:
             design._learn_response(data, weight_array)
         return design
+
+    @classmethod
+    def _formula_columns(cls, spec: FormulaSpec, data: pd.DataFrame) -> dict[str, list[str]]:
+        """The data columns each part of the formula uses, checked to exist in ``data``.
+
+        Returns:
+            A dict of column lists: ``"response"`` and ``"offset"`` (named in
+            those expressions), ``"group"`` (grouping factors), ``"fixed"`` and
+            ``"random"`` (variables of the fixed part and of the random-effect
+            terms' left-hand sides, as formulaic finds them), and ``"used"``
+            (all of them, in ``data``'s column order).
+        """
+        # Columns named by the response and offsets (evaluated by us, not formulaic).
+        response_cols: list[str] = []
+        if spec.response is not None:
+            exprs = spec.cbind() or (spec.response,)
+            for e in exprs:
+                response_cols += [c for c in _expr_columns(e, data.columns) if c not in response_cols]
+        offset_cols: list[str] = []
+        for e in spec.offsets:
+            offset_cols += [c for c in _expr_columns(e, data.columns) if c not in offset_cols]
+
+        # Unknown-column checks that do not need formulaic.
+        group_cols: list[str] = []
+        for term in spec.random:
+            for col in term.group_columns():
+                if col not in data.columns:
+                    raise _unknown_column(col, f"the grouping factor of random-effect term {term}", data)
+                if col not in group_cols:
+                    group_cols.append(col)
+
+        # formulaic's own variables are known only after a first pass over the data.
+        fixed_vars = cls._formula_vars(spec.fixed_rhs(), data, "the fixed effects")
+        random_vars = [
+            v for t in spec.random for v in cls._formula_vars(t.expr, data, f"random-effect term {t}")
+        ]
+        used_set = {*response_cols, *offset_cols, *group_cols, *fixed_vars, *random_vars}
+        used = [c for c in data.columns if c in used_set or str(c) in used_set]
+        return {
+            "response": response_cols,
+            "offset": offset_cols,
+            "group": group_cols,
+            "fixed": fixed_vars,
+            "random": list(dict.fromkeys(random_vars)),
+            "used": used,
+        }
 
     @staticmethod
     def _formula_vars(rhs: str, data: pd.DataFrame, where: str) -> list[str]:
@@ -1104,8 +1169,8 @@ class Design:
             s_expr, f_expr = self.spec.cbind()
             s = _float_array(_eval_expr(s_expr, data, where), n, f"successes '{s_expr}'")
             f = _float_array(_eval_expr(f_expr, data, where), n, f"failures '{f_expr}'")
-            s = _check_integer(s, f"successes '{s_expr}' of cbind()")
-            f = _check_integer(f, f"failures '{f_expr}' of cbind()")
+            s = _check_integer(s, f"successes '{s_expr}' of cbind()", data.index)
+            f = _check_integer(f, f"failures '{f_expr}' of cbind()", data.index)
             return np.column_stack([s, s + f])
         raw = _eval_expr(self.spec.response, data, where)
         series = raw if isinstance(raw, pd.Series) else pd.Series(np.asarray(raw))
@@ -1138,14 +1203,14 @@ class Design:
                 f"binomial response '{name}' with weights must be proportions in [0, 1]; "
                 f"rows {_row_labels(data.index, bad)} are not"
             )
-        w = _check_integer(w, "binomial weights (number of trials)")
+        w = _check_integer(w, "binomial weights (number of trials)", data.index)
         s = p * w
         off = np.abs(s - np.round(s)) > _INTEGER_TOL
         if off.any():
             i = int(np.flatnonzero(off)[0])
             raise ValueError(
                 f"binomial response '{name}' times weights must be whole numbers of successes; "
-                f"row {data.index[i]!r}: {p[i]!r} * {w[i]!r} = {s[i]!r}"
+                f"row {data.index[i]!r}: {float(p[i])!r} * {float(w[i])!r} = {float(s[i])!r}"
             )
         return np.column_stack([np.round(s), w])
 
@@ -1174,7 +1239,7 @@ class Design:
                 hint = "use cbind(successes, failures) for counts"
             raise ValueError(
                 f"binomial response '{name}' must be 0/1 (or boolean, or a two-level factor); "
-                f"row {index[i]!r} has {y[i]!r}: {hint}"
+                f"row {index[i]!r} has {float(y[i])!r}: {hint}"
             )
         return y
 

@@ -448,7 +448,7 @@ def _first_bad(name, values, bad, what):
     bad = np.asarray(bad)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{name}: row {i} has value {values[i]!r}, which {what}.")
+        raise ValueError(f"{name}: row {i} has value {values[i].item()!r}, which {what}.")
 
 
 def _check_counts(y, name):

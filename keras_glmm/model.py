@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from keras_glmm import families as families_lib
 from keras_glmm import results as results_lib
+from keras_glmm import streaming
 from keras_glmm.callbacks import ELBOConvergence
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
@@ -178,6 +179,8 @@ class GLMM(keras.Model):
         self.reml = False
         self._data_initialized = False
         self._training_arrays = None
+        self._training_source = None  # the files of a fit streamed from them
+        self._stream_scan = None  # keras_glmm.streaming.Scan of the files the model knows
 
     # ------------------------------------------------------------------ call
     @property
@@ -345,9 +348,20 @@ class GLMM(keras.Model):
         callbacks already include one. Other inputs (a `tf.data.Dataset`, ...) go
         to Keras's `fit` unchanged; call `prepare(x, y)` on in-memory data first.
 
+        A file source (`kg.read_csv`, `kg.read_parquet`) for a formula model is
+        streamed (`keras_glmm.streaming.fit`): batches of `batch_size` rows (the
+        whole data up to `FULL_BATCH_ROWS` rows, else 65,536) shuffled in a buffer of
+        `shuffle_buffer` rows (1,000,000; `seed` seeds it), an epoch being one pass
+        over the files (at least 100 steps), and the same convergence check.
+
         Returns:
             The Keras `History`.
         """
+        if streaming.is_source(x):
+            return streaming.fit(
+                self, x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
+                callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs,
+            )
         x, y = self._fit_inputs(x, y)
         if not isinstance(x, dict):
             return super().fit(
@@ -376,11 +390,21 @@ class GLMM(keras.Model):
         self._finish_fit(x, y, history, convergence, callbacks)
         return history
 
-    def _finish_fit(self, x, y, history, convergence, callbacks):
-        """Records a finished fit: convergence, summary, final reports, a warning."""
+    def _finish_fit(self, x, y, history, convergence, callbacks, source=None):
+        """Records a finished fit: convergence, summary, final reports, a warning.
+
+        For a fit streamed from files (`source`; `x` and `y` are None) the final
+        ELBO is one more pass over them and no training rows are kept.
+        """
         self.converged_ = convergence.converged
-        self._training_arrays = (x, y)
-        self._summarize_fit(x, y, history)
+        self._training_arrays = None if source is not None else (x, y)
+        self._training_source = source
+        if source is None:
+            self._summarize_fit(x, y, history)
+        else:
+            self._record_fit_summary(
+                streaming.elbo(self, source)["elbo"], self._stream_scan.num_rows, history
+            )
         for callback in callbacks:
             # Callbacks that report the finished fit (GLMMTensorBoard) need the summary.
             if hasattr(callback, "write_final"):
@@ -429,6 +453,7 @@ class GLMM(keras.Model):
         posterior="auto",
         max_joint_coefficients=2000,
         na_action="raise",
+        sample_rows=None,
         **kwargs,
     ):
         """Builds a compiled, unfitted GLMM from an lme4 formula and its data.
@@ -436,7 +461,9 @@ class GLMM(keras.Model):
         Args:
             formula: an lme4 formula, e.g. `"y ~ x + (x | g)"`; see `keras_glmm.formula`.
             data: a pandas DataFrame (the training data: it fixes the level
-                vocabularies, the fixed-effects coding and the response coding).
+                vocabularies, the fixed-effects coding and the response coding),
+                or files too large for memory (`kg.read_csv`, `kg.read_parquet`):
+                one pass over them learns the same (`keras_glmm.streaming.scan`).
             family: a family name or `keras_glmm.families.Family`.
             link: optional link name.
             weights: binomial trials for a proportion response (a column name or array).
@@ -455,6 +482,8 @@ class GLMM(keras.Model):
                 with several terms, all random intercepts; else `"mean_field"`.
             na_action: `"raise"` (missing values are an error listing the rows) or
                 `"omit"` (rows with missing values are dropped, with a warning).
+            sample_rows: files only: the size of the uniform sample of rows that
+                fixes the fixed-effects coding and the GLM starting point (100,000).
             **kwargs: passed to `GLMM(...)` (e.g. `quadrature_points`, `name`).
 
         Returns:
@@ -472,7 +501,15 @@ class GLMM(keras.Model):
                 "`posterior` must be 'auto', 'joint', 'mean_field' or 'structured'. "
                 f"Received: posterior={posterior!r}"
             )
-        design = Design.from_data(formula, data, family_obj.name, weights=weights, na_action=na_action)
+        scan = None
+        if streaming.is_source(data):
+            scan = streaming.scan(
+                data, formula, family_obj, weights=weights, na_action=na_action,
+                sample_rows=sample_rows or streaming.SAMPLE_ROWS,
+            )
+            design = scan.design
+        else:
+            design = Design.from_data(formula, data, family_obj.name, weights=weights, na_action=na_action)
         terms = [
             RandomEffects(
                 num_levels=r.n_levels,
@@ -493,12 +530,16 @@ class GLMM(keras.Model):
             )
             if reml or (len(terms) > 1 and num_coefficients <= max_joint_coefficients):
                 posterior = "joint"
-            elif structured_ok and len(terms) > 1:
+            elif structured_ok and len(terms) > 1 and scan is None:
                 posterior = "structured"
             else:
                 posterior = "mean_field"
         if reml and posterior != "joint":
             raise ValueError("`reml=True` needs the joint posterior (posterior='joint' or 'auto').")
+        if posterior == "structured" and scan is not None:
+            raise ValueError(
+                "posterior='structured' fits in-memory data only; with files use 'mean_field' or 'joint'."
+            )
         model_cls = cls
         if posterior == "structured":
             from keras_glmm.structured import StructuredGLMM
@@ -518,6 +559,9 @@ class GLMM(keras.Model):
         model.reml = bool(reml)
         model._weights = weights
         model.compile()
+        if scan is not None:
+            streaming.prepare(model, scan)  # counts from the files, GLM start on the sample
+            return model
         # The training data are at hand: check them, count each level's rows (the
         # KL's scaling) and start from the GLM fit now, so that `fit` on a tf.data
         # pipeline of the same data works as well as `fit(data)`.
@@ -561,7 +605,9 @@ class GLMM(keras.Model):
         return "joint" if any(isinstance(l, JointRandomEffects) for l in self.random_effects) else "mean-field"
 
     def _summarize_fit(self, x, y, history):
-        elbo = self.elbo(x, y)["elbo"]
+        self._record_fit_summary(self.elbo(x, y)["elbo"], len(x["x"]), history)
+
+    def _record_fit_summary(self, elbo, nobs, history):
         num_parameters = len(self.coefficients()) + len(self.head.log_params)
         for term in self.terms:
             num_parameters += term.num_effects + term.num_correlations
@@ -570,7 +616,7 @@ class GLMM(keras.Model):
         exact = exact and all(t.scale_prior is None for t in self.terms)
         self.fit_summary_ = {
             "elbo": elbo,
-            "nobs": len(x["x"]),
+            "nobs": nobs,
             "num_parameters": num_parameters,
             "exact": exact,
             "epochs": len(history.epoch),
@@ -578,6 +624,8 @@ class GLMM(keras.Model):
         results_lib.warn_if_singular(self)
 
     def _require_fit(self):
+        if self._training_arrays is None and self._training_source is not None:
+            raise streaming.fitted_from_files_error(self._training_source)
         if self._training_arrays is None:
             raise ValueError("The model has not been fitted: call `fit` first.")
         return self._training_arrays
@@ -741,10 +789,15 @@ class GLMM(keras.Model):
         x, y, _ = self.prepare(x, y, initialize=False)
         y_pred = self(x, training=False)
         ell = float(tf.reduce_sum(self.expected_log_likelihood(y, y_pred)))
+        kl = self._total_kl()
+        return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
+
+    def _total_kl(self):
+        """KL(q || p) of the whole model (a float)."""
         kl = sum(float(layer.total_kl()) for layer in self.random_effects)
         if isinstance(self.fixed_effects, VariationalFixedEffects):
             kl += float(self.fixed_effects.total_kl())
-        return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
+        return kl
 
     def coefficients(self):
         """Fixed-effect estimates (posterior means), `(p,)`, in the columns of `x`."""
@@ -833,17 +886,21 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
 
     Args:
         formula: an lme4 formula.
-        data: a pandas DataFrame.
+        data: a pandas DataFrame, or files (`kg.read_csv`, `kg.read_parquet`)
+            streamed in chunks.
         family: a family name or `keras_glmm.families.Family`.
         weights: binomial trials for a proportion response.
         **options: `GLMM.from_formula` options (`link`, `reml`, `posterior`,
-            `na_action`, ...) and `fit` options (`epochs`, `callbacks`, `verbose`,
-            `batch_size`, `steps_per_epoch`).
+            `na_action`, `sample_rows`, ...) and `fit` options (`epochs`, `callbacks`,
+            `verbose`, `batch_size`, `steps_per_epoch`; for files `shuffle_buffer`
+            and `seed`).
 
     Returns:
         The fitted `GLMM`.
     """
-    fit_keys = ("epochs", "callbacks", "verbose", "batch_size", "steps_per_epoch")
+    fit_keys = (
+        "epochs", "callbacks", "verbose", "batch_size", "steps_per_epoch", "shuffle_buffer", "seed",
+    )
     fit_options = {k: options.pop(k) for k in fit_keys if k in options}
     model = GLMM.from_formula(formula, data, family=family, weights=weights, **options)
     model.fit(data, **fit_options)

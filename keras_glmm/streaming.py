@@ -1,0 +1,1235 @@
+"""Data larger than memory: fitting a GLMM from CSV or Parquet files read in chunks.
+
+```python
+source = kg.read_parquet("clicks/*.parquet")          # or kg.read_csv("clicks/*.csv")
+model = kg.glmm("y ~ x + (1|user) + (1|item)", source, family="binomial")
+```
+
+A formula model needs, before its first step, everything `Design.from_data` learns
+from a data frame (the level vocabulary of every grouping factor, each level's row
+count, the coding of the fixed effects and of the response) and a starting point
+(the GLM fit of `keras_glmm.initialization`). With files, `scan` learns all of it in
+one pass over the chunks, holding only what must be held: the vocabularies and
+their counts, the distinct values of categorical fixed-effect columns, and a
+uniform random sample of rows (a bounded reservoir, 100,000 rows by default). The
+sample stands in for the data where a frame is needed: it fixes formulaic's
+fixed-effects coding (with one extra row for each category of a categorical
+column that the files hold but the sample missed, so no category is lost; the
+state of stateful transforms such as `center()` or `scale()` is the sample's) and
+gives the GLM starting point. The level vocabularies, their order and the counts
+are those of `Design.from_data` on all the rows (`_group_levels` orders a set of
+values, so it is called on the distinct values only).
+
+`GLMM.fit(source)` then trains from a `tf.data` pipeline: chunks are read and
+turned into model arrays (`Design.arrays`), shuffled by `block_shuffle` (a buffer
+of at most `shuffle_buffer` rows is permuted and emitted in batches; shuffling
+single rows with `Dataset.shuffle` would cost far more than a training step), and
+prefetched. When the data fit in the shuffle buffer they are read once and kept.
+The final ELBO of a streamed fit is one more pass over the files; results that need
+every training row in memory (`vcov`, `coef_table`, `fitted`, `residuals`,
+`simulate`) raise an error saying what to do instead.
+
+Bad data fail with the file and the line: a malformed CSV row, a non-numeric
+value in a numeric column, a missing value (under `na_action="raise"`), a response
+outside the family's support, a file without a needed column. The index of each
+chunk is the line number in the CSV file (the header is line 1, the first data row
+line 2; one line per row, as pandas' chunks count rows: blank lines and quoted
+fields holding line breaks shift the numbers, except in pandas' own parser errors,
+which count lines) or the 1-based row number in a Parquet file.
+
+Column types are fixed by the first chunk that holds the column, as a reader
+infers them from the first rows: a column read as numbers there must hold numbers
+everywhere (the error names the file, line and value; pass `dtype={"col": str}`
+to `read_csv` for a categorical column whose first values look like numbers);
+the response, offsets, weights and random slopes must be numeric. Integer columns
+become float64 when some chunk holds floats or missing values, as they would
+when read whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+
+from keras_glmm.design import (
+    _C_RE,
+    Design,
+    _categorical_factors,
+    _column_strings,
+    _eval_expr,
+    _group_levels,
+    _is_categorical,
+    _level_str,
+    _level_strs,
+    _unquote,
+)
+from keras_glmm.formula import FormulaSpec, parse_formula
+
+__all__ = [
+    "CSVSource",
+    "ParquetSource",
+    "Scan",
+    "Source",
+    "block_shuffle",
+    "elbo",
+    "read_csv",
+    "read_parquet",
+    "scan",
+]
+
+CHUNK_ROWS = 65_536
+SAMPLE_ROWS = 100_000
+BATCH_SIZE = 65_536
+SHUFFLE_BUFFER = 1_000_000
+# Rows of the first file read to learn which columns the formula uses.
+HEAD_ROWS = 1_000
+# Distinct values kept per fixed-effect column: a categorical fixed effect with
+# more levels than this is a grouping factor in disguise, and a numeric column
+# with more is not categorical.
+MAX_CATEGORIES = 10_000
+# Fewest steps in an epoch: `GLMM.fit`'s epochs in memory. `ELBOConvergence`
+# compares epochs; over a few minibatch steps the ELBO's change is mostly noise,
+# and the fit stops early (radon in 2 batches a pass: the county sd 3% off).
+MIN_EPOCH_STEPS = 100
+_Y = "__y__"  # key of the response in the blocks of `block_shuffle`
+_MAX_LISTED = 10
+
+
+# --------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------
+
+
+def _resolve_paths(paths) -> list[str]:
+    """A path, a glob pattern or a list of them -> existing file paths."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = list(paths)
+    if not paths:
+        raise ValueError("no files given: pass a path, a glob pattern or a list of paths")
+    out: list[str] = []
+    for p in paths:
+        p = os.fspath(p)
+        if glob.has_magic(p):
+            matches = sorted(glob.glob(p))
+            if not matches:
+                raise FileNotFoundError(f"{p}: no file matches this pattern")
+            out += matches
+        elif not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: no such file")
+        else:
+            out.append(p)
+    return out
+
+
+class Source:
+    """Files read in chunks of rows (the base of `CSVSource` and `ParquetSource`).
+
+    Attributes:
+        paths: the files, in reading order (a glob pattern's matches sorted).
+        chunk_rows: rows per chunk read.
+        unit: how an error names a row: ``"line"`` (CSV) or ``"row"`` (Parquet).
+    """
+
+    unit = "row"
+
+    def __init__(self, paths, chunk_rows=CHUNK_ROWS):
+        if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+            raise ValueError(f"`chunk_rows` must be a positive integer. Received: chunk_rows={chunk_rows!r}")
+        self.paths = _resolve_paths(paths)
+        self.chunk_rows = int(chunk_rows)
+
+    def __repr__(self):
+        shown = self.paths if len(self.paths) <= 3 else [*self.paths[:3], f"... ({len(self.paths)} files)"]
+        return f"{type(self).__name__}({shown})"
+
+    def _key(self):
+        """What identifies the data read (two sources with equal keys read the same rows)."""
+        return (type(self).__name__, tuple(self.paths))
+
+    def columns(self, path: str) -> list[str]:
+        """The column names of one file."""
+        raise NotImplementedError
+
+    def head(self, rows: int = HEAD_ROWS) -> pd.DataFrame:
+        """The first rows of the first file, every column."""
+        raise NotImplementedError
+
+    def chunks(self, columns: list[str], order=None) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Yields ``(path, frame)``: the files' rows in chunks, only ``columns``.
+
+        Args:
+            columns: the columns to read (each file must have them).
+            order: optional permutation of the files (a new file order per epoch).
+
+        The frame's index is the line number (CSV) or the 1-based row number
+        (Parquet) of each row in its file.
+        """
+        raise NotImplementedError
+
+    def check_columns(self, columns: list[str]) -> None:
+        """Raises a ValueError naming the file and column if a file lacks one of ``columns``."""
+        for path in self.paths:
+            have = self.columns(path)
+            missing = [c for c in columns if c not in have]
+            if missing:
+                shown = have if len(have) <= 30 else f"{len(have)} columns"
+                raise ValueError(
+                    f"{path}: column '{missing[0]}' (used by the formula) is missing"
+                    + (f", and {missing[1:]}" if len(missing) > 1 else "")
+                    + f"; the file has {shown}"
+                )
+
+
+class CSVSource(Source):
+    """CSV files read in chunks by `pandas.read_csv(chunksize=...)`.
+
+    Args:
+        paths: a path, a glob pattern (``"data/*.csv"``; matches sorted) or a list
+            of them.
+        chunk_rows: rows per chunk.
+        check_fields: check that every row has as many fields as the header.
+            pandas skips that check when it reads a subset of the columns
+            (`usecols`), so a row with an extra field (an unquoted comma) would be
+            read shifted without a word; by default every column is parsed and
+            the unused ones dropped. False reads only the formula's columns:
+            faster on wide files, without the check.
+        **read_csv_kwargs: passed to `pandas.read_csv` (``sep``, ``dtype``,
+            ``na_values``, ``compression``, an integer ``skiprows`` or
+            ``header``...); not ``chunksize``, ``iterator``, ``usecols``,
+            ``index_col`` or ``nrows``, which the source sets.
+
+    Example:
+
+    >>> source = CSVSource("visits/*.csv.gz", sep=";")
+    >>> model = kg.glmm("y ~ x + (1 | user)", source, family="poisson")
+    """
+
+    unit = "line"
+
+    def __init__(self, paths, chunk_rows=CHUNK_ROWS, check_fields=True, **read_csv_kwargs):
+        for key in ("chunksize", "iterator", "usecols", "index_col", "nrows"):
+            if key in read_csv_kwargs:
+                raise ValueError(
+                    f"CSVSource sets `{key}` itself (chunks of `chunk_rows` rows of the formula's "
+                    "columns, indexed by line number): do not pass it."
+                )
+        skiprows = read_csv_kwargs.get("skiprows") or 0
+        header = read_csv_kwargs.get("header", "infer")
+        if header == "infer":
+            header = None if read_csv_kwargs.get("names") is not None else 0
+        if not isinstance(skiprows, (int, np.integer)) or not (
+            header is None or isinstance(header, (int, np.integer))
+        ):
+            raise ValueError(
+                "CSVSource takes an integer `skiprows` and an integer (or None) `header` only: "
+                "the line numbers in its error messages are counted from them."
+            )
+        super().__init__(paths, chunk_rows)
+        self.check_fields = bool(check_fields)
+        self.read_csv_kwargs = dict(read_csv_kwargs)
+        # Line number of the first data row (1-based, the header counted).
+        self.first_line = int(skiprows) + (1 if header is None else int(header) + 2)
+
+    def _key(self):
+        return (*super()._key(), repr(sorted(self.read_csv_kwargs.items())))
+
+    @contextlib.contextmanager
+    def _errors(self, path):
+        """pandas' errors -> ValueErrors that start with the file (and line)."""
+        try:
+            yield
+        except pd.errors.ParserError as e:
+            text = " ".join(str(e).split())
+            m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+            if m:
+                raise ValueError(
+                    f"{path}, line {m.group(2)}: malformed row: {m.group(3)} fields where the "
+                    f"header has {m.group(1)}"
+                ) from None
+            raise ValueError(f"{path}: could not parse the CSV file: {text}") from None
+        except pd.errors.EmptyDataError:
+            raise ValueError(f"{path}: the file is empty (no header line)") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: {e}; pass `encoding=` to read_csv") from None
+
+    def columns(self, path):
+        with self._errors(path):
+            frame = pd.read_csv(path, nrows=0, **self.read_csv_kwargs)
+        return [str(c) for c in frame.columns]
+
+    def head(self, rows=HEAD_ROWS):
+        path = self.paths[0]
+        with self._errors(path):
+            frame = pd.read_csv(path, nrows=rows, **self.read_csv_kwargs)
+        frame.index = frame.index + self.first_line
+        return frame
+
+    def chunks(self, columns, order=None):
+        paths = self.paths if order is None else [self.paths[i] for i in order]
+        usecols = None if self.check_fields else list(columns)
+        for path in paths:
+            with self._errors(path):
+                reader = pd.read_csv(path, chunksize=self.chunk_rows, usecols=usecols, **self.read_csv_kwargs)
+                with reader:
+                    for frame in reader:
+                        # pandas numbers the rows on from chunk to chunk.
+                        frame = frame[list(columns)]
+                        frame.index = frame.index + self.first_line
+                        yield path, frame
+
+
+class ParquetSource(Source):
+    """Parquet files read in record batches by `pyarrow.parquet.ParquetFile.iter_batches`.
+
+    Only the formula's columns are read. Errors name a row by its 1-based number
+    in its file.
+
+    Args:
+        paths: a path, a glob pattern (``"data/*.parquet"``; matches sorted) or a
+            list of them.
+        chunk_rows: rows per record batch.
+    """
+
+    unit = "row"
+
+    def _open(self, path):
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types
+            raise ValueError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+    def columns(self, path):
+        return [str(c) for c in self._open(path).schema_arrow.names]
+
+    def head(self, rows=HEAD_ROWS):
+        path = self.paths[0]
+        file = self._open(path)
+        try:
+            batch = next(iter(file.iter_batches(batch_size=rows)), None)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: could not read the Parquet file ({type(e).__name__}: {e})") from None
+        frame = file.schema_arrow.empty_table().to_pandas() if batch is None else batch.to_pandas()
+        frame.index = pd.RangeIndex(1, len(frame) + 1)
+        return frame
+
+    def chunks(self, columns, order=None):
+        paths = self.paths if order is None else [self.paths[i] for i in order]
+        for path in paths:
+            file = self._open(path)
+            start = 1
+            batches = file.iter_batches(batch_size=self.chunk_rows, columns=list(columns))
+            while True:
+                try:
+                    batch = next(batches, None)
+                except Exception as e:  # noqa: BLE001 - a corrupt page, a type pyarrow cannot read
+                    raise ValueError(
+                        f"{path}: could not read the Parquet file after row {start - 1} "
+                        f"({type(e).__name__}: {e})"
+                    ) from None
+                if batch is None:
+                    break
+                frame = batch.to_pandas()[list(columns)]
+                frame.index = pd.RangeIndex(start, start + len(frame))
+                start += len(frame)
+                yield path, frame
+
+
+def read_csv(paths, chunk_rows=CHUNK_ROWS, check_fields=True, **read_csv_kwargs) -> CSVSource:
+    """CSV files to fit from without loading them: a `CSVSource` (see there)."""
+    return CSVSource(paths, chunk_rows=chunk_rows, check_fields=check_fields, **read_csv_kwargs)
+
+
+def read_parquet(paths, chunk_rows=CHUNK_ROWS) -> ParquetSource:
+    """Parquet files to fit from without loading them: a `ParquetSource` (see there)."""
+    return ParquetSource(paths, chunk_rows=chunk_rows)
+
+
+def is_source(data) -> bool:
+    return isinstance(data, Source)
+
+
+# --------------------------------------------------------------------------
+# Error messages that name the file and line
+# --------------------------------------------------------------------------
+
+
+def _lines(index: pd.Index, mask) -> str:
+    rows = index[np.flatnonzero(mask)]
+    shown = ", ".join(str(r) for r in rows[:_MAX_LISTED])
+    more = f", ... ({len(rows)} in all)" if len(rows) > _MAX_LISTED else ""
+    return f"[{shown}{more}]"
+
+
+@contextlib.contextmanager
+def _located(path: str, unit: str, index: pd.Index | None = None):
+    """Prefixes a ValueError with the file; its row labels (line numbers) become lines.
+
+    `Design` names rows by their index label, which in a chunk is the line (or
+    row) number: "rows [12, 40]" becomes "lines [12, 40]". Messages naming rows by
+    position (the families' checks) are mapped through ``index``.
+    """
+    try:
+        yield
+    except ValueError as e:
+        message = str(e)
+        if message.startswith(path):
+            raise
+        if index is not None:
+            message = re.sub(
+                r"\brow (\d+)", lambda m: f"{unit} {index[int(m.group(1))]}", message
+            )
+        elif unit != "row":
+            message = re.sub(r"\brow(s?) (?=[\[\d])", lambda m: f"{unit}{m.group(1)} ", message)
+        raise ValueError(f"{path}: {message}") from e
+
+
+# --------------------------------------------------------------------------
+# Reading chunks: types, missing values, the response
+# --------------------------------------------------------------------------
+
+
+def _is_numeric(series: pd.Series) -> bool:
+    return not _is_categorical(series)
+
+
+class _Reader:
+    """A source's chunks of the formula's columns, typed alike and checked.
+
+    Each column's kind is fixed by the first chunk (see the module docstring):
+    ``"numeric"``, ``"category"`` (a pandas categorical: its categories, in
+    order, are the union over the chunks), ``"string"`` (values as strings), or
+    ``"group"`` (a grouping column: any type, the design makes level strings).
+    `freeze` ends the learning: later chunks are cast to the learned types.
+    """
+
+    def __init__(self, source, spec, family, columns, weights, na_action):
+        self.source = source
+        self.spec = spec
+        self.family = family
+        self.weights = weights
+        self.na_action = na_action
+        self.columns = list(columns["used"])
+        if weights and weights not in self.columns:
+            self.columns.append(weights)
+        plain_binary = family == "binomial" and spec.cbind() is None and not weights
+        self.numeric = set(columns["offset"]) | set(columns["random"]) | ({weights} if weights else set())
+        if not plain_binary:
+            self.numeric |= set(columns["response"])
+        self.group = set(columns["group"]) - self.numeric - set(columns["fixed"])
+        self.kinds: dict[str, str] = {}
+        self.dtypes: dict[str, set] = {}
+        self.categories: dict[str, list] = {}
+        self.final_dtypes: dict[str, Any] = {}
+        self.frozen = False
+        self.omitted = 0
+
+    # ------------------------------------------------------------- types
+    def _kind(self, column, series):
+        if column in self.numeric:
+            return "numeric"
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            return "category"
+        if column in self.group:
+            return "group"
+        return "string" if _is_categorical(series) else "numeric"
+
+    def _typed(self, frame, path):
+        out = {}
+        for c in self.columns:
+            s = frame[c]
+            kind = self.kinds.get(c)
+            if kind is None:
+                kind = self.kinds[c] = self._kind(c, s)
+                self.dtypes[c] = set()
+                self.categories[c] = []
+            if kind == "numeric":
+                if not _is_numeric(s):
+                    s = self._to_numeric(c, s, path)
+                if self.frozen:
+                    if s.dtype != self.final_dtypes[c]:
+                        s = s.astype(self.final_dtypes[c])
+                else:
+                    self.dtypes[c].add(s.dtype)
+            elif kind == "category":
+                s = self._to_category(c, s, path)
+            elif kind == "string":
+                if not isinstance(s.dtype, pd.CategoricalDtype) and _is_numeric(s):
+                    s = pd.Series(_column_strings(s), index=s.index, dtype=object)
+                elif isinstance(s.dtype, pd.CategoricalDtype):
+                    s = s.astype(object)
+            out[c] = s
+        return pd.DataFrame(out, index=frame.index)
+
+    def _to_numeric(self, column, series, path):
+        values = pd.to_numeric(series, errors="coerce")
+        bad = (values.isna() & series.notna()).to_numpy()
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            hint = (
+                "it must be numeric"
+                if column in self.numeric
+                else "its first values read were numbers; if it is categorical, read it as "
+                f"strings (read_csv(..., dtype={{'{column}': str}}))"
+            )
+            raise ValueError(
+                f"{path}, {self.source.unit} {series.index[i]}: column '{column}' holds "
+                f"{series.iloc[i]!r}, which is not a number ({hint})"
+                + (f"; {int(bad.sum())} such values in this chunk" if bad.sum() > 1 else "")
+            )
+        return values
+
+    def _to_category(self, column, series, path):
+        cats = self.categories[column]
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            new = list(series.cat.categories)
+        else:
+            new = list(pd.unique(series.dropna()))
+        if not self.frozen:
+            known = set(cats)
+            cats.extend(v for v in new if v not in known)
+        out = pd.Series(pd.Categorical(series, categories=cats), index=series.index)
+        lost = (out.isna() & series.notna()).to_numpy()
+        if lost.any():
+            i = int(np.flatnonzero(lost)[0])
+            raise ValueError(
+                f"{path}, {self.source.unit} {series.index[i]}: column '{column}' has the category "
+                f"{series.iloc[i]!r}, which the scan of the files did not see (did the files change?)"
+            )
+        return out
+
+    def freeze(self):
+        """Ends learning: each numeric column gets one dtype (float64 if the chunks differ)."""
+        for c, seen in self.dtypes.items():
+            if self.kinds[c] == "numeric":
+                self.final_dtypes[c] = next(iter(seen)) if len(seen) == 1 else np.dtype("float64")
+        self.frozen = True
+
+    def cast(self, frame):
+        """Casts a frame assembled from chunks (the sample) to the learned types."""
+        frame = frame.copy()
+        for c in self.columns:
+            kind = self.kinds.get(c)
+            if kind == "numeric" and frame[c].dtype != self.final_dtypes[c]:
+                frame[c] = frame[c].astype(self.final_dtypes[c])
+            elif kind == "category":
+                frame[c] = pd.Categorical(frame[c], categories=self.categories[c])
+            elif kind == "string":
+                frame[c] = frame[c].astype(object)
+        return frame
+
+    # ------------------------------------------------------------- checks
+    def _complete(self, frame, path):
+        missing = frame.isna().to_numpy()
+        rows = missing.any(axis=1)
+        if not rows.any():
+            return frame
+        if self.na_action == "raise":
+            cols = [c for c, m in zip(frame.columns, missing.any(axis=0), strict=True) if m]
+            raise ValueError(
+                f"{path}: missing values in column(s) {cols} at {self.source.unit}s "
+                f"{_lines(frame.index, rows)}; remove those rows from the file, or use "
+                "na_action='omit' to skip them"
+            )
+        self.omitted += int(rows.sum())
+        return frame.loc[~rows]
+
+    def _check_response(self, frame, path, family):
+        """The response (and offsets) of every row, against the family's support."""
+        spec = self.spec
+        unit = self.source.unit
+        stub = Design(
+            spec=spec, fixed_spec=None, fixed_columns=[], fixed_formulaic_columns=[], random=[],
+            response_kind=None, family_name=self.family, na_action=self.na_action,
+        )
+        if spec.offsets:
+            with _located(path, unit):
+                stub.offset(frame)
+        if spec.response is None or not len(frame):
+            return
+        if self.family != "binomial":
+            stub.response_kind = "continuous"
+        elif spec.cbind() is not None:
+            stub.response_kind = "cbind"
+        elif self.weights:
+            stub.response_kind = "proportion"
+        else:
+            stub.response_kind = "binary"
+            with _located(path, unit):
+                raw = _eval_expr(spec.response, frame, f"the response {spec.response}")
+            if isinstance(raw, pd.Series) and _is_categorical(raw):
+                return  # a two-level factor: its levels are checked by the design
+        with _located(path, unit):
+            y = stub.response(frame, self.weights)
+        response, trials = (y[:, 0], y[:, 1]) if y.ndim == 2 else (y, None)
+        with _located(path, unit, index=frame.index):
+            family.check_response(response, trials, name=f"response '{spec.response}'")
+
+    def chunks(self, family=None, order=None):
+        """Yields ``(path, frame)``: typed, complete (or raising), the response
+        checked against ``family`` (when given: the passes after the scan leave it
+        to `_chunk_arrays`)."""
+        for path, frame in self.source.chunks(self.columns, order=order):
+            frame = self._typed(frame, path)
+            frame = self._complete(frame, path)
+            if family is not None:
+                self._check_response(frame, path, family)
+            yield path, frame
+
+
+# --------------------------------------------------------------------------
+# The scan
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Scan:
+    """What one pass over a source learned (see `scan`).
+
+    Attributes:
+        source: the files.
+        design: the frozen `Design` (levels and their order as `Design.from_data`
+            on all the rows).
+        num_rows: rows used (complete rows under ``na_action="omit"``).
+        num_omitted: rows skipped for missing values.
+        level_counts: per random-effect term (``design.random`` order), the
+            number of rows of each level.
+        sample: the uniform random sample of rows (at most ``sample_rows``), in
+            file order.
+        weights: the weights column, if any.
+    """
+
+    source: Source
+    design: Design
+    num_rows: int
+    num_omitted: int
+    level_counts: list[np.ndarray]
+    sample: pd.DataFrame
+    weights: str | None = None
+    _reader: _Reader | None = field(default=None, repr=False)
+
+
+def _count_levels(frame, cols, counter):
+    """Adds each combination of the grouping columns' level strings to ``counter``."""
+    codes_all, names_all = [], []
+    for c in cols:
+        codes, uniques = pd.factorize(frame[c], use_na_sentinel=True)
+        codes_all.append(codes.astype(np.int64))
+        names_all.append(_level_strs(uniques))
+    if len(cols) == 1:
+        for name, count in zip(names_all[0], np.bincount(codes_all[0]).tolist(), strict=True):
+            counter[(name,)] = counter.get((name,), 0) + count
+        return
+    combined = codes_all[0]
+    for codes, names in zip(codes_all[1:], names_all[1:], strict=True):
+        combined = combined * len(names) + codes
+    values, counts = np.unique(combined, return_counts=True)
+    for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        key = []
+        for names in reversed(names_all):
+            value, r = divmod(value, len(names))
+            key.append(names[r])
+        key = tuple(reversed(key))
+        counter[key] = counter.get(key, 0) + count
+
+
+def _track(values: dict, series: pd.Series):
+    """Adds the distinct values of ``series`` to ``values``; None once past MAX_CATEGORIES."""
+    if values is None:
+        return None
+    distinct = pd.unique(series.dropna())
+    if len(distinct) > MAX_CATEGORIES:  # a continuous column: not worth counting
+        return None
+    for v in distinct:
+        values.setdefault(v.item() if isinstance(v, np.generic) else v, None)
+    return values if len(values) <= MAX_CATEGORIES else None
+
+
+def _factor_column(factor: str, columns) -> str | None:
+    """The data column behind a formulaic categorical factor (``f``, ``C(f)``), if plain."""
+    if factor in columns:
+        return factor
+    m = _C_RE.match(factor)
+    var = _unquote(m.group("var")) if m else None
+    return var if var in columns else None
+
+
+def _missing_categories(design, tracked, columns):
+    """Per column, the values the files hold that the design's coding lacks."""
+    out = {}
+    for factor in _categorical_factors(design.fixed_spec):
+        var = _factor_column(factor, columns)
+        if var is None or var not in tracked:
+            continue
+        values = tracked[var]
+        if values is None:
+            raise ValueError(
+                f"the fixed effects treat '{factor}' as categorical, but column '{var}' has more "
+                f"than {MAX_CATEGORIES:,} distinct values in the files: use it as a grouping "
+                f"factor, (1 | {var}), instead"
+            )
+        state = design.fixed_spec.encoder_state[factor][1]
+        categories = list(state.get("categories", []))
+        known = set(categories) | {_level_str(c) for c in categories}
+        lacking = [v for v in values if v not in known and _level_str(v) not in known]
+        if lacking:
+            out[var] = lacking
+    response = design.spec.response
+    if design.response_levels is not None and response in tracked and tracked[response] is not None:
+        lacking = [v for v in tracked[response] if _level_str(v) not in design.response_levels]
+        if lacking:
+            out[response] = lacking
+    return out
+
+
+def _extra_rows(sample, lacking, reader):
+    """Copies of the sample's first row, one per lacking value of a column."""
+    rows = []
+    for column, values in lacking.items():
+        for v in values:
+            row = sample.iloc[[0]].copy()
+            if reader.kinds.get(column) == "category":
+                row[column] = pd.Categorical([v], categories=reader.categories[column])
+            else:
+                row[column] = v
+            rows.append(row)
+    return rows
+
+
+def _reservoir(state, frame, k, rng):
+    """Keeps the ``k`` rows with the smallest uniform keys: a uniform sample without replacement."""
+    keys = rng.random(len(frame))
+    order = state["rows"] + np.arange(len(frame))
+    state["rows"] += len(frame)
+    if state["sample"] is not None and len(state["keys"]) >= k:
+        chosen = keys < state["keys"].max()
+        if not chosen.any():
+            return
+        frame, keys, order = frame.loc[chosen], keys[chosen], order[chosen]
+    if state["sample"] is None:
+        sample, all_keys, all_order = frame.reset_index(drop=True), keys, order
+    else:
+        sample = pd.concat([state["sample"], frame.reset_index(drop=True)], ignore_index=True)
+        all_keys = np.concatenate([state["keys"], keys])
+        all_order = np.concatenate([state["order"], order])
+    if len(all_keys) > k:
+        keep = np.sort(np.argpartition(all_keys, k - 1)[:k])
+        sample = sample.iloc[keep].reset_index(drop=True)
+        all_keys, all_order = all_keys[keep], all_order[keep]
+    state["sample"], state["keys"], state["order"] = sample, all_keys, all_order
+
+
+def scan(
+    source,
+    formula,
+    family="gaussian",
+    weights=None,
+    na_action="raise",
+    sample_rows=SAMPLE_ROWS,
+    seed=0,
+) -> Scan:
+    """One pass over files: the design of a formula, level counts and a sample of rows.
+
+    Every chunk is checked on the way (see the module docstring): the scan fails on
+    the first bad row with its file and line, before any training.
+
+    Args:
+        source: a `Source` (`read_csv`, `read_parquet`).
+        formula: an lme4 formula or a parsed `FormulaSpec`.
+        family: a family name or `keras_glmm.families.Family` (it decides how the
+            response is read and checked).
+        weights: binomial trials for a proportion response: a column name.
+        na_action: ``"raise"`` (a missing value is an error naming the file and
+            lines) or ``"omit"`` (those rows are skipped, with a warning).
+        sample_rows: size of the uniform sample of rows kept (the reservoir) for
+            the fixed-effects coding and the GLM starting point.
+        seed: seed of the sample.
+
+    Returns:
+        A `Scan`.
+    """
+    from keras_glmm.families import get_family
+
+    if not is_source(source):
+        raise TypeError(f"`source` must be a CSVSource or ParquetSource, got {type(source).__name__}")
+    if not isinstance(sample_rows, (int, np.integer)) or sample_rows < 1:
+        raise ValueError(f"`sample_rows` must be a positive integer. Received: sample_rows={sample_rows!r}")
+    if na_action not in ("raise", "omit"):
+        raise ValueError(f"na_action must be 'raise' or 'omit', got {na_action!r}")
+    if weights is not None and not isinstance(weights, str):
+        raise TypeError("with files, `weights` must be the name of a column (the binomial trials)")
+    family_obj = get_family(family) if isinstance(family, str) else family
+    spec = parse_formula(formula) if isinstance(formula, str) else formula
+    if not isinstance(spec, FormulaSpec):
+        raise TypeError(f"expected a formula string or FormulaSpec, got {type(spec).__name__}")
+
+    # Which columns the formula uses, from the first rows of the first file.
+    first = source.paths[0]
+    head = source.head(HEAD_ROWS)
+    with _located(first, source.unit):
+        columns = Design._formula_columns(spec, head)
+        if weights is not None and weights not in head.columns:
+            raise ValueError(f"unknown weights column '{weights}'; the file has {list(head.columns)}")
+    reader = _Reader(source, spec, family_obj.name, columns, weights, na_action)
+    source.check_columns(reader.columns)
+
+    # Grouping factors: terms on the same columns share one counter.
+    group_keys = list(dict.fromkeys(t.group_columns() for t in spec.random))
+    counters: dict[tuple, dict] = {cols: {} for cols in group_keys}
+    tracked: dict[str, dict | None] = {c: {} for c in columns["fixed"]}
+    if family_obj.name == "binomial" and spec.cbind() is None and spec.response in reader.columns:
+        tracked.setdefault(spec.response, {})
+    rng = np.random.default_rng(seed)
+    state = {"sample": None, "keys": None, "order": None, "rows": 0}
+    for _path, frame in reader.chunks(family_obj):
+        if not len(frame):
+            continue
+        for cols, counter in counters.items():
+            _count_levels(frame, cols, counter)
+        for c, values in tracked.items():
+            tracked[c] = _track(values, frame[c])
+        _reservoir(state, frame, int(sample_rows), rng)
+    reader.freeze()
+    num_rows = state["rows"]
+    if num_rows == 0:
+        why = " (every row has a missing value)" if reader.omitted else ""
+        raise ValueError(f"{source}: no rows to fit{why}")
+    if reader.omitted:
+        warnings.warn(
+            f"na_action='omit': skipped {reader.omitted} of {num_rows + reader.omitted} rows with "
+            "missing values.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    sample = state["sample"].iloc[np.argsort(state["order"], kind="stable")].reset_index(drop=True)
+    sample = reader.cast(sample)
+
+    # Level vocabularies: `_group_levels` on one row per distinct combination.
+    vocab, counts_by_key = {}, {}
+    for cols, counter in counters.items():
+        keys = list(counter)
+        data = {}
+        for j, c in enumerate(cols):
+            values = [k[j] for k in keys]
+            if reader.kinds.get(c) == "category":
+                cats = list(dict.fromkeys(_level_str(v) for v in reader.categories[c]))
+                data[c] = pd.Categorical(values, categories=cats)
+            else:
+                data[c] = pd.Series(values, dtype=object)
+        vocab[cols] = pd.DataFrame(data)
+        counts_by_key[cols] = {":".join(k): n for k, n in counter.items()}
+    levels = [_group_levels(t, vocab[t.group_columns()]) for t in spec.random]
+    level_counts = [
+        np.array([counts_by_key[t.group_columns()][lvl] for lvl in lv], dtype="float64")
+        for t, lv in zip(spec.random, levels, strict=True)
+    ]
+
+    # The design from the sample, plus one row per value of a categorical column
+    # that the sample missed: string and pandas categorical columns first, numeric
+    # ones once the coding shows them categorical (C(period)).
+    lacking = {}
+    for c, values in tracked.items():
+        if values is not None and reader.kinds.get(c) in ("string", "category"):
+            seen = {_level_str(v) for v in pd.unique(sample[c].dropna())}
+            missing = [v for v in values if _level_str(v) not in seen]
+            if missing:
+                lacking[c] = missing
+    extra = []
+    for _ in range(2):
+        extra += _extra_rows(sample, lacking, reader)
+        frame = pd.concat([sample, *extra], ignore_index=True) if extra else sample
+        design = Design.from_data(
+            spec, frame, family_obj.name, weights=weights, na_action=na_action, group_levels=levels
+        )
+        lacking = _missing_categories(design, tracked, list(sample.columns))
+        if not lacking:
+            break
+    return Scan(
+        source=source,
+        design=design,
+        num_rows=num_rows,
+        num_omitted=reader.omitted,
+        level_counts=level_counts,
+        sample=sample,
+        weights=weights,
+        _reader=reader,
+    )
+
+
+# --------------------------------------------------------------------------
+# The model: counts, starting point, training pipeline, ELBO
+# --------------------------------------------------------------------------
+
+
+def _set_counts(model, design, level_counts, num_rows):
+    by_name = {r.name: c for r, c in zip(design.random, level_counts, strict=True)}
+    for term in model.terms:
+        if not term.built:
+            term.build()
+        counts = by_name[term.name]
+        term.level_counts.assign(counts.astype(term.level_counts.dtype))
+    from keras_glmm.layers.fixed_effects import VariationalFixedEffects
+    from keras_glmm.layers.joint_random_effects import JointRandomEffects
+
+    for layer in [model.fixed_effects, *model.random_effects]:
+        if isinstance(layer, (VariationalFixedEffects, JointRandomEffects)):
+            layer.num_observations = int(num_rows)
+
+
+def prepare(model, scan_result: Scan) -> None:
+    """Sets a formula model up from a scan: level counts, row count, GLM start on the sample.
+
+    The counts (which scale each level's KL) and the number of rows are the files'
+    own; only the starting point comes from the sample.
+    """
+    from keras_glmm import initialization
+
+    design = scan_result.design
+    x, y = design.arrays(scan_result.sample, weights=scan_result.weights)
+    x, y, _ = initialization.check_data(model, x, y)
+    if not model.built:
+        model({key: value[:1] for key, value in x.items()})  # creates the weights
+    _set_counts(model, design, scan_result.level_counts, scan_result.num_rows)
+    initialization.initialize(model, x, y)
+    model._data_initialized = True
+    model._stream_scan = scan_result
+
+
+def _recount(model, source) -> Scan:
+    """A scan of new files for a model whose design is fixed: rows and level counts."""
+    design = model.design
+    head = source.head(HEAD_ROWS)
+    with _located(source.paths[0], source.unit):
+        columns = Design._formula_columns(design.spec, head)
+    weights = getattr(model, "_weights", None)
+    weights = weights if isinstance(weights, str) else None
+    reader = _Reader(source, design.spec, model.family.name, columns, weights, design.na_action)
+    source.check_columns(reader.columns)
+    counts = [np.zeros(r.n_levels) for r in design.random]
+    rows = 0
+    for path, frame in reader.chunks():
+        x, _ = _chunk_arrays(model, reader, path, frame)
+        for r, c in zip(design.random, counts, strict=True):
+            c += np.bincount(x[r.name], minlength=r.n_levels)
+        rows += len(frame)
+    reader.freeze()
+    if rows == 0:
+        raise ValueError(f"{source}: no rows to fit")
+    result = Scan(source, design, rows, reader.omitted, counts, pd.DataFrame(), weights, reader)
+    _set_counts(model, design, counts, rows)
+    return result
+
+
+def _scan_for(model, source) -> Scan:
+    """The model's scan of ``source`` (from `from_formula`), or a new count of its rows."""
+    if model.design is None:
+        raise ValueError(
+            "Fitting from files needs a model built from a formula: "
+            "GLMM.from_formula(formula, source) or kg.glmm(formula, source)."
+        )
+    current = getattr(model, "_stream_scan", None)
+    if current is not None and current.source._key() == source._key():
+        _set_counts(model, current.design, current.level_counts, current.num_rows)
+        return current
+    result = _recount(model, source)
+    model._stream_scan = result
+    return result
+
+
+def _chunk_arrays(model, reader, path, frame):
+    """One checked chunk -> model inputs (model dtype; level indices int64) and response."""
+    design = model.design
+    unit = reader.source.unit
+    if design.spec.response is None:
+        raise ValueError("the formula has no response (left-hand side): there is nothing to fit")
+    with _located(path, unit):
+        x, y = design.arrays(frame, weights=reader.weights)
+    for r in design.random:
+        new = x[r.name] < 0
+        if new.any():
+            i = int(np.flatnonzero(new)[0])
+            cols = r.group_columns
+            value = ":".join(_level_str(frame[c].iloc[i]) for c in cols)
+            raise ValueError(
+                f"{path}, {unit} {frame.index[i]}: level '{value}' of grouping factor "
+                f"'{_unquote(r.term.group)}' is not among the model's levels (the data it was "
+                "built from): build the model from these files"
+            )
+    response, trials = (y[:, 0], y[:, 1]) if y.ndim == 2 else (y, None)
+    with _located(path, unit, index=frame.index):
+        model.family.check_response(response, trials, name=f"response '{design.spec.response}'")
+    dtype = np.dtype(model.compute_dtype)
+    x = {k: (v if v.dtype == np.int64 else v.astype(dtype)) for k, v in x.items()}
+    return x, y.astype(dtype)
+
+
+def _rows(block) -> int:
+    return len(next(iter(block.values())))
+
+
+def _concat(blocks):
+    if len(blocks) == 1:
+        return blocks[0]
+    return {k: np.concatenate([b[k] for b in blocks]) for k in blocks[0]}
+
+
+def _take(block, index):
+    return {k: v[index] for k, v in block.items()}
+
+
+def block_shuffle(blocks, buffer_rows, batch_size, rng=None) -> Iterator[dict]:
+    """Batches of rows from a stream of blocks, shuffled within a bounded buffer.
+
+    Blocks (dicts of arrays with one row per entry of their first dimension) are
+    gathered until the buffer holds at least ``buffer_rows`` rows; then its rows
+    are permuted, batches are emitted from the permuted rows until about half the
+    buffer is left, and the rest stays to be mixed with the next blocks (so a row
+    can travel further than one buffer's worth). At the end of the stream the
+    remaining rows are permuted and emitted. Every row is emitted exactly once;
+    every batch has ``batch_size`` rows except the last one. The buffer never holds
+    more than ``buffer_rows`` plus one block's rows (plus the permuted copy of them
+    while batches are taken).
+
+    Args:
+        blocks: an iterable of dicts of NumPy arrays.
+        buffer_rows: rows gathered before permuting (at least ``batch_size``).
+        batch_size: rows per batch.
+        rng: a `numpy.random.Generator` (a fresh default one if None).
+
+    Yields:
+        Dicts of arrays with the blocks' keys.
+    """
+    if batch_size < 1 or buffer_rows < batch_size:
+        raise ValueError(
+            f"the shuffle buffer must hold at least one batch: buffer_rows={buffer_rows}, "
+            f"batch_size={batch_size}"
+        )
+    rng = np.random.default_rng() if rng is None else rng
+    buffered, rows = [], 0
+    for block in blocks:
+        n = _rows(block)
+        if not n:
+            continue
+        buffered.append(block)
+        rows += n
+        if rows < buffer_rows:
+            continue
+        data = _concat(buffered)
+        order = rng.permutation(rows)
+        emit = max(1, (rows - buffer_rows // 2) // batch_size) * batch_size
+        buffered = []
+        for start in range(0, emit, batch_size):
+            yield _take(data, order[start:start + batch_size])
+        rest = order[emit:]
+        buffered, rows = ([_take(data, rest)] if len(rest) else []), len(rest)
+        del data
+    if rows:
+        data = _concat(buffered)
+        order = rng.permutation(rows)
+        for start in range(0, rows, batch_size):
+            yield _take(data, order[start:start + batch_size])
+
+
+def _signature(model, scan_result):
+    """`tf.TensorSpec`s of the model's inputs and response, from the design."""
+    design = scan_result.design
+    dtype = tf.as_dtype(model.compute_dtype)
+    x = {"x": tf.TensorSpec((None, design.n_fixed), dtype)}
+    if design.spec.offsets:
+        x["offset"] = tf.TensorSpec((None,), dtype)
+    for r in design.random:
+        x[r.name] = tf.TensorSpec((None,), tf.int64)
+        if r.n_covariates:
+            x[r.name + "_z"] = tf.TensorSpec((None, r.n_covariates), dtype)
+    two = design.response_kind in ("cbind", "proportion")
+    y = tf.TensorSpec((None, 2) if two else (None,), dtype)
+    return x, y
+
+
+def _blocks(model, scan_result, order=None):
+    reader = scan_result._reader
+    for path, frame in reader.chunks(order=order):
+        if len(frame):
+            x, y = _chunk_arrays(model, reader, path, frame)
+            yield {**x, _Y: y}
+
+
+def dataset(model, source, batch_size=BATCH_SIZE, shuffle_buffer=SHUFFLE_BUFFER, seed=None):
+    """The endless `tf.data` pipeline of shuffled training batches from files.
+
+    Each pass reads the files (in a new random order), turns chunks into model
+    arrays and shuffles them through `block_shuffle`, in a Python generator. Data
+    that fit in the shuffle buffer are read once and kept: then the batches come
+    from memory as in `GLMM.fit` (the whole data as one batch when it fits in one,
+    else `keras_glmm.model.minibatches`), with no Python in the loop.
+
+    Returns:
+        ``(dataset, steps_per_pass)``: the repeated dataset of ``(inputs, y)``
+        batches and the number of batches in one pass over the data.
+    """
+    from keras_glmm.model import minibatches  # model.py imports this module
+
+    scan_result = _scan_for(model, source)
+    if shuffle_buffer < batch_size:
+        raise ValueError(
+            f"`shuffle_buffer` ({shuffle_buffer}) must hold at least one batch (batch_size={batch_size})"
+        )
+    steps = -(-scan_result.num_rows // batch_size)
+    if scan_result.num_rows <= shuffle_buffer:
+        x = _concat(list(_blocks(model, scan_result)))
+        y = x.pop(_Y)
+        if scan_result.num_rows <= batch_size:
+            return tf.data.Dataset.from_tensors((x, y)).repeat(), steps
+        return minibatches((x, y), batch_size, seed=seed), steps
+    rng = np.random.default_rng(seed)
+
+    def one_pass():
+        order = rng.permutation(len(scan_result.source.paths))
+        blocks = _blocks(model, scan_result, order)
+        for batch in block_shuffle(blocks, shuffle_buffer, batch_size, rng):
+            y = batch.pop(_Y)
+            yield batch, y
+
+    signature = _signature(model, scan_result)
+    data = tf.data.Dataset.from_generator(one_pass, output_signature=signature)
+    return data.repeat().prefetch(2), steps
+
+
+@contextlib.contextmanager
+def _steps_per_execution(model, steps_per_epoch):
+    """Runs a fit with `steps_per_execution` dividing `steps_per_epoch`.
+
+    Keras runs whole executions, so with 100 steps per execution (GLMM's default)
+    an epoch of 8 steps would run 100: an epoch would no longer be a pass over the
+    files. The largest divisor of `steps_per_epoch` not above the compiled value
+    is used for this fit; the compiled value is restored after it.
+    """
+    compiled = model.steps_per_execution
+    if steps_per_epoch % compiled == 0:
+        yield
+        return
+    divisor = max(d for d in range(1, min(compiled, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
+    model.steps_per_execution = divisor
+    model.train_function = None
+    try:
+        yield
+    finally:
+        model.steps_per_execution = compiled
+        model.train_function = None
+
+
+def elbo(model, source, batch_size=BATCH_SIZE):
+    """The exact ELBO of the model on files, in one pass (totals, not per row).
+
+    Returns:
+        A dict with `elbo`, `expected_log_likelihood` and `kl`, as `GLMM.elbo`.
+    """
+    scan_result = _scan_for(model, source)
+    x_spec, y_spec = _signature(model, scan_result)
+
+    @tf.function(input_signature=[x_spec, y_spec])
+    def batch_ell(x, y):
+        return tf.reduce_sum(tf.cast(model.expected_log_likelihood(y, model(x, training=False)), tf.float64))
+
+    ell = 0.0
+    for block in _blocks(model, scan_result):
+        for start in range(0, _rows(block), batch_size):
+            batch = {k: v[start:start + batch_size] for k, v in block.items()}
+            y = batch.pop(_Y)
+            ell += float(batch_ell(batch, y))
+    kl = model._total_kl()
+    return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
+
+
+def fit(
+    model,
+    source,
+    y=None,
+    batch_size=None,
+    shuffle_buffer=SHUFFLE_BUFFER,
+    epochs=None,
+    seed=None,
+    verbose=0,
+    callbacks=None,
+    steps_per_epoch=None,
+    **kwargs,
+):
+    """`GLMM.fit` on files (see `GLMM.fit` and the module docstring).
+
+    Args:
+        model: a GLMM built from a formula.
+        source: a `Source`.
+        y: must be None (the response is in the files).
+        batch_size: rows per step: by default the whole data set (full batch, as
+            `GLMM.fit` in memory) when it has at most `FULL_BATCH_ROWS` rows and
+            fits in the shuffle buffer, else 65,536.
+        shuffle_buffer: rows the shuffle holds (default 1,000,000).
+        epochs: at most this many epochs (default 200).
+        seed: seed of the file order and the shuffles.
+        verbose, callbacks: as Keras's `fit`; an `ELBOConvergence` is added unless
+            the callbacks hold one.
+        steps_per_epoch: default one pass over the files, ``ceil(rows /
+            batch_size)`` steps, but at least 100 (several passes), as `GLMM.fit`'s
+            epochs in memory: `ELBOConvergence` compares epochs, and the change
+            of the ELBO over a few minibatch steps is mostly noise.
+        **kwargs: passed to Keras's `fit`.
+
+    Returns:
+        The Keras `History`.
+    """
+    import keras
+
+    from keras_glmm.callbacks import ELBOConvergence
+
+    if y is not None:
+        raise ValueError("With files the response comes from the formula: do not pass `y`.")
+    if kwargs.get("sample_weight") is not None:
+        raise ValueError("`sample_weight` is not supported with files: use a weights column.")
+    kwargs.pop("sample_weight", None)
+    kwargs.pop("initialize", None)
+    if not model.compiled:
+        model.compile()
+    if batch_size is None:
+        from keras_glmm.model import FULL_BATCH_ROWS
+
+        rows = _scan_for(model, source).num_rows
+        batch_size = rows if rows <= min(FULL_BATCH_ROWS, shuffle_buffer) else BATCH_SIZE
+    data, steps = dataset(model, source, int(batch_size), int(shuffle_buffer), seed)
+    if steps_per_epoch is None:
+        steps_per_epoch = max(steps, MIN_EPOCH_STEPS)
+    callbacks = list(callbacks or [])
+    convergence = next((c for c in callbacks if isinstance(c, ELBOConvergence)), None)
+    if convergence is None:
+        convergence = ELBOConvergence()
+        callbacks.append(convergence)
+    with _steps_per_execution(model, steps_per_epoch):
+        history = keras.Model.fit(
+            model, data, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
+            verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
+        )
+    model._finish_fit(None, None, history, convergence, callbacks, source=source)
+    return history
+
+
+def fitted_from_files_error(source) -> ValueError:
+    """The error of results that need every training row of a model fitted from files."""
+    return ValueError(
+        f"This model was fitted from files ({source}) and keeps no training rows in memory: "
+        "vcov(), coef_table(), fitted(), residuals(), simulate() and predictions without "
+        "`newdata` need them. Pass newdata for predictions (model.predict_response(frame)); "
+        "for standard errors, fit the same formula on a data frame (all the rows if they fit "
+        "in memory, else a sample). fixef(), ranef(), varcorr(), coef() and "
+        "predict_response(newdata) work as usual."
+    )
