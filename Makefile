@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install example test bench clean
+.PHONY: install example test bench bench-fast clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,22 @@ example: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Benchmarks append to benchmarks/RESULTS.md; InstEval runs lme4 too when Rscript
-# and lme4 are installed (Debian: r-base-core r-cran-lme4).
+# Benchmarks append to benchmarks/RESULTS.md; InstEval and the crossed logistic
+# model run lme4 too when Rscript and lme4 are installed (Debian: r-base-core
+# r-cran-lme4). glmer takes about 45 minutes on 2 cores: `make bench-fast` skips it.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_radon.py
 	$(PY) benchmarks/bench_insteval.py
 	$(PY) benchmarks/bench_levels.py
+	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_crossed.py
+
+bench-fast: $(STAMP)
+	$(PY) benchmarks/bench_radon.py
+	$(PY) benchmarks/bench_insteval.py
+	$(PY) benchmarks/bench_levels.py
+	$(PY) benchmarks/bench_scale.py
+	$(PY) benchmarks/bench_crossed.py --no-glmer
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

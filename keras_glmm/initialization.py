@@ -12,6 +12,7 @@ units of the response and covariates.
 import keras
 import numpy as np
 import tensorflow as tf
+import tensorflow_probability as tfp
 
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
 from keras_glmm.layers.joint_random_effects import JointRandomEffects
@@ -256,3 +257,57 @@ def initialize(model, x, y):
                 # Start the fixed effects' posterior sd at a tenth of their GLM size.
                 fixed_sd = 0.1 * (np.abs(beta) + 0.1 * spread)
             layer.reset_posterior(beta if layer.num_fixed else None, fixed_sd)
+
+
+def start_posterior_scales(model, x, y, max_rows=100_000):
+    """Starts each level's posterior sds at their Laplace value for the current state.
+
+    Natural-gradient steps (`SparseAdam(natural_step=...)`) scale each level's step
+    by its posterior covariance, which must then be about right from the first step:
+    a level with 800,000 rows whose posterior sd still has its starting value (half
+    the prior sd) would overshoot by a factor of thousands. For effect `k` of level
+    `j` with `n_j` rows the Laplace (Gauss-Newton) precision is
+
+    ```
+    1 / sd_jk^2 = n_j * w * mean(z_k^2) + 1 / tau_k^2
+    ```
+
+    with `w = -E[d^2 log p(y | eta) / d eta^2]` averaged over (up to `max_rows`)
+    training rows at the current linear predictor, and `tau_k` the prior sd.
+    Correlations start at zero. Only mean-field `RandomEffects` layers are set.
+    """
+    num_rows = len(y)
+    take = slice(0, min(num_rows, max_rows))
+    xs = {key: value[take] for key, value in x.items()}
+    ys = tf.constant(np.asarray(y)[take], model.compute_dtype)
+    pred = model(xs, training=False)
+    eta = tf.Variable(tf.cast(pred["eta"], model.compute_dtype))
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            ell = tf.reduce_sum(model.expected_log_likelihood(ys, {**pred, "eta": eta}))
+        # Rows are independent: d/d eta_i of sum_j grad_j is the i-th second derivative.
+        grad_sum = tf.reduce_sum(inner.gradient(ell, eta))
+    curvature = outer.gradient(grad_sum, eta).numpy()
+    weight = float(np.mean(-curvature[np.isfinite(curvature)]))
+    if not np.isfinite(weight) or weight <= 0:
+        return
+    for layer in model.terms:
+        if not layer.own_posterior:
+            continue
+        z2 = [1.0] if layer.intercept else []
+        if layer.num_covariates:
+            z = np.asarray(xs[layer.name + "_z"], dtype="float64")
+            z2.extend(np.mean(z**2, axis=0))
+        counts = layer.level_counts.numpy().astype("float64")[:, None]
+        tau = np.asarray(layer.prior_stddev(), dtype="float64")
+        scale = np.asarray(layer.effect_scale, dtype="float64")
+        sd = 1.0 / np.sqrt(counts * weight * np.asarray(z2) + 1.0 / tau**2)  # (levels, k)
+        raw_sd = np.log(np.expm1(np.maximum(sd / scale - 1e-6, 1e-12)))  # softplus^-1
+        if layer.num_effects == 1:
+            layer.posterior_scale_tril.assign(raw_sd.astype(layer.variable_dtype))
+        else:
+            diag = np.zeros(counts.shape[:1] + (layer.num_effects,) * 2)
+            idx = np.arange(layer.num_effects)
+            diag[:, idx, idx] = raw_sd
+            packed = tfp.math.fill_triangular_inverse(diag).numpy()
+            layer.posterior_scale_tril.assign(packed.astype(layer.variable_dtype))

@@ -38,14 +38,49 @@ class SparseAdam(keras.optimizers.Adam):
     >>> opt = SparseAdam(learning_rate=0.05)
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, natural_step=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.amsgrad:
             raise ValueError("`SparseAdam` does not support `amsgrad=True`.")
+        if natural_step is not None and not float(natural_step) > 0:
+            raise ValueError(f"`natural_step` must be positive. Received: natural_step={natural_step}")
+        self.natural_step = None if natural_step is None else float(natural_step)
+        lr = kwargs.get("learning_rate", args[0] if args else 0.001)
+        # The natural step anneals with a float learning rate (not with a schedule).
+        self._initial_learning_rate = float(lr) if isinstance(lr, (int, float)) else None
+
+    def get_config(self):
+        config = super().get_config()
+        config["natural_step"] = self.natural_step
+        return config
+
+    def _natural_update(self, gradient, variable, learning_rate, keras_variable):
+        """Natural-gradient SGD on random-effect means (see the class docstring)."""
+        dtype = variable.dtype
+        # The loss is a mean over the batch's rows: B times its gradient is the
+        # batch's share of the ELBO's, and `natural_step` = 1 makes an epoch's steps
+        # add up to one Newton step of every level's posterior mean.
+        batch = tf.cast(tf.shape(gradient.indices)[0], dtype)
+        step = tf.constant(self.natural_step, dtype)
+        if self._initial_learning_rate:
+            # Anneal with the learning rate (ELBOConvergence lowers it on plateaus).
+            step = step * tf.cast(learning_rate, dtype) / self._initial_learning_rate
+        # The preconditioned gradient is linear in the gradient: each of a level's
+        # rows can be scattered as it is (the scatter adds duplicates), without the
+        # unique/segment-sum that the Adam path needs.
+        rows = gradient.indices
+        update = keras_variable.natural_gradient(rows, tf.cast(gradient.values, dtype))
+        self.assign_sub(variable, tf.IndexedSlices(step * batch * update, rows))
 
     def update_step(self, gradient, variable, learning_rate):
         if not isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        # The backend passes the underlying tf.Variable; the Keras variable that
+        # carries the layer's preconditioner is the optimizer's own entry.
+        keras_variable = self._trainable_variables[index]
+        if self.natural_step is not None and hasattr(keras_variable, "natural_gradient"):
+            return self._natural_update(gradient, variable, learning_rate, keras_variable)
         dtype = variable.dtype
         lr = tf.cast(learning_rate, dtype)
         step = tf.cast(self.iterations + 1, dtype)
@@ -61,7 +96,6 @@ class SparseAdam(keras.optimizers.Adam):
         grad = tf.math.unsorted_segment_sum(
             tf.cast(gradient.values, dtype), position, tf.shape(rows)[0]
         )
-        index = self._get_variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
         # Read the slots' rows through their resource variables: converting a Keras

@@ -1107,29 +1107,6 @@ def dataset(model, source, batch_size=BATCH_SIZE, shuffle_buffer=SHUFFLE_BUFFER,
     return data.repeat().prefetch(2), steps
 
 
-@contextlib.contextmanager
-def _steps_per_execution(model, steps_per_epoch):
-    """Runs a fit with `steps_per_execution` dividing `steps_per_epoch`.
-
-    Keras runs whole executions, so with 100 steps per execution (GLMM's default)
-    an epoch of 8 steps would run 100: an epoch would no longer be a pass over the
-    files. The largest divisor of `steps_per_epoch` not above the compiled value
-    is used for this fit; the compiled value is restored after it.
-    """
-    compiled = model.steps_per_execution
-    if steps_per_epoch % compiled == 0:
-        yield
-        return
-    divisor = max(d for d in range(1, min(compiled, steps_per_epoch) + 1) if steps_per_epoch % d == 0)
-    model.steps_per_execution = divisor
-    model.train_function = None
-    try:
-        yield
-    finally:
-        model.steps_per_execution = compiled
-        model.train_function = None
-
-
 def elbo(model, source, batch_size=BATCH_SIZE):
     """The exact ELBO of the model on files, in one pass (totals, not per row).
 
@@ -1192,6 +1169,7 @@ def fit(
     import keras
 
     from keras_glmm.callbacks import ELBOConvergence
+    from keras_glmm.model import aligned_steps_per_execution
 
     if y is not None:
         raise ValueError("With files the response comes from the formula: do not pass `y`.")
@@ -1206,21 +1184,35 @@ def fit(
 
         rows = _scan_for(model, source).num_rows
         batch_size = rows if rows <= min(FULL_BATCH_ROWS, shuffle_buffer) else BATCH_SIZE
+    scan_result = _scan_for(model, source)
+    minibatch = int(batch_size) < scan_result.num_rows
+    if minibatch and len(scan_result.sample):
+        # Natural-gradient steps for the random effects, their sds started from the sample.
+        x, y = scan_result.design.arrays(scan_result.sample, weights=scan_result.weights)
+        model.use_minibatch_optimizer(*initialization_arrays(model, x, y))
     data, steps = dataset(model, source, int(batch_size), int(shuffle_buffer), seed)
     if steps_per_epoch is None:
         steps_per_epoch = max(steps, MIN_EPOCH_STEPS)
     callbacks = list(callbacks or [])
     convergence = next((c for c in callbacks if isinstance(c, ELBOConvergence)), None)
     if convergence is None:
-        convergence = ELBOConvergence()
+        convergence = ELBOConvergence.for_minibatches() if minibatch else ELBOConvergence()
         callbacks.append(convergence)
-    with _steps_per_execution(model, steps_per_epoch):
+    with aligned_steps_per_execution(model, steps_per_epoch):
         history = keras.Model.fit(
             model, data, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
             verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
         )
     model._finish_fit(None, None, history, convergence, callbacks, source=source)
     return history
+
+
+def initialization_arrays(model, x, y):
+    """Sample arrays checked and cast as the model's training arrays are."""
+    from keras_glmm import initialization
+
+    x, y, _ = initialization.check_data(model, x, y)
+    return x, y
 
 
 def fitted_from_files_error(source) -> ValueError:

@@ -158,3 +158,87 @@ def test_get_config_round_trip():
 def test_amsgrad_raises():
     with pytest.raises(ValueError, match="amsgrad"):
         SparseAdam(amsgrad=True)
+
+
+def test_natural_gradient_is_posterior_covariance_times_gradient():
+    """`RandomEffects.natural_gradient` is `L_raw L_raw' g` (k = 2) and `sd_raw^2 g` (k = 1)."""
+    import tensorflow_probability as tfp
+
+    import keras_glmm as kg
+
+    rng = np.random.default_rng(3)
+    for k in (1, 2):
+        layer = kg.RandomEffects(5, num_effects=k, intercept=True, effect_scale=[2.0] * k, dtype="float64")
+        layer.build()
+        raw = rng.normal(size=layer.posterior_scale_tril.shape)
+        layer.posterior_scale_tril.assign(raw)
+        rows = tf.constant([4, 1], "int64")
+        grad = rng.normal(size=(2, k))
+        got = layer.natural_gradient(rows, tf.constant(grad)).numpy()
+        tril = tfp.math.fill_triangular(raw[[4, 1]]).numpy()
+        idx = np.arange(k)
+        tril[:, idx, idx] = np.log1p(np.exp(tril[:, idx, idx])) + 1e-6
+        want = np.einsum("rij,rkj,rk->ri", tril, tril, grad)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        # Half of the effect scale's square: the stored covariance is in its units.
+        assert layer.posterior_mean.natural_gradient is not None
+
+
+def test_natural_step_moves_means_by_batch_times_covariance_times_gradient():
+    """One step: `m[r] -= natural_step * B * S_raw[r] g[r]`; other variables get Adam."""
+    import keras_glmm as kg
+
+    layer = kg.RandomEffects(4, dtype="float64")
+    layer.build()
+    layer.posterior_scale_tril.assign(np.full((4, 1), np.log(np.expm1(0.5))))
+    other = _var([1.0, 2.0])
+    opt = SparseAdam(learning_rate=0.1, natural_step=0.5)
+    before = layer.posterior_mean.numpy().copy()
+    # A batch of 3 rows, two in level 2: the gradient sums their values.
+    grad = tf.IndexedSlices(
+        tf.constant([[0.3], [-0.1], [0.2]], "float64"), tf.constant([2, 0, 2], "int64"), (4, 1)
+    )
+    dense = tf.constant([0.5, -0.5], "float64")
+    opt.apply_gradients([(grad, layer.posterior_mean), (dense, other)])
+    sd2 = (0.5 + 1e-6) ** 2
+    want = before.copy()
+    want[2, 0] -= 0.5 * 3 * sd2 * 0.5
+    want[0, 0] -= 0.5 * 3 * sd2 * -0.1
+    # (float32 learning rates: the annealing ratio is exact to 1e-8)
+    np.testing.assert_allclose(layer.posterior_mean.numpy(), want, rtol=1e-7)
+    np.testing.assert_allclose(other.numpy(), [0.9, 2.1], atol=1e-5)  # Adam's first step: lr * sign
+    # The step anneals with the learning rate.
+    opt.learning_rate = 0.05
+    before = layer.posterior_mean.numpy().copy()
+    opt.apply_gradients([(grad, layer.posterior_mean), (dense, other)])
+    np.testing.assert_allclose(before[2, 0] - layer.posterior_mean.numpy()[2, 0], 0.25 * 3 * sd2 * 0.5, rtol=1e-7)
+    config = opt.get_config()
+    assert config["natural_step"] == 0.5
+    assert SparseAdam.from_config(config).natural_step == 0.5
+
+
+def test_natural_step_must_be_positive():
+    with pytest.raises(ValueError, match="natural_step"):
+        SparseAdam(natural_step=0.0)
+
+
+def test_minibatch_fit_reaches_the_full_batch_estimates():
+    """`fit(batch_size=...)` swaps in natural-gradient steps and ends where full batch does."""
+    import pandas as pd
+
+    import keras_glmm as kg
+
+    rng = np.random.default_rng(7)
+    n, groups = 30_000, 300
+    g = rng.integers(0, groups, n)
+    x = rng.normal(size=n)
+    eta = -0.4 + 0.7 * x + rng.normal(size=groups)[g] * 0.8
+    y = (rng.random(n) < 1 / (1 + np.exp(-eta))).astype(float)
+    data = pd.DataFrame({"y": y, "x": x, "g": g})
+    full = kg.glmm("y ~ x + (1 | g)", data, family="binomial")
+    mini = kg.GLMM.from_formula("y ~ x + (1 | g)", data, family="binomial")
+    mini.fit(data, batch_size=2048)
+    assert mini.optimizer.natural_step == 1.0 and full.optimizer.natural_step is None
+    assert mini.converged_
+    np.testing.assert_allclose(mini.fixef().values, full.fixef().values, atol=0.01)
+    np.testing.assert_allclose(mini.varcorr()["sdcor"].values, full.varcorr()["sdcor"].values, rtol=0.02)

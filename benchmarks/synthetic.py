@@ -1,0 +1,99 @@
+"""Seeded generators of crossed user x item data with known truth.
+
+Every benchmark on synthetic data draws it here, so the same seed gives the same
+rows in every run and in every program (the CSV written for R is this data).
+Nothing large is committed: the data are regenerated on demand.
+
+The model behind both generators is
+
+```
+eta_i = beta_0 + beta_x x_i + beta_z z_i + u[user_i] . (1, x_i) + v[item_i]
+u_j ~ N(0, Sigma_u),  Sigma_u = diag(sd_u) [[1, rho], [rho, 1]] diag(sd_u)
+v_k ~ N(0, sd_v^2)
+y_i ~ Bernoulli(logistic(eta_i))    (family="binomial")
+y_i ~ N(eta_i, sigma^2)             (family="gaussian")
+```
+
+with `x, z ~ N(0, 1)`. Users are drawn uniformly; items uniformly or from a Zipf
+law (`item_zipf`: P(item k) proportional to k^-a, as clicks in a catalogue are).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+TRUTH_DEFAULTS = {
+    "(Intercept)": -0.5,
+    "x": 0.8,
+    "z": -0.3,
+    "sd_user": 0.8,
+    "sd_user_x": 0.4,
+    "cor_user": 0.3,
+    "sd_item": 0.5,
+    "sigma": 1.0,
+}
+
+
+def crossed(
+    num_rows,
+    num_users,
+    num_items,
+    family="binomial",
+    user_slope=True,
+    item_zipf=None,
+    seed=0,
+    truth=None,
+):
+    """Draws a crossed user x item data set.
+
+    Args:
+        num_rows: rows to draw.
+        num_users: users (levels of `user`), drawn uniformly per row.
+        num_items: items (levels of `item`).
+        family: `"binomial"` (0/1 response) or `"gaussian"`.
+        user_slope: users get a random slope on `x` (correlated with their intercept);
+            else a random intercept only.
+        item_zipf: None for uniform items, or the Zipf exponent `a > 0`.
+        seed: the seed of everything.
+        truth: overrides of `TRUTH_DEFAULTS`.
+
+    Returns:
+        `(data, truth)`: a DataFrame with columns y, x, z, user, item (levels as
+        integer codes `0..num_users-1`, `0..num_items-1`) and the truth as a dict.
+    """
+    t = dict(TRUTH_DEFAULTS, **(truth or {}))
+    if not user_slope:
+        t.pop("sd_user_x")
+        t.pop("cor_user")
+    if family != "gaussian":
+        t.pop("sigma")
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, num_users, num_rows, dtype=np.int32)
+    if item_zipf is None:
+        item = rng.integers(0, num_items, num_rows, dtype=np.int32)
+    else:
+        p = np.arange(1, num_items + 1, dtype=np.float64) ** -float(item_zipf)
+        cdf = np.cumsum(p / p.sum())
+        item = np.minimum(np.searchsorted(cdf, rng.random(num_rows)), num_items - 1).astype(np.int32)
+        # Popular items anywhere in the code range, not only the first codes.
+        item = rng.permutation(num_items).astype(np.int32)[item]
+    x = rng.standard_normal(num_rows, dtype=np.float32)
+    z = rng.standard_normal(num_rows, dtype=np.float32)
+    user_int = rng.standard_normal(num_users) * t["sd_user"]
+    eta = t["(Intercept)"] + t["x"] * x + t["z"] * z + user_int[user]
+    if user_slope:
+        rho = t["cor_user"]
+        user_x = t["sd_user_x"] * (
+            rho * user_int / t["sd_user"] + np.sqrt(1 - rho**2) * rng.standard_normal(num_users)
+        )
+        eta += user_x[user] * x
+    eta += (rng.standard_normal(num_items) * t["sd_item"])[item]
+    if family == "binomial":
+        y = (rng.random(num_rows) < 1 / (1 + np.exp(-eta))).astype(np.float32)
+    elif family == "gaussian":
+        y = (eta + t["sigma"] * rng.standard_normal(num_rows)).astype(np.float32)
+    else:
+        raise ValueError(f"family must be 'binomial' or 'gaussian'. Received: {family!r}")
+    data = pd.DataFrame({"y": y, "x": x, "z": z, "user": user, "item": item})
+    return data, t
