@@ -6,7 +6,7 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_glmm import datasets, distribute, families, layers, serving, streaming  # noqa: E402
-from keras_glmm.callbacks import ELBOConvergence  # noqa: E402
+from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
 from keras_glmm.layers import (  # noqa: E402
     FamilyHead,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ELBOConvergence",
+    "VarianceUpdate",
     "FamilyHead",
     "GLMM",
     "GLMMTensorBoard",

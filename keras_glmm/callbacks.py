@@ -27,6 +27,11 @@ class ELBOConvergence(keras.callbacks.Callback):
         factor: multiplier of the learning rate on a plateau.
         min_learning_rate: lower bound of the learning rate.
         monitor: the History key to watch.
+        sd_tolerance: optional; the learning rate is lowered (and convergence
+            declared) only once no random-effect sd moved by more than this
+            relative change in the epoch. A minibatch loss plateaus at its noise
+            level while the sds are still climbing by EM steps; lowering the rate
+            then would freeze the levels' means, and the sds with them.
     """
 
     def __init__(
@@ -37,6 +42,7 @@ class ELBOConvergence(keras.callbacks.Callback):
         factor=0.5,
         min_learning_rate=1e-4,
         monitor="loss",
+        sd_tolerance=None,
     ):
         super().__init__()
         self.tolerance = float(tolerance)
@@ -45,6 +51,7 @@ class ELBOConvergence(keras.callbacks.Callback):
         self.factor = float(factor)
         self.min_learning_rate = float(min_learning_rate)
         self.monitor = monitor
+        self.sd_tolerance = None if sd_tolerance is None else float(sd_tolerance)
         self.converged = False
         self.last_delta = np.inf
 
@@ -59,31 +66,45 @@ class ELBOConvergence(keras.callbacks.Callback):
         observation over two epochs then moves the estimates far less than their
         standard errors.
         """
-        return cls(tolerance=1e-5, patience=2, reduce_below=1e-4, factor=0.5, min_learning_rate=1e-4)
+        return cls(
+            tolerance=1e-5, patience=2, reduce_below=1e-4, factor=0.5, min_learning_rate=1e-4,
+            sd_tolerance=0.01,
+        )
 
     def on_train_begin(self, logs=None):
         self.converged = False
         self.last_delta = np.inf
         self._previous = None
         self._wait = 0
+        self._sds = None
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is None or not np.isfinite(value):
             return
+        settled = self._sds_settled()
         if self._previous is not None:
             delta = self._previous - value  # > 0: improvement
             self.last_delta = abs(delta)
-            if abs(delta) < self.tolerance:
+            if abs(delta) < self.tolerance and settled:
                 self._wait += 1
                 if self._wait >= self.patience:
                     self.converged = True
                     self.model.stop_training = True
             else:
                 self._wait = 0
-            if delta < self.reduce_below:
+            if delta < self.reduce_below and settled:
                 self._reduce_learning_rate()
         self._previous = value
+
+    def _sds_settled(self):
+        """Whether every random-effect sd changed by less than `sd_tolerance` (relative)."""
+        terms = getattr(self.model, "terms", []) if self.sd_tolerance is not None else []
+        if not terms:
+            return True
+        sds = np.concatenate([np.ravel(t.prior_stddev()) for t in terms])
+        previous, self._sds = self._sds, sds
+        return previous is not None and bool(np.all(np.abs(sds / previous - 1) < self.sd_tolerance))
 
     def _reduce_learning_rate(self):
         optimizer = self.model.optimizer
@@ -103,4 +124,41 @@ class ELBOConvergence(keras.callbacks.Callback):
             "factor": self.factor,
             "min_learning_rate": self.min_learning_rate,
             "monitor": self.monitor,
+            "sd_tolerance": self.sd_tolerance,
         }
+
+
+class VarianceUpdate(keras.callbacks.Callback):
+    """At each epoch's end, moves every random-effect prior to its optimum given q.
+
+    The M-step of variational EM (`RandomEffects.update_prior`): with natural-gradient
+    steps the levels' posteriors follow the prior within a pass, and this exact update
+    of the prior keeps up with them, where Adam's steps from noisy minibatch
+    gradients of `tau` crawl. EM itself crawls when levels have few rows, so the
+    steps are over-relaxed adaptively: while an sd keeps moving the same way its
+    relaxation doubles (up to `max_relaxation`), and it drops back to 1 when the
+    direction turns. `GLMM.fit` adds this callback to minibatch fits.
+
+    Args:
+        max_relaxation: the largest over-relaxation factor.
+    """
+
+    def __init__(self, max_relaxation=8.0):
+        super().__init__()
+        self.max_relaxation = float(max_relaxation)
+
+    def on_train_begin(self, logs=None):
+        self._state = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for term in getattr(self.model, "terms", []):
+            relaxation, previous = self._state.get(term.name, (1.0, None))
+            step = term.update_prior(relaxation)
+            if previous is not None and np.all(np.sign(step) == np.sign(previous)):
+                relaxation = min(2.0 * relaxation, self.max_relaxation)
+            else:
+                relaxation = 1.0
+            self._state[term.name] = (relaxation, step)
+
+    def get_config(self):
+        return {"max_relaxation": self.max_relaxation}

@@ -11,7 +11,7 @@ import tensorflow as tf
 from keras_glmm import families as families_lib
 from keras_glmm import results as results_lib
 from keras_glmm import streaming
-from keras_glmm.callbacks import ELBOConvergence
+from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
 from keras_glmm.layers.joint_random_effects import JointRandomEffects
@@ -439,6 +439,8 @@ class GLMM(keras.Model):
         if convergence is None:
             convergence = ELBOConvergence() if batch_size is None else ELBOConvergence.for_minibatches()
             callbacks.append(convergence)
+        if batch_size is not None and self._default_optimizer:
+            callbacks.insert(0, VarianceUpdate())  # before the convergence check sees the epoch
         with aligned_steps_per_execution(self, steps_per_epoch):
             history = super().fit(
                 dataset, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
@@ -498,6 +500,14 @@ class GLMM(keras.Model):
             return
         if int(self.optimizer.iterations) == 0:
             initialization.start_posterior_scales(self, x, y)
+        # The priors' sds and correlations then move by the M-step of
+        # `VarianceUpdate` only: Adam's steps between epochs would undo its
+        # over-relaxation.
+        for term in self.terms:
+            if term.own_posterior and term.scale_prior is None:
+                term.log_scale.trainable = False
+                if term.num_correlations:
+                    term.correlation.trainable = False
         with self.distribute_strategy.scope():
             self.compile(
                 optimizer=SparseAdam(learning_rate=MINIBATCH_LEARNING_RATE, natural_step=1.0),

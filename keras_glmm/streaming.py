@@ -1168,7 +1168,7 @@ def fit(
     """
     import keras
 
-    from keras_glmm.callbacks import ELBOConvergence
+    from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate
     from keras_glmm.model import aligned_steps_per_execution
 
     if y is not None:
@@ -1198,6 +1198,8 @@ def fit(
     if convergence is None:
         convergence = ELBOConvergence.for_minibatches() if minibatch else ELBOConvergence()
         callbacks.append(convergence)
+    if minibatch and model._default_optimizer:
+        callbacks.insert(0, VarianceUpdate())  # the M-step of the variance parameters
     with aligned_steps_per_execution(model, steps_per_epoch):
         history = keras.Model.fit(
             model, data, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,

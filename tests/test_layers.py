@@ -577,3 +577,27 @@ def test_other_layers_mixed_precision():
     assert fixed(np.ones((3, 2), "float32"), training=True).dtype == tf.float16
     head = FamilyHead("gaussian", dtype="mixed_float16")
     assert head(np.ones((3, 2), "float32"))["scale"].dtype == tf.float16
+
+
+def test_update_prior_is_the_m_step():
+    """`update_prior`: Sigma = mean over counted levels of (mu mu' + S); relaxation in log tau."""
+    import keras_glmm as kg
+
+    rng = np.random.default_rng(11)
+    layer = kg.RandomEffects(6, num_effects=2, intercept=True, effect_scale=[1.5, 0.5], dtype="float64")
+    layer.build()
+    layer.posterior_mean.assign(rng.normal(size=(6, 2)))
+    layer.posterior_scale_tril.assign(rng.normal(size=(6, 3)) * 0.3)
+    layer.level_counts.assign([3.0, 0.0, 2.0, 5.0, 1.0, 4.0])  # level 1 has no rows
+    seen = np.array([0, 2, 3, 4, 5])
+    mu = layer.posterior_mean.numpy()[seen] * np.array([1.5, 0.5])
+    cov = layer.conditional_covariance()[seen]
+    want = (mu.T @ mu + cov.sum(0)) / len(seen)
+    old = np.log(layer.prior_stddev())
+    step = layer.update_prior()
+    np.testing.assert_allclose(layer.prior_covariance(), want, rtol=1e-10)
+    np.testing.assert_allclose(step, np.log(np.sqrt(np.diag(want))) - old, rtol=1e-10)
+    # Over-relaxed: log tau moves `relaxation` times the M-step's way.
+    layer.log_scale.assign(old)
+    layer.update_prior(relaxation=2.0)
+    np.testing.assert_allclose(np.log(layer.prior_stddev()), old + 2 * step, rtol=1e-10)

@@ -589,6 +589,52 @@ class RandomEffects(keras.layers.Layer):
         """Posterior means of every level's effects, `(num_levels, k)` (lme4's ranef)."""
         return (self.posterior_mean * self._effect_scale).numpy()
 
+    def update_prior(self, relaxation=1.0):
+        """Moves the prior covariance to its optimum given the posterior (an M-step).
+
+        For a point-estimated `Sigma` the ELBO's only `Sigma` terms are the levels'
+        KLs, maximized by
+
+        ```
+        Sigma = mean over levels with training rows of (mu_c mu_c' + L_c L_c')
+        ```
+
+        Minibatch fits take this step once an epoch (`VarianceUpdate`): Adam steps on
+        `tau` from minibatches are noisy and slow (the EM-like coupling of `tau` with
+        every level's mean), while the exact update needs one pass over the table.
+        Under a hyperprior (`scale_prior`) nothing is changed.
+
+        Args:
+            relaxation: over-relaxation `omega` of the sds' step in log space,
+                `log tau <- log tau + omega (log tau_M - log tau)`: EM moves a variance
+                by a fraction of the way to its fixed point when levels have few rows
+                (`1 / (1 + n w tau^2)` of the information is missing), and `omega > 1`
+                makes up for it.
+
+        Returns:
+            The step `log tau_M - log tau` of each effect (before relaxation).
+        """
+        if self.scale_prior is not None or not self.own_posterior:
+            return np.zeros(self.num_effects)
+        seen = self.level_counts.numpy() > 0
+        if not seen.any():
+            return np.zeros(self.num_effects)
+        mean = (self.posterior_mean.numpy() * np.asarray(self.effect_scale))[seen].astype("float64")
+        cov = self.conditional_covariance()[seen].astype("float64")
+        sigma = (mean.T @ mean + cov.sum(axis=0)) / seen.sum()
+        if self.covariance == "diagonal":
+            sigma = np.diag(np.diag(sigma))
+        tau = np.sqrt(np.maximum(np.diag(sigma), 1e-12))
+        old = self.log_scale.numpy().astype("float64")
+        step = np.log(tau) - old
+        self.log_scale.assign((old + relaxation * step).astype(self.variable_dtype))
+        if self.num_correlations:
+            corr = sigma / np.outer(tau, tau)
+            tril = np.linalg.cholesky(corr + 1e-9 * np.eye(len(tau)))
+            raw = tfb.CorrelationCholesky().inverse(tf.constant(tril, self.variable_dtype))
+            self.correlation.assign(raw)
+        return step
+
     def conditional_covariance(self):
         """Posterior covariances of every level's effects, `(num_levels, k, k)`."""
         tril = self._scale_tril(self.posterior_scale_tril)
