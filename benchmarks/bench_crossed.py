@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 
 import keras_glmm as kg  # noqa: E402
+from keras_glmm.model import default_batch_size  # noqa: E402
 import synthetic  # noqa: E402
 from _results import append_results  # noqa: E402
 
@@ -106,7 +107,8 @@ def main():
         f"`{FORMULA}`, binomial; {data.y.mean():.3f} of the responses are 1.",
         f"- keras_glmm seconds: `kg.glmm(formula, data, family='binomial')` from the data frame "
         f"to the fitted model (design, GLM start, tracing, {fit.fit_summary_['epochs']} epochs of "
-        f"65,536-row batches, natural-gradient steps for the random effects); "
+        f"{default_batch_size(args.rows):,}-row batches, natural-gradient steps for the random "
+        "effects, M-steps for their covariances); "
         f"converged: {fit.converged_}; peak resident memory of the process {peak:.2f} GiB.",
     ]
     if glmer is not None:
