@@ -17,13 +17,9 @@ import argparse
 import json
 import os
 import resource
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -31,6 +27,7 @@ import keras_glmm as kg  # noqa: E402
 from keras_glmm.model import default_batch_size  # noqa: E402
 import synthetic  # noqa: E402
 from _results import append_results  # noqa: E402
+from _rscript import run_rscript  # noqa: E402
 
 FORMULA = "y ~ x + z + (1 + x | user) + (1 | item)"
 NAMES = ["(Intercept)", "x", "z", "sd user", "sd user:x", "cor user", "sd item"]
@@ -47,23 +44,6 @@ cat(sprintf('{"seconds": %f, "cpu": %f, "fixef": [%s], "se": [%s], "sdcor": [%s]
     paste(sqrt(diag(as.matrix(vcov(f)))), collapse=","), paste(vc$sdcor, collapse=","),
     as.numeric(logLik(f)), as.character(packageVersion("lme4"))))
 """
-
-
-def run_glmer(data):
-    """glmer's fit in a subprocess; None when R/lme4 are missing or it fails."""
-    if shutil.which("Rscript") is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        csv = os.path.join(tmp, "crossed.csv")
-        data.to_csv(csv, index=False)
-        script = os.path.join(tmp, "fit.R")
-        with open(script, "w") as f:
-            f.write(R_SCRIPT)
-        out = subprocess.run(["Rscript", script, csv], capture_output=True, text=True)
-    if out.returncode != 0:
-        print("glmer failed:", out.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -87,7 +67,7 @@ def main():
         with open(args.glmer_json) as f:
             glmer = json.loads(f.read().strip().splitlines()[-1])
     else:
-        glmer = None if args.no_glmer else run_glmer(data)
+        glmer = None if args.no_glmer else run_rscript(R_SCRIPT, data, "glmer", timeout=None)
 
     def row(name, secs, values, epochs=""):
         out = {"fit": name, "seconds": round(secs, 1) if secs else None, "epochs": epochs}

@@ -10,12 +10,8 @@ Usage:
     python benchmarks/bench_insteval.py
 """
 
-import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -24,6 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import keras_glmm as kg  # noqa: E402
 from _results import append_results  # noqa: E402
+from _rscript import run_rscript  # noqa: E402
 
 FORMULA = "y ~ C(service) + (1|s) + (1|d) + (1|dept)"
 LME4 = {  # lme4 1.1-31 ML fit (shared/reference/lme4_reference.json)
@@ -45,23 +42,6 @@ cat(sprintf('{"seconds": %f, "fixef": [%s], "sd": [%s], "logLik": %f, "version":
 """
 
 
-def run_lme4(data):
-    """lme4's fit in a subprocess, or None when R/lme4 are missing."""
-    if shutil.which("Rscript") is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        csv = os.path.join(tmp, "insteval.csv")
-        data.to_csv(csv, index=False)
-        script = os.path.join(tmp, "fit.R")
-        with open(script, "w") as f:
-            f.write(R_SCRIPT)
-        out = subprocess.run(["Rscript", script, csv], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        print("lme4 failed:", out.stderr[-2000:], file=sys.stderr)
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     data = kg.datasets.load_insteval()
     start = time.perf_counter()
@@ -70,7 +50,7 @@ def main():
     fixef = fit.fixef().values
     sds = fit.varcorr()["sdcor"].values
     se = np.sqrt(np.diag(fit.vcov().values))
-    lme4 = run_lme4(data)
+    lme4 = run_rscript(R_SCRIPT, data, "lme4", timeout=600)
     measured = lme4 is not None
     lme4_seconds = lme4["seconds"] if measured else LME4["seconds"]
     ref_sd = [LME4["s"], LME4["d"], LME4["dept"], LME4["Residual"]]

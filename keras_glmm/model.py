@@ -434,13 +434,7 @@ class GLMM(keras.Model):
             dataset = minibatches(data, batch_size)
             steps_per_epoch = steps_per_epoch or -(-num_rows // batch_size)
             self.use_minibatch_optimizer(x, y)
-        callbacks = list(callbacks or [])
-        convergence = next((c for c in callbacks if isinstance(c, ELBOConvergence)), None)
-        if convergence is None:
-            convergence = ELBOConvergence() if batch_size is None else ELBOConvergence.for_minibatches()
-            callbacks.append(convergence)
-        if batch_size is not None and self._default_optimizer:
-            callbacks.insert(0, VarianceUpdate())  # before the convergence check sees the epoch
+        callbacks, convergence = self.fit_callbacks(callbacks, minibatch=batch_size is not None)
         with aligned_steps_per_execution(self, steps_per_epoch):
             history = super().fit(
                 dataset, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
@@ -478,6 +472,25 @@ class GLMM(keras.Model):
             )
 
     # ------------------------------------------------------------- the data
+    def fit_callbacks(self, callbacks, minibatch):
+        """The callbacks of a fit: the user's, plus the convergence check and M-step.
+
+        An `ELBOConvergence` is added unless the callbacks hold one (the minibatch
+        rule for minibatch fits); minibatch fits with the default optimizer get
+        `VarianceUpdate` first, so the convergence check sees the epoch's M-step.
+
+        Returns:
+            `(callbacks, convergence)`.
+        """
+        callbacks = list(callbacks or [])
+        convergence = next((c for c in callbacks if isinstance(c, ELBOConvergence)), None)
+        if convergence is None:
+            convergence = ELBOConvergence.for_minibatches() if minibatch else ELBOConvergence()
+            callbacks.append(convergence)
+        if minibatch and self._default_optimizer:
+            callbacks.insert(0, VarianceUpdate())
+        return callbacks, convergence
+
     def use_minibatch_optimizer(self, x, y):
         """Switches a default-compiled model to the optimizer for minibatch fits.
 

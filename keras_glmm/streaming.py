@@ -1168,7 +1168,7 @@ def fit(
     """
     import keras
 
-    from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate
+    from keras_glmm import initialization
     from keras_glmm.model import aligned_steps_per_execution
 
     if y is not None:
@@ -1189,17 +1189,12 @@ def fit(
     if minibatch and len(scan_result.sample):
         # Natural-gradient steps for the random effects, their sds started from the sample.
         x, y = scan_result.design.arrays(scan_result.sample, weights=scan_result.weights)
-        model.use_minibatch_optimizer(*initialization_arrays(model, x, y))
+        x, y, _ = initialization.check_data(model, x, y)
+        model.use_minibatch_optimizer(x, y)
     data, steps = dataset(model, source, int(batch_size), int(shuffle_buffer), seed)
     if steps_per_epoch is None:
         steps_per_epoch = max(steps, MIN_EPOCH_STEPS)
-    callbacks = list(callbacks or [])
-    convergence = next((c for c in callbacks if isinstance(c, ELBOConvergence)), None)
-    if convergence is None:
-        convergence = ELBOConvergence.for_minibatches() if minibatch else ELBOConvergence()
-        callbacks.append(convergence)
-    if minibatch and model._default_optimizer:
-        callbacks.insert(0, VarianceUpdate())  # the M-step of the variance parameters
+    callbacks, convergence = model.fit_callbacks(callbacks, minibatch)
     with aligned_steps_per_execution(model, steps_per_epoch):
         history = keras.Model.fit(
             model, data, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
@@ -1207,14 +1202,6 @@ def fit(
         )
     model._finish_fit(None, None, history, convergence, callbacks, source=source)
     return history
-
-
-def initialization_arrays(model, x, y):
-    """Sample arrays checked and cast as the model's training arrays are."""
-    from keras_glmm import initialization
-
-    x, y, _ = initialization.check_data(model, x, y)
-    return x, y
 
 
 def fitted_from_files_error(source) -> ValueError:
