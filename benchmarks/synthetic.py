@@ -61,6 +61,12 @@ def crossed(
     Returns:
         `(data, truth)`: a DataFrame with columns y, x, z, user, item (levels as
         integer codes `0..num_users-1`, `0..num_items-1`) and the truth as a dict.
+        `truth["sample"]` holds the fixed effects that this sample identifies: the
+        drawn effects of the levels in the data have a mean that is not exactly 0
+        (its sd is `sd_item / sqrt(num_items)`, 0.011 for 2,000 items of sd 0.5),
+        and no estimator can tell it from the intercept (or the slope), so the
+        sample's intercept is `beta_0` plus the means of the drawn user and item
+        intercepts (and its slope on x `beta_x` plus the users' mean slope).
     """
     t = dict(TRUTH_DEFAULTS, **(truth or {}))
     if not user_slope:
@@ -88,7 +94,15 @@ def crossed(
             rho * user_int / t["sd_user"] + np.sqrt(1 - rho**2) * rng.standard_normal(num_users)
         )
         eta += user_x[user] * x
-    eta += (rng.standard_normal(num_items) * t["sd_item"])[item]
+    item_int = rng.standard_normal(num_items) * t["sd_item"]
+    eta += item_int[item]
+    seen_users = np.bincount(user, minlength=num_users) > 0
+    seen_items = np.bincount(item, minlength=num_items) > 0
+    t["sample"] = {
+        "(Intercept)": t["(Intercept)"] + user_int[seen_users].mean() + item_int[seen_items].mean(),
+        "x": t["x"] + (user_x[seen_users].mean() if user_slope else 0.0),
+        "z": t["z"],
+    }
     if family == "binomial":
         y = (rng.random(num_rows) < 1 / (1 + np.exp(-eta))).astype(np.float32)
     elif family == "gaussian":

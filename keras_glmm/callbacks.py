@@ -128,8 +128,74 @@ class ELBOConvergence(keras.callbacks.Callback):
         }
 
 
+def recenter(model):
+    """Moves each random effect's mean over its levels into the matching fixed effect.
+
+    Adding `c` to a fixed coefficient and subtracting it from the same effect of
+    every level of a grouping factor leaves every row's linear predictor unchanged
+    (each training row has exactly one level), so only the levels' KLs change:
+    `sum_c (mu_c - c)' Sigma^-1 (mu_c - c)`, smallest at `c = mean_c mu_c` over the
+    levels with training rows. This exact step along the one direction that the
+    data do not identify is what per-level steps (natural-gradient or Newton) are
+    slowest at: the intercept and the levels' mean trade off with a contraction of
+    about `n_c w / (n_c w + 1 / tau^2)` per pass, 0.96 for levels with 500 rows, so
+    without it a minibatch fit's intercept drifts for many epochs (the classic
+    centring problem of hierarchical models). `VarianceUpdate` takes this step
+    before the M-step.
+
+    Only formula models qualify, where the design says which fixed column equals
+    which random-effect column (same name, as `x` in `y ~ x + (1 + x | g)`), with
+    point-estimated fixed effects (a `Dense` kernel): a fixed-effects prior or a
+    joint posterior would make the step inexact.
+
+    Returns:
+        `{(term name, column): shift}` of the shifts made.
+    """
+    design = getattr(model, "design", None)
+    fixed = getattr(model, "fixed_effects", None)
+    if design is None or not isinstance(fixed, keras.layers.Dense) or fixed.use_bias:
+        return {}
+    fixed_index = {name: j for j, name in enumerate(design.fixed_columns)}
+    kernel = fixed.kernel.numpy().astype("float64")
+    shifts = {}
+    for term in model.random_effects:
+        if not getattr(term, "own_posterior", False) or not hasattr(term, "posterior_mean"):
+            continue  # a JointRandomEffects layer: its posterior couples the terms
+        seen = term.level_counts.numpy() > 0
+        if not seen.any():
+            continue
+        columns = design.term(term.name).columns
+        matched = [(e, fixed_index[c]) for e, c in enumerate(columns) if c in fixed_index]
+        if not matched:
+            continue
+        scale = np.asarray(term.effect_scale, dtype="float64")
+        mean = term.posterior_mean.numpy().astype("float64")
+        average = mean[seen].mean(axis=0) * scale
+        effects = [e for e, _ in matched]
+        if len(effects) == len(columns):
+            shift = average
+        else:
+            # Some effects have no fixed counterpart: the best shift of the others
+            # is the conditional one, through the prior's precision.
+            precision = np.linalg.inv(term.prior_covariance().astype("float64"))
+            block = precision[np.ix_(effects, effects)]
+            shift = np.zeros(len(columns))
+            shift[effects] = np.linalg.solve(block, (precision @ average)[effects])
+        for e, j in matched:
+            kernel[j, 0] += shift[e]
+            shifts[(term.name, columns[e])] = float(shift[e])
+        mean[seen] -= shift / scale
+        term.posterior_mean.assign(mean.astype(term.posterior_mean.dtype))
+    if shifts:
+        fixed.kernel.assign(kernel.astype(fixed.kernel.dtype))
+    return shifts
+
+
 class VarianceUpdate(keras.callbacks.Callback):
     """At each epoch's end, moves every random-effect prior to its optimum given q.
+
+    First the fixed effects take up the levels' mean (`recenter`), then the priors
+    move.
 
     The M-step of variational EM (`RandomEffects.update_prior`): with natural-gradient
     steps the levels' posteriors follow the prior within a pass, and this exact update
@@ -151,6 +217,7 @@ class VarianceUpdate(keras.callbacks.Callback):
         self._state = {}
 
     def on_epoch_end(self, epoch, logs=None):
+        recenter(self.model)
         for term in getattr(self.model, "terms", []):
             relaxation, previous = self._state.get(term.name, (1.0, None))
             step = term.update_prior(relaxation)

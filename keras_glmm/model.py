@@ -26,6 +26,8 @@ FULL_BATCH_ROWS = 2**18
 # per-step overhead), and the Adam learning rate of the global weights (fixed
 # effects, variance parameters).
 MINIBATCH_ROWS = 2**16
+# Rows per evaluation when the ELBO of a whole data set is computed.
+ELBO_CHUNK_ROWS = 2**20
 MINIBATCH_LEARNING_RATE = 0.05
 
 
@@ -65,8 +67,11 @@ def minibatches(data, batch_size, shuffle=True, seed=None, block_rows=256):
     num_rows = int(tf.nest.flatten(data)[0].shape[0])
     if shuffle:
         order = np.random.default_rng(seed).permutation(num_rows)
-        data = tf.nest.map_structure(lambda a: np.asarray(a)[order], data)
-    tensors = tf.nest.map_structure(tf.convert_to_tensor, data)
+        # One array at a time: a permuted copy of everything at once beside the
+        # tensors would hold the data three times.
+        tensors = tf.nest.map_structure(lambda a: tf.convert_to_tensor(np.asarray(a)[order]), data)
+    else:
+        tensors = tf.nest.map_structure(tf.convert_to_tensor, data)
     starts = tf.range(0, num_rows, batch_size, dtype="int64")
     block_rows = max(1, min(int(block_rows), batch_size))
     num_blocks = -(-num_rows // block_rows)
@@ -896,9 +901,14 @@ class GLMM(keras.Model):
         Returns:
             A dict with `elbo`, `expected_log_likelihood` and `kl`.
         """
-        x, y, _ = self.prepare(x, y, initialize=False)
-        y_pred = self(x, training=False)
-        ell = float(tf.reduce_sum(self.expected_log_likelihood(y, y_pred)))
+        x, y, num_rows = self.prepare(x, y, initialize=False)
+        # In chunks: the quadrature's (rows, nodes) intermediates of 10M rows at
+        # once would take gigabytes.
+        ell = 0.0
+        for start in range(0, num_rows, ELBO_CHUNK_ROWS):
+            rows = slice(start, start + ELBO_CHUNK_ROWS)
+            y_pred = self({key: value[rows] for key, value in x.items()}, training=False)
+            ell += float(tf.reduce_sum(self.expected_log_likelihood(y[rows], y_pred)))
         kl = self._total_kl()
         return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
 
