@@ -82,7 +82,9 @@ def check_data(model, x, y):
             raise ValueError(f"Inputs need '{layer.name}', the level index of each row.")
         index = np.asarray(x[layer.name]).reshape(-1)
         layer._check_index_values(index)
-        out[layer.name] = index.astype("int64")
+        # int32 where it fits: half the memory of int64 for 10M-row data, and
+        # cheaper gathers of minibatches (the layer widens them in the graph).
+        out[layer.name] = index.astype("int32" if layer.num_levels < 2**31 else "int64")
         if layer.num_covariates:
             key = layer.name + "_z"
             if key not in x:
@@ -114,7 +116,7 @@ def check_data(model, x, y):
     trials = None if trials is None else trials.astype("float64")
     model.family.check_response(response, trials, name="y")
     y = response if trials is None else np.stack([response, trials], axis=-1)
-    cast = {k: (v if v.dtype == np.int64 else v.astype(dtype)) for k, v in out.items()}
+    cast = {k: (v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype)) for k, v in out.items()}
     return cast, y.astype(dtype), num_rows
 
 

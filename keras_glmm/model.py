@@ -502,9 +502,10 @@ class GLMM(keras.Model):
         Minibatches make each level's gradient a noisy estimate from the few of its
         rows in the batch; Adam's per-coordinate normalization turns that noise into
         steps of the full learning rate, which never settle. The minibatch optimizer,
-        `SparseAdam(MINIBATCH_LEARNING_RATE, natural_step=1.0)`, moves the
-        random-effect means by natural-gradient steps instead (preconditioned by each
-        level's posterior covariance: one epoch adds up to one Newton step of every
+        `SparseAdam(MINIBATCH_LEARNING_RATE, natural_step=1.0)`, moves each
+        level's posterior (mean and Cholesky factor) by natural-gradient steps
+        instead (`RandomEffects.natural_gradient`; for the means, preconditioned by
+        the posterior covariance: one epoch adds up to one Newton step of every
         level) and gives the few global weights Adam. Before a first fit, each
         level's posterior sds start at their Laplace value
         (`initialization.start_posterior_scales`, on rows of `x`, `y`), which the

@@ -30,8 +30,17 @@ class SparseAdam(keras.optimizers.Adam):
     taken at the global step `t`. Rows absent from a batch keep their moments (they
     are not decayed), which is what makes the step cost independent of the table size.
 
+    With `natural_step` set, a sparse gradient of a variable that carries a
+    `natural_gradient` preconditioner (the `posterior` table of a `RandomEffects`
+    layer) takes a plain step along the natural gradient instead,
+    `w[R] <- w[R] - natural_step * B * (lr / lr_0) * F^-1 g[R]` for a batch of `B`
+    rows, scattered row by row without summing duplicates first (it is linear in
+    the gradient): the step that minibatch fits use for the random effects.
+
     Args:
-        Same as `keras.optimizers.Adam` (amsgrad is not supported).
+        natural_step: None, or the natural-gradient step size (1.0: an epoch's steps
+            add up to one Newton step of every level's posterior mean).
+        Others: as `keras.optimizers.Adam` (amsgrad is not supported).
 
     Example:
 
@@ -55,7 +64,7 @@ class SparseAdam(keras.optimizers.Adam):
         return config
 
     def _natural_update(self, gradient, variable, learning_rate, keras_variable):
-        """Natural-gradient SGD on random-effect means (see the class docstring)."""
+        """Natural-gradient SGD on random-effect posteriors (see the class docstring)."""
         dtype = variable.dtype
         # The loss is a mean over the batch's rows: B times its gradient is the
         # batch's share of the ELBO's, and `natural_step` = 1 makes an epoch's steps

@@ -540,13 +540,13 @@ def test_gradient_is_sparse_over_batch_levels(output_mode):
     with tf.GradientTape() as tape:
         out = layer([batch_levels, cov], training=True)
         loss = tf.reduce_sum(tf.square(out)) + tf.add_n(layer.losses)
-    grads = tape.gradient(loss, [layer.posterior_mean, layer.posterior_scale_tril])
-    for grad, var in zip(grads, [layer.posterior_mean, layer.posterior_scale_tril]):
-        assert isinstance(grad, tf.IndexedSlices), type(grad)
-        assert set(grad.indices.numpy().tolist()) == set(batch_levels.tolist())
-        # Work proportional to the batch, not the table.
-        assert grad.values.shape[0] == len(batch_levels)
-        assert tuple(grad.dense_shape.numpy()) == tuple(var.shape)
+    grad = tape.gradient(loss, layer.posterior)
+    assert isinstance(grad, tf.IndexedSlices), type(grad)
+    assert set(grad.indices.numpy().tolist()) == set(batch_levels.tolist())
+    # Work proportional to the batch, not the table: one row per batch row, holding
+    # the mean (2) and the Cholesky factor (3) of that row's level.
+    assert tuple(grad.values.shape) == (len(batch_levels), 5)
+    assert tuple(grad.dense_shape.numpy()) == (num_levels, 5)
 
 
 # ------------------------------------------------------------- mixed precision

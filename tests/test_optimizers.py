@@ -160,28 +160,52 @@ def test_amsgrad_raises():
         SparseAdam(amsgrad=True)
 
 
-def test_natural_gradient_is_posterior_covariance_times_gradient():
-    """`RandomEffects.natural_gradient` is `L_raw L_raw' g` (k = 2) and `sd_raw^2 g` (k = 1)."""
+def _fisher_inverse_times(raw, scale, grad):
+    """Exact `F^-1 g` for N(mu, S(raw)) in the stored parameters `(m, raw)` (numerically)."""
     import tensorflow_probability as tfp
 
+    k = len(scale)
+    theta = tf.Variable(np.concatenate([np.zeros(k), raw]))
+
+    def covariance(t):
+        c = tfp.math.fill_triangular(t[k:])
+        c = tf.linalg.set_diag(c, tf.nn.softplus(tf.linalg.diag_part(c)) + 1e-6)
+        c = c * scale[:, None]
+        return tf.matmul(c, c, transpose_b=True)
+
+    with tf.GradientTape() as tape:
+        sigma = covariance(theta)
+    d_sigma = tape.jacobian(sigma, theta).numpy()  # (k, k, p)
+    sigma = sigma.numpy()
+    inv = np.linalg.inv(sigma)
+    p = len(theta.numpy())
+    fisher = np.zeros((p, p))
+    # Mean block: d mu / d m = diag(scale); covariance block: 1/2 tr(S^-1 dS S^-1 dS).
+    fisher[:k, :k] = np.diag(scale) @ inv @ np.diag(scale)
+    for a in range(k, p):
+        for b in range(k, p):
+            fisher[a, b] = 0.5 * np.trace(inv @ d_sigma[:, :, a] @ inv @ d_sigma[:, :, b])
+    return np.linalg.solve(fisher, grad)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_natural_gradient_is_the_inverse_fisher_times_the_gradient(k):
+    """`RandomEffects.natural_gradient` of a `posterior` row, against the exact Fisher."""
     import keras_glmm as kg
 
     rng = np.random.default_rng(3)
-    for k in (1, 2):
-        layer = kg.RandomEffects(5, num_effects=k, intercept=True, effect_scale=[2.0] * k, dtype="float64")
-        layer.build()
-        raw = rng.normal(size=layer.posterior_scale_tril.shape)
-        layer.posterior_scale_tril.assign(raw)
-        rows = tf.constant([4, 1], "int64")
-        grad = rng.normal(size=(2, k))
-        got = layer.natural_gradient(rows, tf.constant(grad)).numpy()
-        tril = tfp.math.fill_triangular(raw[[4, 1]]).numpy()
-        idx = np.arange(k)
-        tril[:, idx, idx] = np.log1p(np.exp(tril[:, idx, idx])) + 1e-6
-        want = np.einsum("rij,rkj,rk->ri", tril, tril, grad)
-        np.testing.assert_allclose(got, want, rtol=1e-12)
-        # Half of the effect scale's square: the stored covariance is in its units.
-        assert layer.posterior_mean.natural_gradient is not None
+    scale = np.array([2.0, 0.5, 1.5][:k])
+    layer = kg.RandomEffects(5, num_effects=k, intercept=True, effect_scale=scale, dtype="float64")
+    layer.build()
+    layer.posterior.assign(rng.normal(size=layer.posterior.shape) * 0.7)
+    rows = tf.constant([4, 1], "int64")
+    grad = rng.normal(size=(2, layer.posterior.shape[1]))
+    got = layer.natural_gradient(rows, tf.constant(grad)).numpy()
+    raw = layer.posterior_scale_tril.numpy()
+    for r, row in enumerate([4, 1]):
+        want = _fisher_inverse_times(raw[row], scale, grad[r])
+        np.testing.assert_allclose(got[r], want, rtol=1e-7, atol=1e-10)
+    assert layer.posterior.natural_gradient is not None
 
 
 def test_natural_step_moves_means_by_batch_times_covariance_times_gradient():
@@ -194,12 +218,13 @@ def test_natural_step_moves_means_by_batch_times_covariance_times_gradient():
     other = _var([1.0, 2.0])
     opt = SparseAdam(learning_rate=0.1, natural_step=0.5)
     before = layer.posterior_mean.numpy().copy()
-    # A batch of 3 rows, two in level 2: the gradient sums their values.
+    # A batch of 3 rows, two in level 2: the gradient sums their values (here
+    # in the means only).
     grad = tf.IndexedSlices(
-        tf.constant([[0.3], [-0.1], [0.2]], "float64"), tf.constant([2, 0, 2], "int64"), (4, 1)
+        tf.constant([[0.3, 0.0], [-0.1, 0.0], [0.2, 0.0]], "float64"), tf.constant([2, 0, 2], "int64"), (4, 2)
     )
     dense = tf.constant([0.5, -0.5], "float64")
-    opt.apply_gradients([(grad, layer.posterior_mean), (dense, other)])
+    opt.apply_gradients([(grad, layer.posterior), (dense, other)])
     sd2 = (0.5 + 1e-6) ** 2
     want = before.copy()
     want[2, 0] -= 0.5 * 3 * sd2 * 0.5
@@ -210,7 +235,7 @@ def test_natural_step_moves_means_by_batch_times_covariance_times_gradient():
     # The step anneals with the learning rate.
     opt.learning_rate = 0.05
     before = layer.posterior_mean.numpy().copy()
-    opt.apply_gradients([(grad, layer.posterior_mean), (dense, other)])
+    opt.apply_gradients([(grad, layer.posterior), (dense, other)])
     np.testing.assert_allclose(before[2, 0] - layer.posterior_mean.numpy()[2, 0], 0.25 * 3 * sd2 * 0.5, rtol=1e-7)
     config = opt.get_config()
     assert config["natural_step"] == 0.5

@@ -2,8 +2,8 @@
 
 Under a 2-replica `MirroredStrategy` (2 logical CPU devices, in a subprocess run
 by `_sparse_exchange_worker.py`: the CPU must be split before TensorFlow
-initializes), the gradients of a `RandomEffects` layer's `posterior_mean` and
-`posterior_scale_tril` are `tf.IndexedSlices` over the batch's rows. What the
+initializes), the gradients of a `RandomEffects` layer's `posterior` table (each
+level's mean and Cholesky factor) are `tf.IndexedSlices` over the batch's rows. What the
 optimizer's cross-replica aggregation exchanges is therefore bounded by the batch,
 and is the same for a table of 10,000 levels as for one of 1,000,000.
 """
@@ -21,7 +21,8 @@ WORKER = Path(__file__).with_name("_sparse_exchange_worker.py")
 TIMEOUT = 300
 BATCH = 4096
 SMALL, LARGE = "10000", "1000000"
-TABLES = ("glmm/g/posterior_mean:0", "glmm/g/posterior_scale_tril:0")
+TABLES = ("glmm/g/posterior:0",)
+WIDTH = 2  # a random intercept's row: the mean and the raw posterior sd
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +51,17 @@ def test_random_effect_gradients_cross_replicas_as_bounded_sparse_slices(report)
         assert run["iterations"] == 3
         for variable in TABLES:
             for record in _records(report, levels, variable):
-                assert record["variable_shape"] == [int(levels), 1]
+                assert record["variable_shape"] == [int(levels), WIDTH]
                 # What each replica sends, and what the aggregation hands the optimizer.
                 assert record["sent"]["type"] == "IndexedSlices", record
                 assert record["reduced"]["type"] == "IndexedSlices", record
-                # One replica's share of the batch: (rows x 1) values + rows indices.
-                assert record["sent"]["values_shape"] == [BATCH // 2, 1]
+                # One replica's share of the batch: (rows x WIDTH) values + rows indices.
+                assert record["sent"]["values_shape"] == [BATCH // 2, WIDTH]
                 assert record["sent"]["indices_shape"] == [BATCH // 2]
-                assert record["sent_elements"] == [BATCH] * 3  # every one of the 3 steps
+                sent = BATCH // 2 * (WIDTH + 1)
+                assert record["sent_elements"] == [sent] * 3  # every one of the 3 steps
                 # Gathered from both replicas: the whole batch's rows, no more.
-                assert record["reduced_elements"] == [2 * BATCH] * 3
+                assert record["reduced_elements"] == [2 * sent] * 3
                 exchanged[levels, variable] = (
                     record["sent_elements"], record["reduced_elements"]
                 )

@@ -28,6 +28,41 @@ def gather_rows(variable, index):
     return tf.gather(value, index)
 
 
+class TableColumns:
+    """Some columns of a table variable, read and written like a variable of their own.
+
+    A level's posterior lives in one row of one table (`RandomEffects.posterior`),
+    so that a step gathers and scatters each level once; `posterior_mean` and
+    `posterior_scale_tril` are these views of its columns, for reading results and
+    setting starting values outside training steps (`assign` rewrites the table).
+    """
+
+    def __init__(self, variable, start, stop):
+        self.variable = variable
+        self.start, self.stop = int(start), int(stop)
+
+    @property
+    def shape(self):
+        return (int(self.variable.shape[0]), self.stop - self.start)
+
+    @property
+    def dtype(self):
+        return self.variable.dtype
+
+    @property
+    def value(self):
+        """The columns as a tensor."""
+        return tf.convert_to_tensor(self.variable)[:, self.start:self.stop]
+
+    def numpy(self):
+        return self.variable.numpy()[:, self.start:self.stop]
+
+    def assign(self, value):
+        table = self.variable.numpy()
+        table[:, self.start:self.stop] = np.broadcast_to(np.asarray(value), self.shape)
+        self.variable.assign(table)
+
+
 def _hermite_grid(num_points, dim):
     """Gauss-Hermite product grid for expectations under `N(0, I_dim)`."""
     x, w = np.polynomial.hermite_e.hermegauss(num_points)
@@ -187,23 +222,21 @@ class RandomEffects(keras.layers.Layer):
     def build(self, input_shape=None):
         k = self.num_effects
         scale = np.asarray(self.effect_scale)
-        # Per level: the posterior mean, and the Cholesky factor of the posterior
-        # covariance as an unconstrained vector (softplus on the diagonal), both
-        # stored in units of `effect_scale`.
+        # One row per level: the posterior mean (k), then the Cholesky factor of the
+        # posterior covariance as an unconstrained vector (softplus on the
+        # diagonal), both in units of `effect_scale`. One table, not two: a step
+        # then gathers and scatters each level's row once (a scatter of 65,536
+        # one-wide rows costs about as much as one of two-wide rows).
         if self.own_posterior:
-            self.posterior_mean = self.add_weight(
-                name="posterior_mean", shape=(self.num_levels, k), initializer="zeros"
+            self.posterior = self.add_weight(
+                name="posterior",
+                shape=(self.num_levels, k + k * (k + 1) // 2),
+                initializer=keras.initializers.Constant(
+                    np.tile(self._initial_row(), (self.num_levels, 1))
+                ),
             )
-            tril = _initial_scale_tril(k)
-            self.posterior_scale_tril = self.add_weight(
-                name="posterior_scale_tril",
-                shape=(self.num_levels, k * (k + 1) // 2),
-                initializer=keras.initializers.Constant(np.tile(tril, (self.num_levels, 1))),
-            )
-            # The optimizer finds the preconditioners through the variables.
-            self.posterior_mean.natural_gradient = self.natural_gradient
-            if k == 1:
-                self.posterior_scale_tril.natural_gradient = self.scale_natural_gradient
+            # The optimizer finds the preconditioner through the variable.
+            self.posterior.natural_gradient = self.natural_gradient
         if self.scale_prior is None:
             self.log_scale = self.add_weight(
                 name="log_scale", shape=(k,), initializer=keras.initializers.Constant(np.log(scale))
@@ -240,6 +273,26 @@ class RandomEffects(keras.layers.Layer):
             trainable=False,
         )
 
+    def _initial_row(self):
+        """A level's starting row: mean 0, posterior sds half the prior sds."""
+        return np.concatenate([np.zeros(self.num_effects), _initial_scale_tril(self.num_effects)])
+
+    @property
+    def posterior_mean(self):
+        """The levels' posterior means in units of `effect_scale`: `(num_levels, k)` columns of `posterior`."""
+        return TableColumns(self.posterior, 0, self.num_effects)
+
+    @property
+    def posterior_scale_tril(self):
+        """The unconstrained Cholesky factors, `(num_levels, k(k+1)/2)` columns of `posterior`."""
+        k = self.num_effects
+        return TableColumns(self.posterior, k, k + k * (k + 1) // 2)
+
+    def _split_row(self, row):
+        """`(mean in effect units, Cholesky factor)` of gathered rows of `posterior`."""
+        k = self.num_effects
+        return row[..., :k] * self._effect_scale, self._scale_tril(row[..., k:])
+
     @property
     def _effect_scale(self):
         return tf.convert_to_tensor(self.effect_scale_weight)
@@ -258,24 +311,24 @@ class RandomEffects(keras.layers.Layer):
             raise ValueError(f"`effect_scale` must be positive and finite. Received: {new.tolist()}")
         if reset:
             if self.own_posterior:
-                self.posterior_mean.assign(np.zeros(self.posterior_mean.shape))
-                tril = _initial_scale_tril(self.num_effects)
-                self.posterior_scale_tril.assign(np.tile(tril, (self.num_levels, 1)))
+                self.posterior.assign(np.tile(self._initial_row(), (self.num_levels, 1)))
             if self.scale_prior is None:
                 self.log_scale.assign(np.log(new))
             else:
                 self.scale_loc.assign([_softplus_inverse(s) for s in new])
         elif self.own_posterior:
-            ratio = self.effect_scale_weight.numpy() / new
-            self.posterior_mean.assign(self.posterior_mean.numpy() * ratio)
+            k = self.num_effects
+            table = self.posterior.numpy()
+            table[:, :k] *= self.effect_scale_weight.numpy() / new
             # Rows of L scale with the effect; the softplus diagonal makes an exact
             # rescale of the raw vector impossible, so rebuild it from L itself.
-            tril = self._scale_tril(self.posterior_scale_tril).numpy() / new[:, None]
+            tril = self._scale_tril(table[:, k:]).numpy() / new[:, None]
             diag = np.diagonal(tril, axis1=-2, axis2=-1)
             raw_tril = tril.copy()
-            idx = np.arange(self.num_effects)
+            idx = np.arange(k)
             raw_tril[:, idx, idx] = np.log(np.expm1(np.maximum(diag - 1e-6, 1e-12)))
-            self.posterior_scale_tril.assign(tfp.math.fill_triangular_inverse(raw_tril).numpy())
+            table[:, k:] = tfp.math.fill_triangular_inverse(raw_tril).numpy()
+            self.posterior.assign(table)
         self.effect_scale_weight.assign(new)
         self.effect_scale = [float(s) for s in new]
 
@@ -310,43 +363,53 @@ class RandomEffects(keras.layers.Layer):
 
     # ------------------------------------------------------- the posterior
     def natural_gradient(self, rows, gradient):
-        """Preconditions a gradient of `posterior_mean` rows by their posterior covariance.
+        """Preconditions a gradient of `posterior` rows by the inverse Fisher information.
 
-        For `q(b) = N(mu, S)` the Fisher information of `mu` is `S^-1`, so the
-        natural gradient of the ELBO in `mu` is `S` times its gradient. In the
-        stored units (`mu = effect_scale * m`, `L = diag(effect_scale) L_raw`) that
-        is `L_raw L_raw'` times the gradient in `m`. `SparseAdam(natural_step=...)`
-        uses it for the random-effect means of minibatch fits.
+        For `q(b) = N(mu, S)`, `S = L L'`, the Fisher information is block diagonal
+        in `(mu, L)`. For `mu` it is `S^-1`, so the natural gradient is `S` times
+        the gradient; in the stored units (`mu = effect_scale * m`,
+        `L = diag(effect_scale) C`) that is `C C'` times the gradient in `m`. For the
+        Cholesky factor it is (Tan 2021, "Analytic natural gradient updates for
+        Cholesky factor in Gaussian variational approximation")
+
+        ```
+        natural gradient in C = C Phi(C' G),   Phi(A) = lower triangle of A, diagonal halved
+        ```
+
+        with `G` the gradient in `C` (the units cancel: the Fisher information of a
+        covariance is invariant to rescaling). The diagonal of `C` is
+        `softplus(r) + 1e-6`, so on the diagonal the gradient in `r` is divided by
+        `sigmoid(r)` on the way in and the natural gradient once more on the way out;
+        for one effect this is `(softplus(r) + 1e-6)^2 / (2 sigmoid(r)^2)` times the
+        gradient. `SparseAdam(natural_step=...)` steps the random effects of
+        minibatch fits along it.
 
         Args:
             rows: level indices `(r,)`.
-            gradient: gradient of the loss in `posterior_mean[rows]`, `(r, k)`.
+            gradient: gradient of the loss in `posterior[rows]`, `(r, k + k(k+1)/2)`.
 
         Returns:
-            `L_raw L_raw' gradient`, `(r, k)`.
+            The natural gradient, shaped as `gradient`.
         """
-        raw = gather_rows(self.posterior_scale_tril, rows)
-        if self.num_effects == 1:
-            return tf.square(tf.cast(tf.nn.softplus(raw) + 1e-6, gradient.dtype)) * gradient
-        tril = tfp.math.fill_triangular(raw)
-        tril = tf.linalg.set_diag(tril, tf.nn.softplus(tf.linalg.diag_part(tril)) + 1e-6)
-        tril = tf.cast(tril, gradient.dtype)
-        return tf.linalg.matvec(tril, tf.linalg.matvec(tril, gradient, transpose_a=True))
-
-    def scale_natural_gradient(self, rows, gradient):
-        """Natural gradient in the unconstrained posterior sd of one-effect levels.
-
-        With `sigma = effect_scale * (softplus(r) + 1e-6)` the Fisher information of
-        `N(mu, sigma^2)` in `r` is `2 (d sigma / d r)^2 / sigma^2`, so the natural
-        gradient is `(softplus(r) + 1e-6)^2 / (2 sigmoid(r)^2)` times the gradient.
-
-        Args:
-            rows: level indices `(r,)`.
-            gradient: gradient of the loss in `posterior_scale_tril[rows]`, `(r, 1)`.
-        """
-        raw = tf.cast(gather_rows(self.posterior_scale_tril, rows), gradient.dtype)
-        ratio = (tf.nn.softplus(raw) + 1e-6) / tf.sigmoid(raw)
-        return 0.5 * tf.square(ratio) * gradient
+        k = self.num_effects
+        raw = tf.cast(gather_rows(self.posterior, rows)[:, k:], gradient.dtype)
+        grad_mean, grad_raw = gradient[:, :k], gradient[:, k:]
+        if k == 1:
+            sd = tf.nn.softplus(raw) + 1e-6
+            return tf.concat(
+                [tf.square(sd) * grad_mean, 0.5 * tf.square(sd / tf.sigmoid(raw)) * grad_raw], axis=-1
+            )
+        raw = tfp.math.fill_triangular(raw)
+        slope = tf.sigmoid(tf.linalg.diag_part(raw))  # d C_jj / d r_jj
+        chol = tf.linalg.set_diag(raw, tf.nn.softplus(tf.linalg.diag_part(raw)) + 1e-6)
+        mean_step = tf.linalg.matvec(chol, tf.linalg.matvec(chol, grad_mean, transpose_a=True))
+        grad_chol = tfp.math.fill_triangular(grad_raw)
+        grad_chol = tf.linalg.set_diag(grad_chol, tf.linalg.diag_part(grad_chol) / slope)
+        inner = tf.matmul(chol, grad_chol, transpose_a=True)
+        phi = tf.linalg.band_part(inner, -1, 0) - 0.5 * tf.linalg.diag(tf.linalg.diag_part(inner))
+        step = tf.matmul(chol, phi)
+        step = tf.linalg.set_diag(step, tf.linalg.diag_part(step) / slope)
+        return tf.concat([mean_step, tfp.math.fill_triangular_inverse(step)], axis=-1)
 
     def _scale_tril(self, raw):
         """Cholesky factors from unconstrained rows: `(..., k(k+1)/2) -> (..., k, k)`."""
@@ -381,9 +444,7 @@ class RandomEffects(keras.layers.Layer):
         return tf.nn.softplus(self.scale_raw_sd) + 1e-6
 
     def _gathered(self, level_index):
-        mean = gather_rows(self.posterior_mean, level_index) * self._effect_scale
-        tril = self._scale_tril(gather_rows(self.posterior_scale_tril, level_index))
-        return mean, tril
+        return self._split_row(gather_rows(self.posterior, level_index))
 
     def _design(self, covariates, batch):
         parts = []
@@ -559,8 +620,7 @@ class RandomEffects(keras.layers.Layer):
 
         For reporting (the ELBO of a fit); touches every level.
         """
-        mean = self.posterior_mean * self._effect_scale
-        tril = self._scale_tril(self.posterior_scale_tril)
+        mean, tril = self._split_row(tf.convert_to_tensor(self.posterior))
         # Levels without training rows are never seen by the per-row KL (their q
         # stays where it started): the ELBO of the data leaves them out.
         seen = tf.cast(self.level_counts > 0, mean.dtype)
@@ -587,7 +647,7 @@ class RandomEffects(keras.layers.Layer):
 
     def conditional_mean(self):
         """Posterior means of every level's effects, `(num_levels, k)` (lme4's ranef)."""
-        return (self.posterior_mean * self._effect_scale).numpy()
+        return self.posterior_mean.numpy() * self._effect_scale.numpy()
 
     def update_prior(self, relaxation=1.0):
         """Moves the prior covariance to its optimum given the posterior (an M-step).
@@ -637,7 +697,7 @@ class RandomEffects(keras.layers.Layer):
 
     def conditional_covariance(self):
         """Posterior covariances of every level's effects, `(num_levels, k, k)`."""
-        tril = self._scale_tril(self.posterior_scale_tril)
+        tril = self._scale_tril(self.posterior_scale_tril.value)
         return tf.matmul(tril, tril, transpose_b=True).numpy()
 
     def conditional_stddev(self):
