@@ -273,9 +273,11 @@ class GLMM(keras.Model):
         eta_var = tf.zeros([rows], self.compute_dtype)
         if self.fixed_effects is not None:
             fixed = tf.cast(self.fixed_effects(inputs["x"], training=training), self.compute_dtype)
-            eta += fixed[:, 0]
-            if fixed.shape[-1] == 2:
-                eta_var += fixed[:, 1]
+            # unstack, not slices: the gradient of a slice is a zero-filled tensor.
+            fixed = tf.unstack(fixed, axis=-1)
+            eta += fixed[0]
+            if len(fixed) == 2:
+                eta_var += fixed[1]
         for layer in self.random_effects:
             if isinstance(layer, JointRandomEffects):
                 keys = {"x"}
@@ -286,9 +288,9 @@ class GLMM(keras.Model):
                 args = [inputs[layer.name], inputs[layer.name + "_z"]]
             else:
                 args = inputs[layer.name]
-            moments = tf.cast(layer(args, training=training), self.compute_dtype)
-            eta += moments[:, 0]
-            eta_var += moments[:, 1]
+            mean, var = tf.unstack(tf.cast(layer(args, training=training), self.compute_dtype), axis=-1)
+            eta += mean
+            eta_var += var
         if "offset" in inputs:
             eta += tf.reshape(tf.cast(inputs["offset"], self.compute_dtype), [-1])
         return self.head(tf.stack([eta, eta_var], axis=-1))

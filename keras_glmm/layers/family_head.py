@@ -82,7 +82,7 @@ class FamilyHead(keras.layers.Layer):
 
     def call(self, moments):
         moments = tf.cast(moments, self.compute_dtype)
-        eta, eta_var = moments[:, 0], moments[:, 1]
+        eta, eta_var = tf.unstack(moments, axis=-1)
         out = {"eta": eta, "eta_var": eta_var, "mean": self.family.mean(eta)}
         for name, value in self.params().items():
             out[name] = tf.broadcast_to(value, tf.shape(eta))

@@ -291,7 +291,10 @@ class RandomEffects(keras.layers.Layer):
     def _split_row(self, row):
         """`(mean in effect units, Cholesky factor)` of gathered rows of `posterior`."""
         k = self.num_effects
-        return row[..., :k] * self._effect_scale, self._scale_tril(row[..., k:])
+        # tf.split, not slicing: the gradient of a split is one concat, that of two
+        # slices two zero-filled (batch, width) tensors and a sum.
+        mean, raw = tf.split(row, [k, k * (k + 1) // 2], axis=-1)
+        return mean * self._effect_scale, self._scale_tril(raw)
 
     @property
     def _effect_scale(self):
@@ -392,8 +395,9 @@ class RandomEffects(keras.layers.Layer):
             The natural gradient, shaped as `gradient`.
         """
         k = self.num_effects
-        raw = tf.cast(gather_rows(self.posterior, rows)[:, k:], gradient.dtype)
-        grad_mean, grad_raw = gradient[:, :k], gradient[:, k:]
+        widths = [k, k * (k + 1) // 2]
+        raw = tf.cast(tf.split(gather_rows(self.posterior, rows), widths, axis=-1)[1], gradient.dtype)
+        grad_mean, grad_raw = tf.split(gradient, widths, axis=-1)
         if k == 1:
             sd = tf.nn.softplus(raw) + 1e-6
             return tf.concat(
@@ -502,11 +506,17 @@ class RandomEffects(keras.layers.Layer):
         known = level_index >= 0
         safe_index = tf.maximum(level_index, 0)
         mean, tril = self._gathered(safe_index)
-        eta_mean = tf.reduce_sum(z * mean, axis=-1)
-        # Var(z' b) = |L' z|^2 under q(b) = N(mu, L L').
-        if self.num_effects == 1:
-            eta_var = tf.square(z[:, 0] * tril[:, 0, 0])
+        if self.num_effects == 1 and self.intercept:
+            # A random intercept (z = 1): no products, and reshapes rather than
+            # slices (whose gradients are zero-filled tensors).
+            eta_mean = tf.reshape(mean, [-1])
+            eta_var = tf.square(tf.reshape(tril, [-1]))
+        elif self.num_effects == 1:
+            eta_mean = z[:, 0] * tf.reshape(mean, [-1])
+            eta_var = tf.square(z[:, 0] * tf.reshape(tril, [-1]))
         else:
+            eta_mean = tf.reduce_sum(z * mean, axis=-1)
+            # Var(z' b) = |L' z|^2 under q(b) = N(mu, L L').
             eta_var = tf.reduce_sum(tf.square(tf.einsum("bj,bjk->bk", z, tril)), axis=-1)
         if not training:
             # A new level (-1): effect 0 on average, with the prior's variance.
