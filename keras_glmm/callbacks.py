@@ -1,7 +1,9 @@
-"""Callbacks: stopping a fit when its ELBO has converged."""
+"""Callbacks: stopping a fit when its ELBO has converged; the epoch-end M-step of minibatch fits."""
 
 import keras
 import numpy as np
+
+from keras_glmm.layers.joint_random_effects import JointRandomEffects
 
 
 @keras.saving.register_keras_serializable(package="keras_glmm")
@@ -159,8 +161,8 @@ def recenter(model):
     kernel = fixed.kernel.numpy().astype("float64")
     shifts = {}
     for term in model.random_effects:
-        if not getattr(term, "own_posterior", False) or not hasattr(term, "posterior_mean"):
-            continue  # a JointRandomEffects layer: its posterior couples the terms
+        if isinstance(term, JointRandomEffects):
+            continue  # its posterior couples the terms
         seen = term.level_counts.numpy() > 0
         if not seen.any():
             continue

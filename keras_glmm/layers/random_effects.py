@@ -447,9 +447,6 @@ class RandomEffects(keras.layers.Layer):
     def _scale_sd(self):
         return tf.nn.softplus(self.scale_raw_sd) + 1e-6
 
-    def _gathered(self, level_index):
-        return self._split_row(gather_rows(self.posterior, level_index))
-
     def _design(self, covariates, batch):
         parts = []
         if self.intercept:
@@ -505,15 +502,14 @@ class RandomEffects(keras.layers.Layer):
         z = self._design(covariates, tf.shape(level_index)[0])
         known = level_index >= 0
         safe_index = tf.maximum(level_index, 0)
-        mean, tril = self._gathered(safe_index)
-        if self.num_effects == 1 and self.intercept:
-            # A random intercept (z = 1): no products, and reshapes rather than
-            # slices (whose gradients are zero-filled tensors).
-            eta_mean = tf.reshape(mean, [-1])
-            eta_var = tf.square(tf.reshape(tril, [-1]))
-        elif self.num_effects == 1:
-            eta_mean = z[:, 0] * tf.reshape(mean, [-1])
-            eta_var = tf.square(z[:, 0] * tf.reshape(tril, [-1]))
+        mean, tril = self._split_row(gather_rows(self.posterior, safe_index))
+        if self.num_effects == 1:
+            # Elementwise, with reshapes rather than slices (whose gradients are
+            # zero-filled tensors); a random intercept (z = 1) needs no product.
+            eta_mean, eta_sd = tf.reshape(mean, [-1]), tf.reshape(tril, [-1])
+            if not self.intercept:
+                eta_mean, eta_sd = z[:, 0] * eta_mean, z[:, 0] * eta_sd
+            eta_var = tf.square(eta_sd)
         else:
             eta_mean = tf.reduce_sum(z * mean, axis=-1)
             # Var(z' b) = |L' z|^2 under q(b) = N(mu, L L').
@@ -689,7 +685,7 @@ class RandomEffects(keras.layers.Layer):
         seen = self.level_counts.numpy() > 0
         if not seen.any():
             return np.zeros(self.num_effects)
-        mean = (self.posterior_mean.numpy() * np.asarray(self.effect_scale))[seen].astype("float64")
+        mean = self.conditional_mean()[seen].astype("float64")
         cov = self.conditional_covariance()[seen].astype("float64")
         sigma = (mean.T @ mean + cov.sum(axis=0)) / seen.sum()
         if self.covariance == "diagonal":
