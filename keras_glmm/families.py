@@ -342,6 +342,40 @@ class Family:
             y, eta_mean, eta_var, params, trials, num_points or self.quadrature_points
         )
 
+    def expected_log_prob_derivatives(self, y, eta_mean, eta_var, params=None, trials=None,
+                                      num_points=None, weights=None):
+        """``E_q[log p(y_i | eta_i)]`` and its derivatives, per row, as float64 numpy.
+
+        For ``eta_i ~ N(m_i, v_i)``, with ``f_i = log p(y_i | eta)``: the value, its
+        first and second derivatives in the mean (``E[f_i']`` and ``E[f_i'']``), its
+        derivative in the variance (``E[f_i''] / 2`` by Price's theorem, but taken
+        from the same formula as the value: with quadrature the two differ by the
+        rule's error, and an optimizer must follow its own objective), and the
+        derivative of ``sum_i w_i E[f_i]`` in each dispersion parameter. The
+        inference engine's Newton steps and gradients use them
+        (`keras_glmm.engine.solver`); they are exact derivatives of
+        :meth:`expected_log_prob`, closed form or quadrature alike, traced once
+        per family, link and quadrature size.
+
+        Returns:
+          ``(value, d_mean, d2_mean, d_var, params_gradient)``: four ``(rows,)``
+          arrays (unweighted) and a dict of floats (of the weighted sum).
+        """
+        params = dict(params or {})
+        names = tuple(sorted(params))
+        n = np.shape(eta_mean)[0]
+        function = _derivatives_function(self, num_points or self.quadrature_points, names,
+                                          trials is not None)
+        as_vector = lambda a: tf.constant(np.broadcast_to(np.asarray(a, np.float64), (n,)))  # noqa: E731
+        ones = np.ones(n)
+        value, first, second, d_var, grads = function(
+            as_vector(y), as_vector(eta_mean), as_vector(eta_var),
+            as_vector(ones if trials is None else trials), as_vector(ones if weights is None else weights),
+            *[tf.constant(float(params[k]), tf.float64) for k in names],
+        )
+        grads = {k: float(g) for k, g in zip(names, grads)}
+        return value.numpy(), first.numpy(), second.numpy(), d_var.numpy(), grads
+
     def mean(self, eta, trials=None):
         """Response mean ``g^{-1}(eta)``.
 
@@ -429,6 +463,48 @@ class Family:
         starting values only. Returns ``{}`` for families without params.
         """
         return {}
+
+
+_DERIVATIVE_FUNCTIONS = {}
+
+
+def _derivatives_function(family, num_points, names, with_trials):
+    """A traced `(y, m, v, trials, weights, *params) -> (value, d/dm, d2/dm2, d/dv, d/dparams)`.
+
+    Families hold no state beyond their link, so one graph serves every instance of
+    a family and link (`Family.expected_log_prob_derivatives`).
+    """
+    key = (type(family), family.link.name, int(num_points), names, with_trials)
+    if key not in _DERIVATIVE_FUNCTIONS:
+        vector = tf.TensorSpec([None], tf.float64)
+        signature = [vector] * 5 + [tf.TensorSpec([], tf.float64)] * len(names)
+
+        @tf.function(input_signature=signature)
+        def derivatives(y, m, v, trials, weights, *params):
+            named = dict(zip(names, params))
+            with tf.GradientTape() as outer:
+                outer.watch(m)
+                with tf.GradientTape(persistent=True) as inner:
+                    inner.watch(m)
+                    inner.watch(v)
+                    inner.watch(list(params))
+                    value = family.expected_log_prob(
+                        y, m, v, named, trials=trials if with_trials else None, num_points=num_points)
+                    total = tf.reduce_sum(value)
+                    weighted = tf.reduce_sum(value * weights)
+                first = inner.gradient(total, m)
+                # Rows are independent: the gradient of the summed first derivatives
+                # is each row's second derivative.
+                first_sum = tf.reduce_sum(first)
+            second = outer.gradient(first_sum, m)
+            d_var = inner.gradient(total, v)
+            d_var = tf.zeros_like(v) if d_var is None else d_var
+            grads = inner.gradient(weighted, list(params)) if params else []
+            grads = [tf.zeros([], tf.float64) if g is None else g for g in grads]
+            return value, first, second, d_var, grads
+
+        _DERIVATIVE_FUNCTIONS[key] = derivatives
+    return _DERIVATIVE_FUNCTIONS[key]
 
 
 def _hermite_rule(num_points, _cache={}):  # noqa: B006 - deliberate memo

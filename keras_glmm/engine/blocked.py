@@ -1,0 +1,442 @@
+"""The blocked Cholesky factorization of a GLMM's precision matrix, and its selected inverse.
+
+In the spherical coordinates `u` of lme4 (`b_t = Lambda_t u_t`, `u ~ N(0, I)`) a
+Gaussian posterior over the random effects, and the fixed effects `beta` beside
+them, has the precision
+
+```
+A = [ Lambda' Z' H Z Lambda + I    Lambda' Z' H X ]
+    [ X' H Z Lambda                X' H X         ]
+```
+
+with `H` a diagonal of row weights (prior weights for a gaussian model, the
+expected curvature of the log-likelihood otherwise). Its sparsity is that of the
+model's blocks (`keras_glmm.engine.structure`): block 0, the random term with the
+most coefficients, is block diagonal (`A00`, a `k0 x k0` block per level), and the
+other terms with the fixed effects form a dense part `D`. The factorization is
+MixedModels.jl's blocked Cholesky (Bates, Alday & Kokandakar; lme4's PLS, Bates et
+al. 2015):
+
+```
+A00 = L00 L00'            (one small Cholesky per level)
+F   = L00^-1 A0D          (sparse: a level of block 0 meets few columns of D)
+S   = ADD - F' F = LD LD' (dense)
+```
+
+so `A = L L'` with `L = [[L00, 0], [F', LD]]`. Solves cost one pass over `F`
+and two dense triangular solves.
+
+The engine also needs entries of `A^-1` (posterior covariances), but only on the
+*pattern* of the model: the diagonal blocks of every level and the blocks of pairs
+of levels that occur in the same row (`Structure.pairs`). With `G = F S^-1`,
+
+```
+(A^-1)_0D = -L00^-T G,      (A^-1)_00 = L00^-T (I + G F') L00^-1,      (A^-1)_DD = S^-1
+```
+
+and a row of `G` is needed only on the columns its level of block 0 meets: level
+`c` costs `n_c^2` products for its `n_c` columns (the *triples* below), never a
+dense `K0 x q` matrix. With `mode="random"` the same is done for the random part
+only, `(A_uu)^-1`, whose Schur complement is the leading block of `S` (the fixed
+effects come last): the posterior covariance of `u` when `beta` is a point
+estimate.
+"""
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+
+
+class TooLarge(ValueError):
+    """The blocks of a model exceed the memory budget of the engine."""
+
+
+def _transform(lam_a, c, lam_b):
+    """`Lambda_a' C Lambda_b` for every pair: `(P, ka, kb)`; `None` means the identity."""
+    if lam_a is not None:
+        c = np.einsum("ja,pjk->pak", lam_a, c) if lam_a.shape[0] > 1 else c * lam_a[0, 0]
+    if lam_b is not None:
+        c = np.einsum("pak,kb->pab", c, lam_b) if lam_b.shape[0] > 1 else c * lam_b[0, 0]
+    return c
+
+
+class BlockedSystem:
+    """Index maps of the blocked factorization of one `Structure`, built once.
+
+    Args:
+        structure: the model's `Structure`.
+        memory_budget: bytes the dense part and the triples may take; beyond it
+            `TooLarge` names the term at fault.
+    """
+
+    def __init__(self, structure, memory_budget=2 * 2**30):
+        self.structure = structure
+        blocks = structure.blocks
+        self.has_diag = structure.num_random > 0
+        first = 1 if self.has_diag else 0
+        self.dense_blocks = list(range(first, len(blocks)))
+        self.offsets = {}
+        offset = 0
+        for b in self.dense_blocks:
+            self.offsets[b] = offset
+            offset += blocks[b].size
+        self.num_dense = offset
+        self.num_fixed = structure.num_fixed
+        self.num_dense_random = offset - self.num_fixed
+        if self.has_diag:
+            self.num_diag_levels = blocks[0].num_levels
+            self.k0 = blocks[0].num_effects
+        else:
+            self.num_diag_levels, self.k0 = 0, 1
+        dense_bytes = 3 * 8 * self.num_dense**2
+        if dense_bytes > memory_budget:
+            largest = max((blocks[b] for b in self.dense_blocks[:-1]), key=lambda blk: blk.size)
+            raise TooLarge(
+                f"The joint posterior needs a dense block of {self.num_dense:,} coefficients "
+                f"({dense_bytes / 2**30:.1f} GiB; budget {memory_budget / 2**30:.1f} GiB): term "
+                f"'{largest.name}' alone has {largest.size:,} ({largest.num_levels:,} levels x "
+                f"{largest.num_effects}) beside '{blocks[0].name}' ({blocks[0].size:,})."
+            )
+        self._build_entries()
+        self._build_dense_positions()
+        triples_bytes = 2 * 8 * self.num_triples
+        if triples_bytes > memory_budget:
+            raise TooLarge(
+                f"The joint posterior's selected inverse needs {self.num_triples:,} products "
+                f"({triples_bytes / 2**30:.1f} GiB; budget {memory_budget / 2**30:.1f} GiB): the "
+                f"levels of '{blocks[0].name}' meet too many levels of the other terms."
+            )
+
+    # ------------------------------------------------------------ index maps
+    def _build_entries(self):
+        """The nonzero columns of `F` (per level of block 0) and the triples."""
+        s = self.structure
+        c0_parts, col_parts, self.entry_bases = [], [], {}
+        base = 0
+        for b in self.dense_blocks[:-1] if self.has_diag else []:
+            pair = s.pairs[0, b]
+            kb = s.blocks[b].num_effects
+            self.entry_bases[b] = base
+            c0_parts.append(np.repeat(pair.levels_first, kb))
+            col_parts.append(
+                (self.offsets[b] + pair.levels_second[:, None] * kb + np.arange(kb)).reshape(-1)
+            )
+            base += pair.num_pairs * kb
+        self.num_entries = base
+        c0 = np.concatenate(c0_parts) if c0_parts else np.zeros(0, np.int64)
+        col = np.concatenate(col_parts) if col_parts else np.zeros(0, np.int64)
+        self.entry_order = np.argsort(c0, kind="stable")
+        self.entry_level = c0[self.entry_order]
+        self.entry_col = col[self.entry_order]
+        # Triples: every pair `first <= second` of entries of the same level of block 0
+        # (the inverse is symmetric: the pair serves both orders).
+        counts = np.bincount(self.entry_level, minlength=self.num_diag_levels) if base else np.zeros(0, int)
+        ends = np.cumsum(counts)
+        self._pairs_per_entry = (ends[self.entry_level] - np.arange(base)) if base else np.zeros(0, np.int64)
+        self.num_triples = int(np.sum(self._pairs_per_entry))
+        self._triples = None
+        self._flat = {}
+
+    @property
+    def triples(self):
+        """`(first, second)` entry indices of the triples, built on first use."""
+        if self._triples is None:
+            size = self._pairs_per_entry
+            dtype = np.int32 if self.num_entries < 2**31 else np.int64
+            first = np.repeat(np.arange(self.num_entries, dtype=dtype), size)
+            within = np.arange(self.num_triples, dtype=np.int64) - np.repeat(np.cumsum(size) - size, size)
+            self._triples = (first, (first + within).astype(dtype))
+        return self._triples
+
+    def lower_flat(self, rows, cols, dim):
+        """Row-major positions in a `dim x dim` array of the lower-triangle twin of `(rows, cols)`.
+
+        dpotri writes the inverse into the lower triangle only: reading every entry
+        `(i, j)` at `(max, min)` saves symmetrizing a dense matrix.
+        """
+        rows, cols = np.asarray(rows, np.int64), np.asarray(cols, np.int64)
+        return np.maximum(rows, cols) * dim + np.minimum(rows, cols)
+
+    def triple_positions(self, dim):
+        """`lower_flat` of the triples' column pairs, cached per inverse size."""
+        if dim not in self._flat:
+            first, second = self.triples
+            flat = self.lower_flat(self.entry_col[first], self.entry_col[second], dim)
+            self._flat[dim] = flat.astype(np.int32) if dim * dim < 2**31 else flat
+        return self._flat[dim]
+
+    def _build_dense_positions(self):
+        """Rows and columns in `S` of each pair of dense blocks' `(P, ka, kb)` values."""
+        s = self.structure
+        self.dense_positions = {}
+        for a in self.dense_blocks:
+            for b in self.dense_blocks:
+                if b < a:
+                    continue
+                pair = s.pairs[a, b]
+                ka, kb = s.blocks[a].num_effects, s.blocks[b].num_effects
+                rows = self.offsets[a] + pair.levels_first[:, None, None] * ka + np.arange(ka)[None, :, None]
+                cols = self.offsets[b] + pair.levels_second[:, None, None] * kb + np.arange(kb)[None, None, :]
+                rows, cols = np.broadcast_arrays(rows, cols)
+                self.dense_positions[a, b] = (rows, cols)
+
+    # ------------------------------------------------------------ factor
+    def factor(self, lambdas, cross):
+        """Factors `A` for relative covariance factors `lambdas` and cross products `cross`.
+
+        Args:
+            lambdas: one `(k, k)` lower-triangular matrix per random block (in
+                `Structure.blocks` order).
+            cross: `Structure.cross_products(h)`.
+
+        Returns:
+            A `Factor`.
+
+        Raises:
+            numpy.linalg.LinAlgError: `A` is not positive definite (the fixed-effects
+                design is rank deficient given the weights).
+        """
+        s = self.structure
+        lam = {b: lambdas[b] for b in range(s.num_random)}
+        lam[len(s.blocks) - 1] = None
+        L0, k0 = self.num_diag_levels, self.k0
+        if self.has_diag:
+            a00 = _transform(lam[0], cross[0, 0], lam[0]) + np.eye(k0)
+            if k0 == 1:
+                l00 = np.sqrt(a00)
+                l00_inv = 1.0 / l00
+            else:
+                l00 = np.linalg.cholesky(a00)
+                l00_inv = np.linalg.inv(l00)
+        else:
+            l00 = l00_inv = np.zeros((0, 1, 1))
+        # F = L00^-1 A0D, its random columns as sorted entries (E, k0), its fixed
+        # columns dense (L0, k0, p).
+        parts = []
+        for b in self.dense_blocks[:-1] if self.has_diag else []:
+            a0b = _transform(lam[0], cross[0, b], lam[b])  # (P, k0, kb)
+            parts.append(np.swapaxes(a0b, 1, 2).reshape(-1, k0))
+        entries = np.concatenate(parts)[self.entry_order] if parts else np.zeros((0, k0))
+        fixed = len(s.blocks) - 1
+        if self.has_diag:
+            f_fixed = _transform(lam[0], cross[0, fixed], None)  # (L0, k0, p)
+            f_fixed = np.einsum("lab,lbp->lap", l00_inv, f_fixed) if k0 > 1 else f_fixed * l00_inv
+            if k0 > 1:
+                entries = np.einsum("eab,eb->ea", l00_inv[self.entry_level], entries)
+            else:
+                entries = entries * l00_inv[self.entry_level, 0]
+        else:
+            f_fixed = np.zeros((0, 1, self.num_fixed))
+        # S = ADD - F'F.
+        q, qr = self.num_dense, self.num_dense_random
+        dense = np.zeros((q, q))
+        for (a, b), (rows, cols) in self.dense_positions.items():
+            values = _transform(lam[a], cross[a, b], lam[b])
+            if a == b and not s.blocks[a].fixed:
+                values = values + np.eye(values.shape[-1])
+            dense[rows, cols] = values
+            if a != b:
+                dense[cols, rows] = values
+        flat_fixed = f_fixed.reshape(L0 * k0, self.num_fixed)
+        if self.num_entries:
+            f_random = self._random_columns(entries)
+            dense[:qr, :qr] -= (f_random.T @ f_random).toarray()
+            cross_rx = np.asarray(f_random.T @ flat_fixed)
+            dense[:qr, qr:] -= cross_rx
+            dense[qr:, :qr] -= cross_rx.T
+        dense[qr:, qr:] -= flat_fixed.T @ flat_fixed
+        ld = scipy.linalg.cholesky(dense, lower=True, check_finite=False) if q else np.zeros((0, 0))
+        return Factor(self, l00, l00_inv, entries, f_fixed, ld)
+
+    def _random_columns(self, entries):
+        """`F`'s random columns as a sparse `(L0 k0, q_r)` matrix."""
+        k0 = self.k0
+        rows = (self.entry_level[:, None] * k0 + np.arange(k0)).reshape(-1)
+        cols = np.repeat(self.entry_col, k0)
+        return sp.csr_matrix(
+            (entries.reshape(-1), (rows, cols)), shape=(self.num_diag_levels * k0, self.num_dense_random)
+        )
+
+
+class Factor:
+    """`A = L L'` in blocks (see the module docstring), with solves and a selected inverse."""
+
+    def __init__(self, system, l00, l00_inv, entries, f_fixed, ld):
+        self.system = system
+        self.l00, self.l00_inv = l00, l00_inv
+        self.entries, self.f_fixed = entries, f_fixed
+        self.ld = ld
+        qr = system.num_dense_random
+        diag = np.log(np.diagonal(ld)) if len(ld) else np.zeros(0)
+        l00_diag = np.log(np.diagonal(l00, axis1=-2, axis2=-1)) if len(l00) else np.zeros(0)
+        self.logdet_random = 2.0 * (np.sum(l00_diag) + np.sum(diag[:qr]))
+        self.logdet_fixed = 2.0 * np.sum(diag[qr:])
+
+    @property
+    def logdet(self):
+        """`log |A|`, fixed effects included."""
+        return self.logdet_random + self.logdet_fixed
+
+    # ------------------------------------------------------------ products with F
+    def _f_times(self, dense_vector):
+        """`F x` for a dense-part vector: `(L0, k0)`."""
+        sys = self.system
+        out = np.einsum("lap,p->la", self.f_fixed, dense_vector[sys.num_dense_random:])
+        if sys.num_entries:
+            contrib = self.entries * dense_vector[sys.entry_col][:, None]
+            for a in range(sys.k0):
+                out[:, a] += np.bincount(sys.entry_level, contrib[:, a], minlength=sys.num_diag_levels)
+        return out
+
+    def _f_transpose_times(self, diag_vector):
+        """`F' y` for a block-0 vector `(L0, k0)`: a dense-part vector."""
+        sys = self.system
+        out = np.zeros(sys.num_dense)
+        out[sys.num_dense_random:] = np.einsum("lap,la->p", self.f_fixed, diag_vector)
+        if sys.num_entries:
+            values = np.sum(self.entries * diag_vector[sys.entry_level], axis=1)
+            out[: sys.num_dense_random] = np.bincount(sys.entry_col, values, minlength=sys.num_dense_random)
+        return out
+
+    def _l00_times(self, inv, vector, transpose=False):
+        if self.system.k0 == 1:
+            return inv[:, :, 0] * vector
+        return np.einsum("lba,lb->la" if transpose else "lab,lb->la", inv, vector)
+
+    # ------------------------------------------------------------ solves
+    def half_solve(self, diag_rhs, dense_rhs):
+        """`L^-1 r` for `r = (r0 (L0, k0), rD (q,))`."""
+        y0 = self._l00_times(self.l00_inv, diag_rhs)
+        rhs = dense_rhs - self._f_transpose_times(y0)
+        yd = scipy.linalg.solve_triangular(self.ld, rhs, lower=True, check_finite=False) if len(rhs) else rhs
+        return y0, yd
+
+    def solve(self, diag_rhs, dense_rhs):
+        """`A^-1 r`; also returns `r' A^-1 r`."""
+        y0, yd = self.half_solve(diag_rhs, dense_rhs)
+        quad = float(np.sum(y0**2) + np.sum(yd**2))
+        xd = scipy.linalg.solve_triangular(self.ld, yd, lower=True, trans="T", check_finite=False) if len(yd) else yd
+        x0 = self._l00_times(self.l00_inv, y0 - self._f_times(xd), transpose=True)
+        return x0, xd, quad
+
+    def fixed_covariance(self):
+        """The fixed effects' block of `A^-1`, `(p, p)`: the Schur complement's inverse."""
+        qr = self.system.num_dense_random
+        lx = self.ld[qr:, qr:]
+        inv = scipy.linalg.solve_triangular(lx, np.eye(len(lx)), lower=True, check_finite=False)
+        return inv.T @ inv
+
+    # ------------------------------------------------------------ selected inverse
+    def _dense_inverse(self, mode):
+        qr = self.system.num_dense_random
+        ld = self.ld if mode == "full" else self.ld[:qr, :qr]
+        if not len(ld):
+            return np.zeros((0, 0))
+        inv, info = scipy.linalg.lapack.dpotri(ld, lower=1)
+        if info:
+            raise np.linalg.LinAlgError(f"dpotri failed (info={info})")
+        return inv  # lower triangle only; read through `BlockedSystem.lower_flat`
+
+    def selected_inverse(self, mode="random"):
+        """Blocks of `A^-1` on the model's pattern (see the module docstring).
+
+        Args:
+            mode: `"random"` for `(A_uu)^-1` (the fixed effects a point estimate;
+                pairs with the fixed block are left out) or `"full"` for `A^-1`.
+
+        Returns:
+            A dict `(a, b) -> (P, k_a, k_b)` over `Structure.pairs`.
+        """
+        sys = self.system
+        s = sys.structure
+        fixed = len(s.blocks) - 1
+        qr, k0, L0 = sys.num_dense_random, sys.k0, sys.num_diag_levels
+        full = mode == "full"
+        sinv = self._dense_inverse(mode)
+        dim = len(sinv)
+        flat = sinv.reshape(-1)
+        out = {}
+        if sys.has_diag:
+            entries = self.entries
+            # G = F S^-1 on the pattern: triples for the random columns ...
+            g_entries = np.zeros_like(entries)
+            if sys.num_entries:
+                first, second = sys.triples
+                s_values = np.take(flat, sys.triple_positions(dim))
+                off = first != second
+                first_off, second_off, s_off = first[off], second[off], s_values[off]
+                for a in range(k0):
+                    column = entries[:, a]
+                    g_entries[:, a] = np.bincount(
+                        second, np.take(column, first) * s_values, minlength=sys.num_entries
+                    ) + np.bincount(first_off, np.take(column, second_off) * s_off, minlength=sys.num_entries)
+            if full:
+                # ... plus the fixed columns, which every level meets.
+                s_xr = sinv[qr:, :qr]  # below the diagonal: filled
+                s_xx = np.tril(sinv[qr:, qr:]) + np.tril(sinv[qr:, qr:], -1).T
+                if sys.num_entries:
+                    g_entries += np.einsum("eap,pe->ea", self.f_fixed[sys.entry_level], s_xr[:, sys.entry_col])
+                g_fixed = np.einsum("lap,pq->laq", self.f_fixed, s_xx)
+                if sys.num_entries:
+                    g_fixed += self._random_columns_times(s_xr.T)
+            # (A^-1)_00 = L00^-T (I + G F') L00^-1.
+            inner = np.broadcast_to(np.eye(k0), (L0, k0, k0)).copy()
+            if sys.num_entries:
+                outer = g_entries[:, :, None] * entries[:, None, :]
+                for a in range(k0):
+                    for b in range(k0):
+                        inner[:, a, b] += np.bincount(sys.entry_level, outer[:, a, b], minlength=L0)
+            if full:
+                inner += np.einsum("lap,lbp->lab", g_fixed, self.f_fixed)
+            if k0 == 1:
+                out[0, 0] = inner * self.l00_inv**2
+            else:
+                out[0, 0] = np.einsum("lca,lcd,ldb->lab", self.l00_inv, inner, self.l00_inv)
+            # (A^-1)_0D = -L00^-T G.
+            if sys.num_entries:
+                if k0 == 1:
+                    v_entries = -g_entries * self.l00_inv[sys.entry_level, 0]
+                else:
+                    v_entries = -np.einsum("eba,eb->ea", self.l00_inv[sys.entry_level], g_entries)
+                unsorted = np.empty_like(v_entries)
+                unsorted[sys.entry_order] = v_entries
+                for b in sys.dense_blocks[:-1]:
+                    kb = s.blocks[b].num_effects
+                    pair = s.pairs[0, b]
+                    base = sys.entry_bases[b]
+                    block = unsorted[base:base + pair.num_pairs * kb].reshape(pair.num_pairs, kb, k0)
+                    out[0, b] = np.swapaxes(block, 1, 2)
+            if full:
+                out[0, fixed] = -self._l00_times_matrix(g_fixed)
+        for (a, b), (rows, cols) in sys.dense_positions.items():
+            if not full and (s.blocks[a].fixed or s.blocks[b].fixed):
+                continue
+            key = (a, b, dim)
+            if key not in sys._flat:
+                sys._flat[key] = sys.lower_flat(rows, cols, dim)
+            out[a, b] = np.take(flat, sys._flat[key])
+        return out
+
+    def _random_columns_times(self, matrix):
+        """`F_R M` for a dense `(q_r, m)` matrix: `(L0, k0, m)`."""
+        sys = self.system
+        out = np.zeros((sys.num_diag_levels, sys.k0, matrix.shape[1]))
+        rows = matrix[sys.entry_col]  # (E, m)
+        for a in range(sys.k0):
+            weighted = self.entries[:, a, None] * rows
+            order_sum = np.add.reduceat(weighted, _segment_starts(sys.entry_level), axis=0)
+            out[np.unique(sys.entry_level), a, :] = order_sum
+        return out
+
+    def _l00_times_matrix(self, g):
+        """`L00^-T g` for `(L0, k0, m)`."""
+        if self.system.k0 == 1:
+            return g * self.l00_inv
+        return np.einsum("lba,lbm->lam", self.l00_inv, g)
+
+
+def _segment_starts(sorted_segments):
+    """Start positions of the runs of a sorted array."""
+    if not len(sorted_segments):
+        return np.zeros(0, np.int64)
+    return np.flatnonzero(np.concatenate([[True], sorted_segments[1:] != sorted_segments[:-1]]))

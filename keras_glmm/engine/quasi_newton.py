@@ -1,0 +1,228 @@
+"""A projected BFGS method for bound-constrained minimization, one iteration per call.
+
+The variance parameters of a mixed model are few (a handful of Cholesky entries per
+term) and some are bounded below by 0 (a standard deviation, the diagonal of a
+covariance factor), where lme4's boundary ("singular") fits lie. lme4 and
+MixedModels.jl minimize their profiled objective with BOBYQA, derivative-free;
+here the engine has the exact gradient, so a quasi-Newton method needs far fewer
+evaluations. Each `step()` is one iteration, so a Keras `train_step` can be one:
+
+1. variables at their bound whose gradient points outward are held (the active
+   set); the others take the BFGS direction `d = -H g` in their subspace;
+2. a backtracking line search with Armijo's condition along a path that keeps
+   each bounded variable above a fraction (5%) of its distance to the bound, and
+   sets it on the bound once that distance is below `snap` of its starting
+   distance: the iterates approach a bound geometrically rather than jumping on
+   it from afar (where the curvature model is poor), yet land exactly on it when
+   the optimum is there (dyestuff2's batch sd is exactly 0);
+3. the inverse-Hessian approximation `H` takes the BFGS update when the curvature
+   condition holds.
+
+An optional `curvature(x)`, an approximation of the Hessian (for a gaussian
+model the average information of AI-REML, Gilmour, Thompson & Cullis 1995),
+gives the inverse-Hessian matrix where it is positive definite: at every
+iteration (`refresh=True`, a Fisher-scoring step, for curvatures that are exact
+at the optimum), or at the start and after a restart, BFGS correcting it in
+between. Either way no iterations are spent learning the scales of parameters
+whose curvatures differ by orders of magnitude (InstEval's students and
+departments).
+
+Convergence: the quasi-Newton prediction of the remaining decrease,
+`g_F' H_FF g_F / 2` over the free variables, is below `tolerance * (1 + |f|)`,
+or no step decreases `f` any more.
+
+A bound is a stationary point of the profiled objective in a standard deviation:
+the likelihood depends on `Lambda` through `Lambda Lambda'`, so its derivative in a
+diagonal entry vanishes at 0 whichever way the optimum lies. A variable that
+reaches its bound with a zero gradient is therefore *probed* before convergence is
+declared: `f` is evaluated a little inside (`probe_steps`), and the first point
+that decreases `f` becomes the next iterate (lme4's derivative-free BOBYQA leaves
+such points by its trust region; a gradient method has to look).
+"""
+
+import numpy as np
+
+
+class BoundedBFGS:
+    """Minimizes `f(x)` subject to `x >= lower`, one iteration per `step()`.
+
+    Args:
+        function: `x -> (f, gradient)`.
+        x0: starting point (projected onto the bounds).
+        lower: lower bounds (`-inf` for none).
+        tolerance: relative tolerance on the predicted remaining decrease.
+        initial_step: length (infinity norm) of the first, steepest-descent step.
+        max_line_search: trials per line search.
+    """
+
+    def __init__(self, function, x0, lower, tolerance=1e-12, initial_step=0.1, max_line_search=20,
+                 probe_steps=(0.1, 0.01, 0.001), curvature=None, refresh=True, boundary_fraction=0.05,
+                 snap=1e-7):
+        self.function = function
+        self.lower = np.asarray(lower, dtype=np.float64)
+        self.x = np.maximum(np.asarray(x0, dtype=np.float64), self.lower)
+        self.boundary_fraction = float(boundary_fraction)
+        bounded = np.isfinite(self.lower)
+        self._snap = np.where(bounded, snap * np.maximum(self.x - np.where(bounded, self.lower, 0.0), 1e-300), 0.0)
+        self.tolerance = float(tolerance)
+        self.initial_step = float(initial_step)
+        self.max_line_search = int(max_line_search)
+        self.probe_steps = tuple(probe_steps)
+        self.curvature = curvature
+        self.refresh = bool(refresh)
+        self._probed = np.zeros(len(self.x), dtype=bool)
+        self.f, self.g = function(self.x)
+        self.inverse_hessian = None
+        self.iterations = 0
+        self.evaluations = 1
+        self.converged = len(self.x) == 0
+        self.stalled = False
+
+    def _free(self, x=None, g=None):
+        x = self.x if x is None else x
+        g = self.g if g is None else g
+        return ~((x <= self.lower) & (g > 0))
+
+    def projected_gradient(self):
+        return np.where(self._free(), self.g, 0.0)
+
+    def _h(self):
+        if self.inverse_hessian is None:
+            scale = self.initial_step / max(np.max(np.abs(self.projected_gradient())), 1e-12)
+            return np.eye(len(self.x)) * scale
+        return self.inverse_hessian
+
+    def predicted_decrease(self):
+        """`g_F' H_FF g_F / 2`: what a full quasi-Newton step would gain."""
+        free = self._free()
+        if not free.any() or self.inverse_hessian is None:
+            pg = self.projected_gradient()
+            return np.inf if np.any(pg != 0) else 0.0
+        g = self.g[free]
+        return 0.5 * float(g @ self.inverse_hessian[np.ix_(free, free)] @ g)
+
+    def step(self):
+        """One iteration; returns True once converged."""
+        if self.converged:
+            return True
+        self.iterations += 1
+        self._probed &= self.x <= self.lower  # a variable that left its bound may be probed again
+        if self._probe():
+            return False
+        self._use_curvature()
+        for attempt in range(2):
+            free = self._free()
+            h = self._h()
+            d = np.zeros_like(self.x)
+            d[free] = -h[np.ix_(free, free)] @ self.g[free]
+            if not self.g[free] @ d[free] < 0:
+                self.inverse_hessian = None
+                h = self._h()
+                d[free] = -h[np.ix_(free, free)] @ self.g[free]
+            # A step of at most ten times the current scale of the variables: the
+            # curvature far from the optimum may promise too much.
+            longest = np.max(np.abs(d)) if len(d) else 0.0
+            limit = 10.0 * max(1.0, np.max(np.abs(self.x)))
+            if longest > limit:
+                d = d * (limit / longest)
+            accepted = self._line_search(d)
+            if accepted is not None:
+                break
+            if self.inverse_hessian is None or self.predicted_decrease() <= 1e-9 * (1.0 + abs(self.f)):
+                break
+            self.inverse_hessian = None  # a poor model of the curvature: restart
+            self._use_curvature()
+        if accepted is None:
+            # No point along the steepest path decreases f: the optimum, to the
+            # precision of the evaluations.
+            self.converged = self.stalled = not np.any(self._stuck())
+            return self.converged
+        x_new, f_new, g_new = accepted
+        self._update(x_new, f_new, g_new)
+        return self.converged
+
+    def _update(self, x_new, f_new, g_new):
+        s, y = x_new - self.x, g_new - self.g
+        if self.inverse_hessian is None:
+            sy, yy = s @ y, y @ y
+            self.inverse_hessian = np.eye(len(s)) * (sy / yy if sy > 0 and yy > 0 else 1.0)
+        sy = s @ y
+        if sy > 1e-12 * np.linalg.norm(s) * np.linalg.norm(y):
+            rho = 1.0 / sy
+            v = np.eye(len(s)) - rho * np.outer(s, y)
+            self.inverse_hessian = v @ self.inverse_hessian @ v.T + rho * np.outer(s, s)
+        decrease = self.f - f_new
+        self.x, self.f, self.g = x_new, f_new, g_new
+        pg = self.projected_gradient()
+        if not np.any(pg):
+            self.converged = True
+        elif self.predicted_decrease() <= self.tolerance * (1.0 + abs(self.f)):
+            self.converged = True
+        elif decrease <= 1e-15 * (1.0 + abs(self.f)) and np.max(np.abs(pg)) < 1e-3:
+            self.converged = self.stalled = True
+        if self.converged and np.any(self._stuck()):
+            self.converged = self.stalled = False  # probe first (next step)
+
+    def _use_curvature(self):
+        """Sets the inverse Hessian from `curvature(x)` on the free variables, if positive definite."""
+        if self.curvature is None or (self.inverse_hessian is not None and not self.refresh):
+            return
+        free = self._free()
+        hessian = np.asarray(self.curvature(self.x), dtype=np.float64)
+        sub = hessian[np.ix_(free, free)]
+        try:
+            chol = np.linalg.cholesky(sub)
+        except np.linalg.LinAlgError:
+            return
+        inverse = np.eye(len(self.x)) * (1.0 / max(np.max(np.abs(np.diag(hessian))), 1e-12))
+        inv_sub = np.linalg.inv(chol)
+        inverse[np.ix_(free, free)] = inv_sub.T @ inv_sub
+        self.inverse_hessian = inverse
+
+    def _stuck(self):
+        """Bounded variables at their bound with a vanishing gradient, not yet probed."""
+        at_bound = np.isfinite(self.lower) & (self.x <= self.lower)
+        return at_bound & (np.abs(self.g) <= 1e-8 * (1.0 + abs(self.f))) & ~self._probed
+
+    def _probe(self):
+        """Moves a stuck variable inside its bound if that decreases `f`; see module doc."""
+        for j in np.flatnonzero(self._stuck()):
+            self._probed[j] = True
+            for delta in self.probe_steps:
+                x_new = self.x.copy()
+                x_new[j] = self.lower[j] + delta
+                f_new, g_new = self.function(x_new)
+                self.evaluations += 1
+                if np.isfinite(f_new) and f_new < self.f - 1e-12 * (1.0 + abs(self.f)):
+                    self.x, self.f, self.g = x_new, f_new, g_new
+                    self.inverse_hessian = None  # the curvature seen so far was the bound's
+                    return True
+        return False
+
+    def _line_search(self, d):
+        """Backtracking along `max(x + a d, lower)`; returns `(x, f, g)` or None."""
+        alpha = 1.0
+        bounded = np.isfinite(self.lower)
+        lower = np.where(bounded, self.lower, 0.0)
+        floor = np.where(bounded, lower + self.boundary_fraction * (self.x - lower), -np.inf)
+        for _ in range(self.max_line_search):
+            x_new = np.maximum(self.x + alpha * d, floor)
+            x_new = np.where(bounded & (x_new - lower < self._snap), lower, x_new)
+            step = x_new - self.x
+            if not np.any(step):
+                return None
+            slope = float(self.g @ step)
+            if slope >= 0:
+                return None
+            f_new, g_new = self.function(x_new)
+            self.evaluations += 1
+            if np.isfinite(f_new) and f_new <= self.f + 1e-4 * slope:
+                return x_new, f_new, g_new
+            # Minimizer of the quadratic through f, the slope and f_new, within [0.1, 0.5].
+            if np.isfinite(f_new):
+                curvature = f_new - self.f - slope
+                trial = -slope / (2.0 * curvature) if curvature > 0 else 0.5
+                alpha *= min(0.5, max(0.1, trial))
+            else:
+                alpha *= 0.1
+        return None

@@ -1,0 +1,629 @@
+"""Structure-aware Gaussian variational inference for GLMMs: the in-memory engine.
+
+The model, in lme4's spherical coordinates (Bates et al. 2015):
+
+```
+eta = offset + X beta + Z Lambda u,     u ~ N(0, s^2 I),     y_i ~ family(eta_i)
+```
+
+with `Lambda` block diagonal, one lower-triangular `k x k` factor `Lambda_t` per
+random term repeated over its levels (diagonal for `(x || g)`), so that a level's
+random effects `b = Lambda_t u` have covariance `Sigma_t = s^2 Lambda_t Lambda_t'`.
+For a gaussian model with the identity link, `s` is the residual sd and `Lambda`
+is *relative*; for the other families `s = 1`.
+
+The posterior family is one Gaussian `q(u) = N(m, s^2 V)` over every random-effect
+coefficient, whose precision has the model's sparsity
+(`keras_glmm.engine.blocked`). Two cases:
+
+**Gaussian, identity link (conjugate).** Given `Lambda`, `q` is the exact posterior
+and `beta` its GLS estimate: one blocked solve of lme4's penalized least squares,
+
+```
+A [u; beta] = [Lambda' Z' W y; X' W y],    r^2 = y' W y - [...]' A^-1 [...]
+-2 log L = log|A_uu| + n (1 + log(2 pi r^2 / n)) - sum log w        (ML)
+-2 log L_R = log|A| + (n - p) (1 + log(2 pi r^2 / (n - p))) - sum log w   (REML)
+```
+
+and the ELBO at `q` is the (restricted) log-likelihood: lme4's profiled objective.
+Its gradient in `Lambda_t` is Fisher's identity in the spherical coordinates,
+
+```
+d log L / d Lambda_t = sum_c r_tc u_tc' - sum_pairs C_ts Lambda_s V_st,
+r_tc = sum_{i in c} w_i e_i z_it / s^2,   C_ts = sum_{i in pair} w_i z_it z_is'
+```
+
+which needs `V` only on the model's pattern (the selected inverse).
+
+**Other families.** Gaussian VI (Opper & Archambeau 2009; Ormerod & Wand 2012): for
+fixed `Lambda` (and dispersion), `q` and `beta` maximize
+
+```
+ELBO = sum_i w_i E_q[log p(y_i | eta_i)] - KL(N(m, V) || N(0, I))
+```
+
+by Newton / natural-gradient fixed-point steps (Khan & Lin 2017): with
+`g_i = E_q[f_i']` and `h_i = -E_q[f_i'']` from the family's closed forms or
+quadrature, `V <- A_uu(h)^-1` and `(m, beta) <- (m, beta) + A(h)^-1 grad`, damped
+(in the natural parameters, i.e. in `h`) whenever the ELBO would decrease. The
+variance parameters and dispersion are then a profiled problem, as for lme4: the
+ELBO at the optimal `q` is a function of them whose gradient, by the envelope
+theorem, is the partial gradient at fixed `q`, the formula above with `g` for
+`w e / s^2` and `h` for `w`.
+
+In both cases the variance parameters move by a bounded quasi-Newton method
+(`keras_glmm.engine.quasi_newton`): a standard deviation (a diagonal entry of
+`Lambda_t`) can reach exactly 0, lme4's boundary fit. A `step()` is one of its
+iterations; the model runs one per Keras `train_step`.
+
+The solver knows nothing of Keras: it takes arrays (`Structure`) and a family.
+"""
+
+import math
+
+import numpy as np
+
+from keras_glmm.engine.blocked import BlockedSystem
+from keras_glmm.engine.quasi_newton import BoundedBFGS
+from keras_glmm.engine.structure import Structure
+
+# lme4's isSingular: a diagonal entry of a (relative) covariance factor below this.
+SINGULAR_TOLERANCE = 1e-4
+
+
+class Parameters:
+    """Packs the lower-triangular factors `Lambda_t` (and log-dispersions) into a vector."""
+
+    def __init__(self, blocks, dispersion_names=()):
+        self.slices, self.positions, lower = [], [], []
+        start = 0
+        for block in blocks:
+            k = block.num_effects
+            rows, cols = np.tril_indices(k) if block.correlated else (np.arange(k), np.arange(k))
+            self.positions.append((rows, cols))
+            self.slices.append(slice(start, start + len(rows)))
+            lower.extend(np.where(rows == cols, 0.0, -np.inf))
+            start += len(rows)
+        self.num_theta = start
+        self.dispersion_names = list(dispersion_names)
+        lower.extend([-np.inf] * len(self.dispersion_names))
+        self.lower = np.asarray(lower)
+        self.blocks = blocks
+
+    def lambdas(self, vector):
+        out = []
+        for block, sl, (rows, cols) in zip(self.blocks, self.slices, self.positions):
+            lam = np.zeros((block.num_effects, block.num_effects))
+            lam[rows, cols] = vector[sl]
+            out.append(lam)
+        return out
+
+    def dispersion(self, vector):
+        return {name: math.exp(v) for name, v in zip(self.dispersion_names, vector[self.num_theta:])}
+
+    def pack(self, lambdas, dispersion=None):
+        parts = [lam[rows, cols] for lam, (rows, cols) in zip(lambdas, self.positions)]
+        parts.append([math.log(dispersion[name]) for name in self.dispersion_names])
+        return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]) if parts else np.zeros(0)
+
+    def gradient(self, lambda_gradients, dispersion_gradient=None):
+        """Packs `d/d Lambda_t` matrices (and `d/d log dispersion`) like `pack`."""
+        parts = [grad[rows, cols] for grad, (rows, cols) in zip(lambda_gradients, self.positions)]
+        parts.append([dispersion_gradient[name] for name in self.dispersion_names])
+        return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+
+
+def _lambda_rows(z, lam):
+    """`z Lambda`: each row's design in spherical coordinates, `(n, k)`."""
+    return z * lam[0, 0] if lam.shape[0] == 1 else z @ lam
+
+
+class VariationalSolver:
+    """Fits a GLMM's Gaussian posterior, fixed effects and variance parameters in memory.
+
+    Args:
+        x: `(n, p)` fixed-effects design.
+        terms: `(name, level_index, z, num_levels, correlated)` per random term, `z`
+            `(n, k)` with the intercept column first when the term has one.
+        y: `(n,)` response (successes for a binomial).
+        family: a `keras_glmm.families.Family`.
+        trials: `(n,)` binomial trials, or None.
+        weights: `(n,)` prior weights (gaussian: precisions; others: likelihood
+            weights), or None.
+        offset: `(n,)` or None.
+        reml: restricted likelihood (gaussian identity link only).
+        fixed_params: dispersion parameters held fixed, by name.
+        num_points: quadrature points for families without closed forms.
+        memory_budget: bytes the posterior's dense part may take.
+    """
+
+    def __init__(self, x, terms, y, family, trials=None, weights=None, offset=None, reml=False,
+                 fixed_params=None, num_points=None, memory_budget=2 * 2**30):
+        self.structure = Structure(x, terms)
+        self.system = BlockedSystem(self.structure, memory_budget=memory_budget)
+        self.family = family
+        self.conjugate = family.name == "gaussian" and family.link.name == "identity"
+        if reml and not self.conjugate:
+            raise ValueError("REML is defined for gaussian models with the identity link only.")
+        self.reml = bool(reml)
+        n = self.structure.num_rows
+        self.y = np.asarray(y, dtype=np.float64).reshape(-1)
+        self.trials = None if trials is None else np.asarray(trials, dtype=np.float64).reshape(-1)
+        self.weights = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        self.offset = np.zeros(n) if offset is None else np.asarray(offset, dtype=np.float64).reshape(-1)
+        self.fixed_params = dict(fixed_params or {})
+        self.num_points = num_points
+        names = [] if self.conjugate else [p for p in family.dispersion_params if p not in self.fixed_params]
+        self.parameters = Parameters(self.structure.random_blocks, names)
+        self.num_rows = n
+        self.num_fixed = self.structure.num_fixed
+        if self.conjugate:
+            self._prepare_conjugate()
+        self.optimizer = None
+        self.state = None
+
+    # ================================================================ conjugate
+    def _prepare_conjugate(self):
+        """The sufficient statistics of a gaussian model: the data are not read again."""
+        s = self.structure
+        w = self.weights
+        yo = self.y - self.offset
+        self.cross = s.cross_products(w)
+        self.zwy = s.level_sums(w * yo)  # Z_b' W y per level of each block (fixed: X'Wy)
+        self.ywy = float(np.sum(w * yo**2))
+        self.sum_log_weights = float(np.sum(np.log(w)))
+
+    def _rhs(self, lambdas, per_level):
+        """Splits `Lambda' v` (per block, per level) into block 0 and the dense part."""
+        s, sys = self.structure, self.system
+        blocks = [per_level[b] @ lambdas[b] if b < s.num_random else per_level[b]
+                  for b in range(len(s.blocks))]
+        diag = blocks[0] if sys.has_diag else np.zeros((0, 1))
+        dense = np.concatenate([blocks[b].reshape(-1) for b in sys.dense_blocks])
+        return diag, dense
+
+    def _unpack(self, x0, xd):
+        """Per-block coefficient arrays from a solve's two parts."""
+        s, sys = self.structure, self.system
+        out = [x0] if sys.has_diag else []
+        for b in sys.dense_blocks:
+            block = s.blocks[b]
+            start = sys.offsets[b]
+            out.append(xd[start:start + block.size].reshape(block.num_levels, block.num_effects))
+        out[-1] = out[-1].reshape(-1)
+        return out[:-1], out[-1]
+
+    def _conjugate_objective(self, vector):
+        """`-log L` (ML) or `-log L_R` (REML) at `vector`, with its gradient."""
+        lambdas = self.parameters.lambdas(vector)
+        try:
+            factor = self.system.factor(lambdas, self.cross)
+        except np.linalg.LinAlgError:
+            # Far out (a trial step of the line search), the fixed effects' Schur
+            # complement loses its precision: the line search steps back.
+            return math.inf, np.full(len(vector), np.nan)
+        diag, dense = self._rhs(lambdas, self.zwy)
+        x0, xd, quad = factor.solve(diag, dense)
+        n, p = self.num_rows, self.num_fixed
+        r2 = max(self.ywy - quad, 1e-300)
+        dof = n - p if self.reml else n
+        sigma2 = r2 / dof
+        logdet = factor.logdet if self.reml else factor.logdet_random
+        value = 0.5 * (logdet + dof * (1.0 + math.log(2.0 * math.pi * sigma2)) - self.sum_log_weights)
+        u, beta = self._unpack(x0, xd)
+        mode = "full" if self.reml else "random"
+        cov = factor.selected_inverse(mode)
+        eta = self._linear_predictor(lambdas, u, beta)
+        residual = self.y - eta
+        level_residual = self.structure.level_sums(self.weights * residual / sigma2)
+        grads = self._lambda_gradients(lambdas, u, level_residual, self.cross, cov)
+        self._last = dict(vector=vector, lambdas=lambdas, factor=factor, u=u, beta=beta, sigma2=sigma2,
+                          cov=cov, value=value, eta=eta, level_score=level_residual)
+        return value, -self.parameters.gradient(grads)
+
+    def _average_information(self, vector, extra=None):
+        """The average-information matrix of the variance parameters at `vector`.
+
+        AI-REML's approximation of the Hessian of `-log L` (Gilmour, Thompson &
+        Cullis 1995): with `t_j = dV/d theta_j V^-1 e` (`e` the marginal residual)
+        and `P` the projection `V^-1 - V^-1 X (X'V^-1 X)^-1 X'V^-1`,
+        `AI_jk = t_j' P t_k / 2`. In the spherical coordinates, for `theta_j` the
+        entry `(a, b)` of `Lambda_t`, `t_j = z_ta u_tb + (z_t' Lambda_t)_b r_ta`
+        (`r` the levels' scores `Z'W e / s^2` scaled back by `s^2`), and `P t` is
+        one solve with the factorization at hand. For a gaussian model the residual
+        variance is one more parameter (`t = e / s^2`), profiled out at the end.
+
+        Args:
+            vector: the point (its state must be the last evaluated).
+            extra: optional `(n,)` column for one more parameter (the residual variance).
+
+        Returns:
+            `(d, d)` for the `theta` entries.
+        """
+        st = self._last
+        s = self.structure
+        lambdas, factor = st["lambdas"], st["factor"]
+        columns = []
+        for b, block in enumerate(s.random_blocks):
+            rows, cols = self.parameters.positions[b]
+            zl = _lambda_rows(block.z, lambdas[b])
+            u_rows = st["u"][b][block.index]
+            score_rows = st["level_score"][b][block.index] * (st.get("sigma2", 1.0))
+            for a_, b_ in zip(rows, cols):
+                columns.append(block.z[:, a_] * u_rows[:, b_] + zl[:, b_] * score_rows[:, a_])
+        if extra is not None:
+            columns.append(extra)
+        t = np.stack(columns, axis=1)
+        w = self.weights if self.conjugate else st["h"]
+        scale = st.get("sigma2", 1.0)
+        wt = w[:, None] * t
+        proj = np.empty((len(s.blocks), 0))
+        solved = []
+        for j in range(t.shape[1]):
+            sums = s.level_sums(wt[:, j])
+            diag, dense = self._rhs(lambdas, sums)
+            x0, xd, _ = factor.solve(diag, dense)
+            solved.append((diag, dense, x0, xd))
+        ai = np.empty((t.shape[1], t.shape[1]))
+        for j in range(t.shape[1]):
+            for k in range(j, t.shape[1]):
+                dj, ddj, _, _ = solved[j]
+                _, _, x0k, xdk = solved[k]
+                value = float(t[:, j] @ wt[:, k]) - float(np.sum(dj * x0k) + ddj @ xdk)
+                ai[j, k] = ai[k, j] = 0.5 * value / scale
+        del proj
+        d = self.parameters.num_theta
+        if extra is not None:
+            ai = ai[:d, :d] - np.outer(ai[:d, d], ai[d, :d]) / ai[d, d]
+        return ai
+
+    def _conjugate_curvature(self, vector):
+        if not np.array_equal(self._last["vector"], vector):
+            self._conjugate_objective(vector)
+        st = self._last
+        marginal = (self.y - self.offset - self.structure.fixed_block.z @ st["beta"]) / st["sigma2"]
+        return self._average_information(vector, extra=marginal)
+
+    # ================================================================ shared pieces
+    def _linear_predictor(self, lambdas, u, beta):
+        """`offset + X beta + sum_t z_t' Lambda_t u_t[g_t(i)]` per row."""
+        s = self.structure
+        eta = self.offset + s.fixed_block.z @ beta
+        for b, block in enumerate(s.random_blocks):
+            coef = u[b] @ lambdas[b].T  # b = Lambda u, one row per level
+            eta += np.einsum("ik,ik->i", block.z, coef[block.index]) if block.num_effects > 1 else (
+                block.z[:, 0] * coef[block.index, 0])
+        return eta
+
+    def _lambda_gradients(self, lambdas, u, level_residual, cross, cov):
+        """`sum_c r_tc u_tc' - sum_pairs C_ts Lambda_s V_st` for each random term."""
+        s = self.structure
+        grads = [np.einsum("la,lb->ab", level_residual[b], u[b]) for b in range(s.num_random)]
+        fixed = len(s.blocks) - 1
+        for (a, b), v in cov.items():
+            c = cross[a, b]
+            lam_b = np.eye(s.blocks[b].num_effects) if b == fixed else lambdas[b]
+            if a < s.num_random:
+                grads[a] -= np.einsum("pij,jk,plk->il", c, lam_b, v)
+            if b != a and b < s.num_random:
+                grads[b] -= np.einsum("pji,jk,pkl->il", c, lambdas[a], v)
+        return grads
+
+    def _row_variance(self, lambdas, cov):
+        """`Var_q(eta_i) = sum_ab (z_ia' Lambda_a) V_ab[pair] (Lambda_b' z_ib)`."""
+        s = self.structure
+        rows = [_lambda_rows(block.z, lambdas[b]) for b, block in enumerate(s.random_blocks)]
+        var = np.zeros(self.num_rows)
+        for (a, b), v in cov.items():
+            if a >= s.num_random or b >= s.num_random:
+                continue
+            pair = s.pairs[a, b]
+            vi = v[pair.row_pair]
+            term = np.einsum("ia,iab,ib->i", rows[a], vi, rows[b]) if vi.shape[1] * vi.shape[2] > 1 else (
+                rows[a][:, 0] * vi[:, 0, 0] * rows[b][:, 0])
+            var += term if a == b else 2.0 * term
+        return np.maximum(var, 0.0)
+
+    @staticmethod
+    def _trace_random(cov, num_random):
+        return float(sum(np.trace(cov[b, b], axis1=1, axis2=2).sum() for b in range(num_random)))
+
+    # ================================================================ other families
+    def _expected(self, eta, var, dispersion):
+        """Weighted `E_q[log p]`, `g = E[f']`, the curvature `h` per row, and the dispersion gradient.
+
+        `h = -2 d E_q[log p] / d v` (the variance's weight in the ELBO, what `V`'s
+        fixed point needs) for rows with a posterior variance, `-E[f'']` for rows
+        without one (no random effect: only the fixed effects' Newton step reads them).
+        """
+        params = dict(self.fixed_params)
+        params.update(dispersion)
+        value, first, second, d_var, pgrad = self.family.expected_log_prob_derivatives(
+            self.y, eta, var, params, trials=self.trials, num_points=self.num_points,
+            weights=self.weights,
+        )
+        w = self.weights
+        h = np.where(var > 0, -2.0 * d_var, -second)
+        return w * value, w * first, w * h, pgrad
+
+    def _covariance_state(self, lambdas, h):
+        """`q`'s covariance `V = A_uu(h)^-1` on the pattern, and what the ELBO needs of it."""
+        cross = self.structure.cross_products(h)
+        factor = self.system.factor(lambdas, cross)
+        cov = factor.selected_inverse("random")
+        return dict(h=h, cross=cross, factor=factor, cov=cov, var=self._row_variance(lambdas, cov),
+                    trace=self._trace_random(cov, self.structure.num_random))
+
+    def _mean_state(self, lambdas, q, u, beta, dispersion):
+        """The ELBO and the rows' derivatives for the mean `(u, beta)` under covariance `q`."""
+        eta = self._linear_predictor(lambdas, u, beta)
+        ell, g, hh, pgrad = self._expected(eta, q["var"], dispersion)
+        sq = float(sum(np.sum(ub**2) for ub in u))
+        k = sum(block.size for block in self.structure.random_blocks)
+        kl = 0.5 * (q["trace"] + sq - k + q["factor"].logdet_random)
+        ell = float(np.sum(ell))
+        return dict(q, eta=eta, g=g, hh=hh, pgrad=pgrad, ell=ell, kl=kl, elbo=ell - kl, u=u, beta=beta)
+
+    def _newton_direction(self, lambdas, state):
+        """`A(h)^-1` times the ELBO's gradient in `(u, beta)`: a Newton step at `V`'s fixed point."""
+        s = self.structure
+        sums = s.level_sums(state["g"])
+        grad = [sums[b] @ lambdas[b] - state["u"][b] for b in range(s.num_random)] + [sums[-1]]
+        diag, dense = self._rhs_from_blocks(grad)
+        x0, xd, decrement = state["factor"].solve(diag, dense)
+        du, dbeta = self._unpack(x0, xd)
+        return du, dbeta, decrement
+
+    def _rhs_from_blocks(self, per_block):
+        s, sys = self.structure, self.system
+        diag = per_block[0] if sys.has_diag else np.zeros((0, 1))
+        dense = np.concatenate([np.asarray(per_block[b]).reshape(-1) for b in sys.dense_blocks])
+        return diag, dense
+
+    def _fit_q(self, lambdas, dispersion, start, max_iterations=200):
+        """Maximizes the ELBO over `q` and `beta` for fixed variance parameters.
+
+        Each iteration is a Newton step on the mean `(u, beta)` with the covariance
+        fixed (the ELBO is concave there; `A(h)` is its Hessian at the fixed point),
+        backtracking until the ELBO does not decrease, then the fixed-point step of
+        the covariance, `h <- -E_q[f'']`, damped in the natural parameters
+        (`h <- (1 - rho) h + rho h_new`) until the ELBO does not decrease: the
+        undamped fixed point can oscillate when variances are large (binary data
+        in small clusters).
+
+        Returns the state, or None when no finite ELBO can be reached from `start`.
+        """
+        try:
+            q = self._covariance_state(lambdas, start["h"])
+        except np.linalg.LinAlgError:
+            return None
+        state = self._mean_state(lambdas, q, start["u"], start["beta"], dispersion)
+        if not np.isfinite(state["elbo"]):
+            return None
+        tolerance = 1e-11 * (1.0 + abs(state["elbo"]))
+        for _ in range(max_iterations):
+            before = state["elbo"]
+            du, dbeta, decrement = self._newton_direction(lambdas, state)
+            rho = 1.0
+            for _ in range(30):
+                trial = self._mean_state(
+                    lambdas, state, [ub + rho * d for ub, d in zip(state["u"], du)],
+                    state["beta"] + rho * dbeta, dispersion)
+                if np.isfinite(trial["elbo"]) and trial["elbo"] >= state["elbo"] - 1e-13 * abs(state["elbo"]):
+                    state = trial
+                    break
+                rho *= 0.5
+            h_new = np.maximum(state["hh"], 0.0)
+            moved = float(np.max(np.abs(h_new - state["h"]) / (1.0 + np.abs(state["h"])))) if len(h_new) else 0.0
+            rho = 1.0
+            for _ in range(12):
+                h_try = h_new if rho == 1.0 else (1.0 - rho) * state["h"] + rho * h_new
+                try:
+                    q = self._covariance_state(lambdas, h_try)
+                except np.linalg.LinAlgError:
+                    rho *= 0.5
+                    continue
+                trial = self._mean_state(lambdas, q, state["u"], state["beta"], dispersion)
+                if np.isfinite(trial["elbo"]) and trial["elbo"] >= state["elbo"] - 1e-13 * abs(state["elbo"]):
+                    state = trial
+                    break
+                rho *= 0.5
+            if (state["elbo"] - before <= tolerance and decrement <= 1e-9 * (1.0 + abs(state["elbo"]))
+                    and moved < 1e-6):
+                break
+        return state
+
+    def _warm_start(self, lambdas):
+        """The accepted state, its posterior means kept fixed in `b = Lambda u` for new `lambdas`."""
+        start = self._inner_start
+        old = start.get("lambdas")
+        if old is None:
+            return start
+        u = []
+        for ub, new_lam, old_lam in zip(start["u"], lambdas, old):
+            b = ub @ old_lam.T
+            u.append(np.linalg.lstsq(new_lam, b.T, rcond=None)[0].T if np.any(new_lam) else np.zeros_like(ub))
+        return dict(start, u=u)
+
+    def _glmm_curvature(self, vector):
+        """The average information of the variance parameters (see `_average_information`).
+
+        For a GLMM it is that of the working gaussian model (PQL's linearization:
+        weights `h`, scores `g`); dispersion parameters get the curvature of the
+        expected log-likelihood in their logarithm, by a difference of gradients.
+        """
+        if not np.array_equal(self._last["vector"], vector):
+            self._glmm_objective(vector)
+        st = self._last
+        d = self.parameters.num_theta
+        out = np.zeros((len(vector), len(vector)))
+        out[:d, :d] = self._average_information(vector)
+        for j, name in enumerate(self.parameters.dispersion_names):
+            shifted = dict(st["dispersion"])
+            step = 1e-4
+            shifted[name] = st["dispersion"][name] * math.exp(step)
+            g1 = self._expected(st["eta"], st["var"], shifted)[3][name] * shifted[name]
+            g0 = st["pgrad"][name] * st["dispersion"][name]
+            out[d + j, d + j] = -(g1 - g0) / step
+        return out
+
+    def _glmm_objective(self, vector):
+        """`-ELBO` at the optimal `q` for `vector`, with the envelope gradient."""
+        lambdas = self.parameters.lambdas(vector)
+        dispersion = self.parameters.dispersion(vector)
+        state = self._fit_q(lambdas, dispersion, self._warm_start(lambdas))
+        if state is None:
+            return math.inf, np.full(len(vector), np.nan)
+        s = self.structure
+        level_g = s.level_sums(state["g"])
+        cross_hh = state["cross"] if np.array_equal(state["hh"], state["h"]) else s.cross_products(state["hh"])
+        grads = self._lambda_gradients(lambdas, state["u"], level_g, cross_hh, state["cov"])
+        pgrad = {k: state["pgrad"][k] * dispersion[k] for k in dispersion}  # d / d log
+        gradient = self.parameters.gradient(grads, pgrad)
+        state.update(vector=vector, lambdas=lambdas, dispersion=dispersion, value=-state["elbo"],
+                     level_score=level_g)
+        self._last = state
+        return -state["elbo"], -gradient
+
+    # ================================================================ the fit
+    def start(self, lambdas, beta=None, dispersion=None, u=None):
+        """Sets the starting point and evaluates it.
+
+        Args:
+            lambdas: one `(k, k)` lower-triangular factor per term, in the order the
+                terms were given (relative to the residual sd for a gaussian model
+                with the identity link).
+            beta: fixed effects (other families: the start of the inner Newton).
+            dispersion: dispersion parameters by name (other families).
+            u: optional per-term `(L, k)` spherical posterior means (other families).
+        """
+        s = self.structure
+        ordered = [np.asarray(lambdas[s.order.index(b)], dtype=np.float64) for b in range(s.num_random)]
+        ordered = [np.where(np.tril(np.ones_like(l)) > 0, l, 0.0) for l in ordered]
+        for b, block in enumerate(s.random_blocks):
+            if not block.correlated:
+                ordered[b] = np.diag(np.diag(ordered[b]))
+            ordered[b] = ordered[b] * np.where(np.diag(ordered[b]) < 0, -1.0, 1.0)[None, :]
+        missing = [k for k in self.parameters.dispersion_names if k not in (dispersion or {})]
+        if missing:
+            raise ValueError(f"`dispersion` needs starting values for {missing}.")
+        vector = self.parameters.pack(ordered, dispersion)
+        curvature = None
+        if self.conjugate:
+            objective = self._conjugate_objective
+            curvature = self._conjugate_curvature
+        else:
+            if u is None:
+                u = [np.zeros((block.num_levels, block.num_effects)) for block in s.random_blocks]
+            else:
+                u = [np.asarray(u[s.order.index(b)], dtype=np.float64) for b in range(s.num_random)]
+            beta = np.zeros(self.num_fixed) if beta is None else np.asarray(beta, dtype=np.float64)
+            start_dispersion = {k: v for k, v in (dispersion or {}).items()
+                                if k in self.parameters.dispersion_names}
+            self._inner_start = dict(u=u, beta=beta, h=self._start_weights(beta, u, ordered, start_dispersion))
+            objective = self._glmm_objective
+            curvature = self._glmm_curvature
+        # A GLMM's ELBO is only as precise as its inner Newton loop (1e-11 relative):
+        # its outer tolerance is looser, and its working-model curvature only starts BFGS.
+        self.optimizer = BoundedBFGS(
+            objective, vector, self.parameters.lower, curvature=curvature, refresh=self.conjugate,
+            tolerance=1e-12 if self.conjugate else 1e-10,
+        )
+        self._accept()
+        return self.report()
+
+    def _start_weights(self, beta, u, lambdas, dispersion):
+        """Row weights `-f''` at the starting linear predictor (no posterior variance yet)."""
+        eta = self._linear_predictor(lambdas, u, beta)
+        return np.maximum(self._expected(eta, np.zeros_like(eta), dispersion)[2], 0.0)
+
+    def _accept(self):
+        """Keeps the state of the optimizer's current point (the last accepted)."""
+        if self.conjugate:
+            if not np.array_equal(self._last["vector"], self.optimizer.x):
+                self._conjugate_objective(self.optimizer.x)
+        else:
+            if not np.array_equal(self._last["vector"], self.optimizer.x):
+                self._glmm_objective(self.optimizer.x)
+            last = self._last
+            self._inner_start = dict(u=last["u"], beta=last["beta"], h=last["h"], lambdas=last["lambdas"])
+        self.state = self._last
+
+    def step(self):
+        """One quasi-Newton iteration on the variance parameters; returns `report()`."""
+        self.optimizer.step()
+        self._accept()
+        return self.report()
+
+    @property
+    def converged(self):
+        return self.optimizer is not None and self.optimizer.converged
+
+    # ================================================================ results
+    def report(self):
+        """The ELBO and its parts (totals) at the current point."""
+        st = self.state
+        if self.conjugate:
+            elbo = -st["value"]
+            u2 = float(sum(np.sum(ub**2) for ub in st["u"])) / st["sigma2"]
+            k = sum(block.size for block in self.structure.random_blocks)
+            kl = 0.5 * (self._trace_random(st["cov"], self.structure.num_random) + u2 - k
+                        + st["factor"].logdet_random)
+            return {"elbo": elbo, "expected_log_likelihood": elbo + kl, "kl": kl}
+        return {"elbo": st["elbo"], "expected_log_likelihood": st["ell"], "kl": st["kl"]}
+
+    @property
+    def scale(self):
+        """`s`: the residual sd of a gaussian identity-link model, else 1."""
+        return math.sqrt(self.state["sigma2"]) if self.conjugate else 1.0
+
+    def results(self):
+        """The fit in the terms' given order and the data's units.
+
+        Returns:
+            A dict: `beta` `(p,)`; `covariances` (each term's `Sigma_t`) and
+            `factors` (`Lambda_t`, relative for a conjugate model); `level_means`
+            `(L, k)` and `level_covariances` `(L, k, k)` per term (the posterior of
+            `b = Lambda u`); `dispersion` (with `scale` for a gaussian model);
+            `singular`, one list of booleans per term (diagonal entries of `Lambda_t`
+            below lme4's tolerance).
+        """
+        st = self.state
+        s = self.structure
+        scale2 = self.scale**2
+        out = {"beta": np.asarray(st["beta"]).copy(), "covariances": [], "factors": [],
+               "level_means": [], "level_covariances": [], "singular": []}
+        for j in range(s.num_random):
+            b = s.order[j]
+            lam = st["lambdas"][b]
+            out["factors"].append(lam)
+            out["covariances"].append(scale2 * lam @ lam.T)
+            out["level_means"].append(st["u"][b] @ lam.T)
+            out["level_covariances"].append(scale2 * np.einsum("ij,ljk,mk->lim", lam, st["cov"][b, b], lam))
+            out["singular"].append(list(np.diag(lam) < SINGULAR_TOLERANCE))
+        if self.conjugate:
+            out["dispersion"] = {"scale": self.scale}
+        else:
+            out["dispersion"] = dict(self.fixed_params)
+            out["dispersion"].update(st["dispersion"])
+        return out
+
+    def fixed_covariance(self):
+        """Covariance of the fixed-effect estimates.
+
+        Gaussian identity link: `s^2` times the fixed effects' block of `A^-1` (lme4's
+        `vcov`, ML or REML). Other families: the Laplace (Hessian) covariance at the
+        optimum, the Schur complement of the random effects in the observed
+        information `A(-f''(E_q eta))`, conditional on the variance parameters.
+        """
+        st = self.state
+        if self.conjugate:
+            return st["sigma2"] * st["factor"].fixed_covariance()
+        params = dict(self.fixed_params)
+        params.update(st["dispersion"])
+        _, _, second, _, _ = self.family.expected_log_prob_derivatives(
+            self.y, st["eta"], np.zeros_like(st["eta"]), params, trials=self.trials,
+            num_points=self.num_points)
+        h = np.maximum(-self.weights * second, 0.0)
+        factor = self.system.factor(st["lambdas"], self.structure.cross_products(h))
+        return factor.fixed_covariance()
