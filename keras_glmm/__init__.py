@@ -10,7 +10,6 @@ from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
 from keras_glmm.layers import (  # noqa: E402
     FamilyHead,
-    JointRandomEffects,
     RandomEffects,
     VariationalFixedEffects,
 )
@@ -18,7 +17,6 @@ from keras_glmm.model import GLMM, glmm  # noqa: E402
 from keras_glmm.optimizers import SparseAdam  # noqa: E402
 from keras_glmm.saving import load_model  # noqa: E402
 from keras_glmm.streaming import read_csv, read_parquet  # noqa: E402
-from keras_glmm.structured import StructuredGLMM  # noqa: E402
 from keras_glmm.tensorboard import GLMMTensorBoard  # noqa: E402
 
 __version__ = "0.1.0"
@@ -29,10 +27,8 @@ __all__ = [
     "FamilyHead",
     "GLMM",
     "GLMMTensorBoard",
-    "JointRandomEffects",
     "RandomEffects",
     "SparseAdam",
-    "StructuredGLMM",
     "VariationalFixedEffects",
     "datasets",
     "distribute",

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 
-from keras_glmm.layers.joint_random_effects import JointRandomEffects
 
 
 @keras.saving.register_keras_serializable(package="keras_glmm")
@@ -147,8 +146,8 @@ def recenter(model):
 
     Only formula models qualify, where the design says which fixed column equals
     which random-effect column (same name, as `x` in `y ~ x + (1 + x | g)`), with
-    point-estimated fixed effects (a `Dense` kernel): a fixed-effects prior or a
-    joint posterior would make the step inexact.
+    point-estimated fixed effects (a `Dense` kernel): a fixed-effects prior would
+    make the step inexact.
 
     Returns:
         `{(term name, column): shift}` of the shifts made.
@@ -161,8 +160,6 @@ def recenter(model):
     kernel = fixed.kernel.numpy().astype("float64")
     shifts = {}
     for term in model.random_effects:
-        if isinstance(term, JointRandomEffects):
-            continue  # its posterior couples the terms
         seen = term.level_counts.numpy() > 0
         if not seen.any():
             continue

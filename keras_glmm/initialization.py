@@ -12,10 +12,8 @@ units of the response and covariates.
 import keras
 import numpy as np
 import tensorflow as tf
-import tensorflow_probability as tfp
-
+from keras_glmm.layers import triangular
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
-from keras_glmm.layers.joint_random_effects import JointRandomEffects
 
 # Newton's method for the starting GLM: a dense p x p Hessian, so only for a
 # moderate number of fixed-effect columns.
@@ -120,13 +118,29 @@ def check_data(model, x, y):
     return cast, y.astype(dtype), num_rows
 
 
+def check_weights(weights, num_rows, name="sample_weight"):
+    """Prior weights as float64 `(n,)`: finite, non-negative, one per row; errors name the row."""
+    w = np.asarray(weights)
+    if w.dtype == object or not (np.issubdtype(w.dtype, np.number) or np.issubdtype(w.dtype, np.bool_)):
+        raise TypeError(f"`{name}` must be numeric. Received dtype {w.dtype}.")
+    w = w.astype("float64").reshape(-1)
+    if len(w) != num_rows:
+        raise ValueError(f"`{name}` has {len(w)} values but the data have {num_rows} rows.")
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"`{name}` must be finite and non-negative: row {row} has {w[row]!r} "
+            f"({int(bad.sum())} rows affected)."
+        )
+    return w
+
+
 def _glm_design(model, x):
     """The fixed-effects design as the GLM sees it, or None if not a linear layer."""
     layer = model.fixed_effects
     design = x["x"].astype("float64")
-    if layer is None:  # the fixed effects live in a JointRandomEffects layer
-        use_bias = False
-    elif isinstance(layer, VariationalFixedEffects):
+    if isinstance(layer, VariationalFixedEffects):
         use_bias = layer.use_bias
     elif isinstance(layer, keras.layers.Dense) and layer.units == 1:
         use_bias = layer.use_bias
@@ -143,7 +157,8 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25):
     """Maximum-likelihood GLM by Newton's method with step halving (float64).
 
     Starts from least squares of the linked, slightly shrunk response (R's
-    `mustart`), so non-canonical links start inside their domain.
+    `mustart`), so non-canonical links start inside their domain. The derivatives
+    are the family's own (`Family.expected_log_prob_derivatives` at zero variance).
 
     Returns:
         `(beta, eta)`: coefficients and the fitted linear predictor.
@@ -165,42 +180,30 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25):
     beta = np.linalg.lstsq(design, eta_start, rcond=None)[0]
     if family.name == "gaussian" and family.link.name == "identity":
         return beta, design @ beta + offset  # least squares is the GLM's ML fit
+    params = {k: float(v) for k, v in (params or {}).items()}
+    zeros = np.zeros(len(y))
 
-    X = tf.constant(design)
-    y_t, off_t = tf.constant(y), tf.constant(offset)
-    trials_t = None if trials is None else tf.constant(trials)
-    params = {k: tf.constant(float(v), tf.float64) for k, v in (params or {}).items()}
+    def derivatives(b):
+        value, first, second, _, _ = family.expected_log_prob_derivatives(
+            y, design @ b + offset, zeros, params, trials=trials)
+        return float(np.sum(value)), first, second
 
-    def log_lik(b):
-        eta = tf.linalg.matvec(X, b) + off_t
-        return tf.reduce_sum(family.log_prob(y_t, eta, params, trials=trials_t))
-
-    # The iterate is a plain array, watched as a constant: a scratch tf.Variable
-    # would become a MirroredVariable under a distribution strategy's scope.
     b = np.asarray(beta, "float64")
-    current = float(log_lik(tf.constant(b)))
+    current, first, second = derivatives(b)
     if not np.isfinite(current):
         b = np.zeros_like(b)
-        current = float(log_lik(tf.constant(b)))
-    ridge = 1e-8 * np.eye(len(b))
+        current, first, second = derivatives(b)
     for _ in range(max_iter):
-        b_t = tf.constant(b)
-        with tf.GradientTape() as outer:
-            outer.watch(b_t)
-            with tf.GradientTape() as inner:
-                inner.watch(b_t)
-                value = log_lik(b_t)
-            grad = inner.gradient(value, b_t)
-        hess = outer.jacobian(grad, b_t).numpy()
+        hessian = design.T @ (np.maximum(-second, 0.0)[:, None] * design)
+        ridge = 1e-8 * max(1.0, float(np.max(np.abs(hessian)))) * np.eye(len(b))
         try:
-            step = np.linalg.solve(-hess + ridge * max(1.0, np.abs(hess).max()), grad.numpy())
+            step = np.linalg.solve(hessian + ridge, design.T @ first)
         except np.linalg.LinAlgError:
             break
-        start_b = b
-        improved = False
+        start_b, improved = b, False
         for _ in range(30):
             b = start_b + step
-            new = float(log_lik(tf.constant(b)))
+            new, new_first, new_second = derivatives(b)
             if np.isfinite(new) and new >= current - 1e-12 * abs(current):
                 improved = True
                 break
@@ -209,7 +212,7 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25):
             b = start_b
             break
         done = abs(new - current) <= 1e-10 * (abs(current) + 1.0)
-        current = new
+        current, first, second = new, new_first, new_second
         if done:
             break
     return b, design @ b + offset
@@ -241,9 +244,7 @@ def initialize(model, x, y, max_rows=GLM_SAMPLE_ROWS):
     if design is not None:
         beta, eta = fit_glm(family, design, y64, x.get("offset"), params)
         layer = model.fixed_effects
-        if layer is None:
-            pass  # set with the joint posterior below
-        elif isinstance(layer, VariationalFixedEffects):
+        if isinstance(layer, VariationalFixedEffects):
             layer.set_coefficients(beta)
         else:
             weights = [beta[1:, None], beta[:1]] if layer.use_bias else [beta[:, None]]
@@ -271,13 +272,6 @@ def initialize(model, x, y, max_rows=GLM_SAMPLE_ROWS):
             sd = np.where(sd > 0, sd, 1.0)
             scales.extend(0.5 * spread / sd)
         layer.set_effect_scale(scales, reset=True)
-    for layer in model.random_effects:
-        if isinstance(layer, JointRandomEffects):
-            fixed_sd = None
-            if layer.num_fixed and design is not None:
-                # Start the fixed effects' posterior sd at a tenth of their GLM size.
-                fixed_sd = 0.1 * (np.abs(beta) + 0.1 * spread)
-            layer.reset_posterior(beta if layer.num_fixed else None, fixed_sd)
 
 
 def start_posterior_scales(model, x, y, max_rows=100_000):
@@ -311,8 +305,6 @@ def start_posterior_scales(model, x, y, max_rows=100_000):
     if not np.isfinite(weight) or weight <= 0:
         return
     for layer in model.terms:
-        if not layer.own_posterior:
-            continue
         z2 = [1.0] if layer.intercept else []
         if layer.num_covariates:
             z = np.asarray(xs[layer.name + "_z"], dtype="float64")
@@ -328,5 +320,5 @@ def start_posterior_scales(model, x, y, max_rows=100_000):
             diag = np.zeros(counts.shape[:1] + (layer.num_effects,) * 2)
             idx = np.arange(layer.num_effects)
             diag[:, idx, idx] = raw_sd
-            packed = tfp.math.fill_triangular_inverse(diag).numpy()
+            packed = triangular.fill_triangular_inverse(diag)
             layer.posterior_scale_tril.assign(packed.astype(layer.variable_dtype))

@@ -9,12 +9,14 @@ import pandas as pd
 import tensorflow as tf
 
 from keras_glmm import families as families_lib
+from keras_glmm import initialization
 from keras_glmm import results as results_lib
 from keras_glmm import streaming
 from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate
+from keras_glmm.design import Design
+from keras_glmm.engine import TooLarge, VariationalSolver
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
-from keras_glmm.layers.joint_random_effects import JointRandomEffects
 from keras_glmm.layers.random_effects import RandomEffects
 from keras_glmm.optimizers import SparseAdam
 
@@ -29,6 +31,10 @@ MINIBATCH_ROWS = 2**16
 # Rows per evaluation when the ELBO of a whole data set is computed.
 ELBO_CHUNK_ROWS = 2**20
 MINIBATCH_LEARNING_RATE = 0.05
+# Variational families (`GLMM(posterior=...)`): see the class docstring.
+POSTERIORS = ("auto", "joint", "mean_field")
+# Memory the joint posterior's dense block and selected inverse may take by default.
+MEMORY_BUDGET = 2 * 2**30
 
 
 def default_batch_size(num_rows):
@@ -134,26 +140,35 @@ class GLMM(keras.Model):
     b_t,c ~ N(0, Sigma_t)  for each grouping factor t and level c
     ```
 
-    Each grouping factor is a `RandomEffects` layer holding a Gaussian posterior
-    `q(b_t,c)`; the fixed effects are a `keras.layers.Dense(1, use_bias=False)`
-    (point estimates, the default) or a `VariationalFixedEffects` layer; a
-    `FamilyHead` holds the dispersion. The linear predictor is linear in the random
-    effects, so under `q` each `eta_i` is Gaussian with mean `m_i` and variance `v_i`
-    (summed over the layers' moments) and the expected log-likelihood
-    `E_q[log p(y_i | eta_i)]` is closed form or Gauss-Hermite quadrature: the ELBO
-    has no sampling noise.
+    Each grouping factor is a `RandomEffects` layer, which keeps its prior `Sigma_t`
+    and each level's posterior moments; the fixed effects are a
+    `keras.layers.Dense(1, use_bias=False)` (point estimates, the default) or any
+    layer mapping `x` to the linear predictor; a `FamilyHead` holds the dispersion.
+    Under a Gaussian posterior `q` each `eta_i` is Gaussian and the expected
+    log-likelihood `E_q[log p(y_i | eta_i)]` is closed form or Gauss-Hermite
+    quadrature, so the ELBO has no sampling noise. The History holds `loss`
+    (`-ELBO / n`), `elbo`, `nll` (expected negative log-likelihood) and `kl`, each
+    per observation; `converged_` says whether the fit converged.
 
-    `fit` minimizes, per observation,
+    Two update rules train the same model, chosen by `fit`:
 
-    ```
-    loss = -1/n sum_i E_q[log p(y_i | eta_i)]  +  KL(q || p) / n   =  -ELBO / n
-    ```
-
-    and the History holds `loss`, `elbo`, `nll` (expected negative log-likelihood)
-    and `kl`, each per observation. For in-memory data `fit` checks the data,
-    counts each level's rows, initializes from a GLM fit, runs full-batch (up to
-    `FULL_BATCH_ROWS` rows) and stops when the ELBO has converged
-    (`ELBOConvergence`); `converged_` says whether it did.
+    - **The engine** (`posterior="joint"`; the default for in-memory data of up to
+      `FULL_BATCH_ROWS` rows): `keras_glmm.engine.VariationalSolver`. One Gaussian
+      posterior over every random-effect coefficient, in the sparsity of lme4's and
+      MixedModels.jl's blocked Cholesky factor; the exact posterior of a gaussian
+      model (its ELBO is lme4's profiled log-likelihood, or REML criterion), Newton
+      fixed-point steps for other families; the variance parameters by a bounded
+      quasi-Newton method, so standard deviations can reach exactly 0. Each
+      `train_step` is one quasi-Newton iteration (one epoch of one step); the fit
+      stops when the solver has converged. It needs the default fixed effects,
+      point-estimated variances (`scale_prior=None`), the default optimizer and a
+      single replica, and a posterior within `memory_budget`.
+    - **Stochastic VI** (`posterior="mean_field"`, data beyond `FULL_BATCH_ROWS`
+      rows, `fit(batch_size=...)`, files, or models the engine cannot fit, e.g. a
+      network as fixed effects): one Gaussian per level and term, moved by
+      gradient steps on minibatches of the ELBO (natural-gradient steps of the
+      levels' posteriors and an M-step of the priors each epoch for minibatches,
+      `SparseAdam` full-batch), stopped by `ELBOConvergence`.
 
     Args:
         random_effects: a list of `RandomEffects` layers; each layer's `name` is the
@@ -166,6 +181,14 @@ class GLMM(keras.Model):
         link: optional link name (the family's canonical link by default).
         fixed_params: dispersion parameters held fixed, e.g. `{"scale": 1.0}`.
         quadrature_points: Gauss-Hermite points for families without a closed form.
+        posterior: `"auto"` (the engine where it applies, else stochastic VI),
+            `"joint"` (the engine, or an error saying why it cannot) or
+            `"mean_field"` (stochastic VI).
+        reml: restricted maximum likelihood (gaussian models with the identity
+            link, fitted by the engine).
+        memory_budget: bytes the engine's posterior may take (dense block and
+            selected inverse); beyond it `"joint"` raises an error naming the term
+            and `"auto"` falls back to stochastic VI with a warning.
 
     Inputs: a dict with `"x"` `(batch, p)`, one entry per random-effects layer (its
     level indices), `name + "_z"` covariates for layers with slopes, and optionally
@@ -173,7 +196,8 @@ class GLMM(keras.Model):
     successes and trials for a binomial family.
 
     Outputs: a dict of `(batch,)` tensors: `mean` (response mean), `eta` (linear
-    predictor), `eta_var` (its posterior variance) and the dispersion parameters.
+    predictor), `eta_var` (its posterior variance, each term's marginal posterior
+    summed) and the dispersion parameters.
 
     Example:
 
@@ -191,18 +215,30 @@ class GLMM(keras.Model):
         link=None,
         fixed_params=None,
         quadrature_points=None,
+        posterior="auto",
+        reml=False,
+        memory_budget=MEMORY_BUDGET,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.family = families_lib.get_family(family, link=link)
         self.quadrature_points = quadrature_points
+        if posterior not in POSTERIORS:
+            raise ValueError(f"`posterior` must be one of {POSTERIORS}. Received: posterior={posterior!r}")
+        if reml and not (self.family.name == "gaussian" and self.family.link.name == "identity"):
+            raise ValueError(
+                "`reml=True` is defined for gaussian models with the identity link only. "
+                f"Received: family={self.family.name!r}, link={self.family.link.name!r}."
+            )
+        if reml and posterior == "mean_field":
+            raise ValueError("`reml=True` needs the engine's joint posterior: use posterior='auto' or 'joint'.")
+        self.posterior = posterior
+        self.reml = bool(reml)
+        self.memory_budget = int(memory_budget)
         random_effects = list(random_effects)
         for layer in random_effects:
-            if not isinstance(layer, (RandomEffects, JointRandomEffects)):
-                raise TypeError(
-                    "`random_effects` must hold RandomEffects or JointRandomEffects layers. "
-                    f"Received: {layer!r}"
-                )
+            if not isinstance(layer, RandomEffects):
+                raise TypeError(f"`random_effects` must hold RandomEffects layers. Received: {layer!r}")
             # The model's ELBO needs each term's mean and variance, not a draw.
             layer.output_mode = "moments"
         self.random_effects = random_effects
@@ -212,19 +248,13 @@ class GLMM(keras.Model):
                 raise ValueError(f"A random-effects term may not be named '{name}'.")
         if len(set(names)) != len(names):
             raise ValueError(f"Random-effects terms need distinct names. Received: {names}")
-        joint_fixed = [l for l in random_effects if isinstance(l, JointRandomEffects) and l.num_fixed]
-        if joint_fixed and fixed_effects is not False:
-            raise ValueError(
-                "A JointRandomEffects layer with `num_fixed > 0` holds the fixed effects: "
-                "pass `fixed_effects=False`."
-            )
         if fixed_effects is None:
             fixed_effects = keras.layers.Dense(
                 1, use_bias=False, kernel_initializer="zeros", name="fixed_effects", dtype=self.dtype_policy
             )
         if isinstance(fixed_effects, VariationalFixedEffects):
             fixed_effects.output_mode = "moments"
-        self.fixed_effects = None if fixed_effects is False else fixed_effects
+        self.fixed_effects = fixed_effects
         self.head = FamilyHead(
             self.family, fixed_params=fixed_params, name="family_head", dtype=self.dtype_policy
         )
@@ -234,31 +264,22 @@ class GLMM(keras.Model):
         self.converged_ = None
         self.fit_summary_ = None
         self.design = None  # set by from_formula: the frozen formula -> arrays schema
-        self.reml = False
         self._data_initialized = False
         self._training_arrays = None
         self._training_source = None  # the files of a fit streamed from them
         self._stream_scan = None  # keras_glmm.streaming.Scan of the files the model knows
+        self._solver = None  # the engine, during a fit by it
+        self._engine_fit = None  # what a fit by the engine leaves: vcov, ELBO, boundary flags
 
     # ------------------------------------------------------------------ call
     @property
     def terms(self):
-        """Every random-effect term's `RandomEffects` layer (inside joint layers too)."""
-        out = []
-        for layer in self.random_effects:
-            out.extend(layer.terms if isinstance(layer, JointRandomEffects) else [layer])
-        return out
-
-    def _joint_fixed(self):
-        """The JointRandomEffects layer holding the fixed effects, if any."""
-        for layer in self.random_effects:
-            if isinstance(layer, JointRandomEffects) and layer.num_fixed:
-                return layer
-        return None
+        """Every random-effect term's `RandomEffects` layer."""
+        return list(self.random_effects)
 
     def build(self, input_shape):
         # Sublayers restored from a config may arrive built already.
-        if self.fixed_effects is not None and not self.fixed_effects.built:
+        if not self.fixed_effects.built:
             self.fixed_effects.build(input_shape["x"])
         for layer in self.random_effects:
             if not layer.built:
@@ -271,20 +292,14 @@ class GLMM(keras.Model):
         rows = tf.shape(inputs["x"])[0]
         eta = tf.zeros([rows], self.compute_dtype)
         eta_var = tf.zeros([rows], self.compute_dtype)
-        if self.fixed_effects is not None:
-            fixed = tf.cast(self.fixed_effects(inputs["x"], training=training), self.compute_dtype)
-            # unstack, not slices: the gradient of a slice is a zero-filled tensor.
-            fixed = tf.unstack(fixed, axis=-1)
-            eta += fixed[0]
-            if len(fixed) == 2:
-                eta_var += fixed[1]
+        fixed = tf.cast(self.fixed_effects(inputs["x"], training=training), self.compute_dtype)
+        # unstack, not slices: the gradient of a slice is a zero-filled tensor.
+        fixed = tf.unstack(fixed, axis=-1)
+        eta += fixed[0]
+        if len(fixed) == 2:
+            eta_var += fixed[1]
         for layer in self.random_effects:
-            if isinstance(layer, JointRandomEffects):
-                keys = {"x"}
-                for term in layer.terms:
-                    keys.update({term.name, term.name + "_z"})
-                args = {k: v for k, v in inputs.items() if k in keys}
-            elif layer.num_covariates:
+            if layer.num_covariates:
                 args = [inputs[layer.name], inputs[layer.name + "_z"]]
             else:
                 args = inputs[layer.name]
@@ -400,21 +415,28 @@ class GLMM(keras.Model):
     ):
         """Fits the model: Keras's `fit`, with a GLMM's defaults for in-memory data.
 
-        When `x` is a dict of arrays, the data are checked (clear errors for
-        non-finite values, responses outside the family's support, unknown level
-        indices, mismatched shapes), each layer's level counts are set, the weights
-        are initialized from a GLM fit (`initialize=True`, on the first fit only),
-        the fit runs full-batch (up to `FULL_BATCH_ROWS` rows unless `batch_size` is
-        given) in epochs of `steps_per_epoch` steps (100), for at most `epochs`
-        (200), and an `ELBOConvergence` callback stops it at convergence unless the
-        callbacks already include one. Other inputs (a `tf.data.Dataset`, ...) go
-        to Keras's `fit` unchanged; call `prepare(x, y)` on in-memory data first.
+        When `x` is a dict of arrays (or a data frame, for a formula model), the data
+        are checked (clear errors for non-finite values, responses outside the
+        family's support, unknown level indices, mismatched shapes), each layer's
+        level counts are set and, on the first fit only (`initialize=True`), the
+        weights start from a GLM fit. Then one of two update rules (see the class
+        docstring) trains the model:
 
-        A file source (`kg.read_csv`, `kg.read_parquet`) for a formula model is
-        streamed (`keras_glmm.streaming.fit`): batches of `batch_size` rows (the
-        whole data up to `FULL_BATCH_ROWS` rows, else 65,536) shuffled in a buffer of
-        `shuffle_buffer` rows (1,000,000; `seed` seeds it), an epoch being one pass
-        over the files (at least 100 steps), and the same convergence check.
+        - the engine: one quasi-Newton iteration per epoch, for at most `epochs`
+          (100) epochs, until the solver converges;
+        - stochastic VI: full-batch (up to `FULL_BATCH_ROWS` rows unless
+          `batch_size` is given) in epochs of `steps_per_epoch` steps (100), for at
+          most `epochs` (200), stopped by an `ELBOConvergence` callback unless the
+          callbacks already include one; minibatches get natural-gradient steps and
+          an M-step of the variance components each epoch.
+
+        `sample_weight` gives prior weights: precisions of a gaussian response (row
+        variance `sigma^2 / w`), likelihood weights of the other families.
+
+        Other inputs (a `tf.data.Dataset`, ...) go to Keras's `fit` unchanged (call
+        `prepare(x, y)` on in-memory data first). A file source (`kg.read_csv`,
+        `kg.read_parquet`) for a formula model is streamed
+        (`keras_glmm.streaming.fit`) with stochastic VI.
 
         Returns:
             The Keras `History`.
@@ -432,7 +454,12 @@ class GLMM(keras.Model):
             )
         x, y, num_rows = self.prepare(x, y, initialize=initialize and not self._data_initialized)
         sample_weight = kwargs.pop("sample_weight", None)
-        data = (x, y) if sample_weight is None else (x, y, np.asarray(sample_weight))
+        if sample_weight is not None:
+            sample_weight = initialization.check_weights(sample_weight, num_rows)
+        solver = self._engine_solver(x, y, sample_weight, num_rows, batch_size, steps_per_epoch)
+        if solver is not None:
+            return self._fit_by_engine(solver, x, y, epochs, verbose, callbacks, **kwargs)
+        data = (x, y) if sample_weight is None else (x, y, sample_weight)
         if batch_size is None and num_rows <= FULL_BATCH_ROWS:
             dataset = tf.data.Dataset.from_tensors(data).repeat()
             steps_per_epoch = steps_per_epoch or 100
@@ -442,45 +469,197 @@ class GLMM(keras.Model):
             steps_per_epoch = steps_per_epoch or -(-num_rows // batch_size)
             self.use_minibatch_optimizer(x, y)
         callbacks, convergence = self.fit_callbacks(callbacks, minibatch=batch_size is not None)
+        self._engine_fit = None
         with aligned_steps_per_execution(self, steps_per_epoch):
             history = super().fit(
                 dataset, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
                 verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
             )
-        self._finish_fit(x, y, history, convergence, callbacks)
+        self._finish_fit(x, y, history, convergence.converged, convergence.last_delta, callbacks)
         return history
 
-    def _finish_fit(self, x, y, history, convergence, callbacks, source=None):
+    # ------------------------------------------------------------- the engine
+    def engine_problem(self, num_rows=None, batch_size=None):
+        """Why the engine cannot fit this model (a sentence), or None when it can."""
+        if self.posterior == "mean_field":
+            return "posterior='mean_field' asks for stochastic VI"
+        if batch_size is not None:
+            return "fit(batch_size=...) asks for minibatches"
+        if num_rows is not None and self.posterior == "auto" and num_rows > FULL_BATCH_ROWS:
+            return f"{num_rows:,} rows are more than FULL_BATCH_ROWS={FULL_BATCH_ROWS:,}"
+        if not (isinstance(self.fixed_effects, keras.layers.Dense) and not self.fixed_effects.use_bias
+                and self.fixed_effects.units == 1 and self.fixed_effects.activation is keras.activations.linear):
+            return "its fixed effects are not the default Dense(1, use_bias=False)"
+        for term in self.terms:
+            if term.scale_prior is not None:
+                return f"term '{term.name}' has a `scale_prior` (the engine point-estimates variances)"
+        if not getattr(self, "_default_optimizer", True):
+            return "it was compiled with an optimizer of its own"
+        if tf.distribute.get_strategy().num_replicas_in_sync > 1:
+            return "it runs under a distribution strategy with several replicas"
+        return None
+
+    def _engine_solver(self, x, y, sample_weight, num_rows, batch_size, steps_per_epoch):
+        """The engine's solver for this fit, or None for stochastic VI (see `engine_problem`)."""
+        problem = self.engine_problem(num_rows, batch_size)
+        if problem is not None:
+            if self.posterior == "joint" or self.reml:
+                what = "REML" if self.reml else "posterior='joint'"
+                raise ValueError(f"{what} needs the engine, which cannot fit this model: {problem}.")
+            return None
+        if steps_per_epoch is not None:
+            raise ValueError(
+                "`steps_per_epoch` does not apply to the engine (one quasi-Newton iteration per "
+                "epoch): pass `epochs`, or posterior='mean_field' for stochastic VI."
+            )
+        y64 = np.asarray(y, "float64")
+        response, trials = (y64[:, 0], y64[:, 1]) if y64.ndim == 2 else (y64, None)
+        terms = []
+        for term in self.terms:
+            z = np.ones((num_rows, 1)) if term.intercept else np.zeros((num_rows, 0))
+            if term.num_covariates:
+                z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
+            terms.append((term.name, x[term.name], z, term.num_levels, term.covariance == "full"))
+        try:
+            return VariationalSolver(
+                np.asarray(x["x"], "float64"), terms, response, self.family, trials=trials,
+                weights=sample_weight, offset=x.get("offset"), reml=self.reml,
+                fixed_params=self.head.fixed_params, num_points=self.quadrature_points,
+                memory_budget=self.memory_budget,
+            )
+        except TooLarge as err:
+            if self.posterior == "joint" or self.reml:
+                raise TooLarge(
+                    f"{err} Raise `memory_budget`, or fit with posterior='mean_field' (stochastic VI, "
+                    "one Gaussian per level and term)."
+                ) from err
+            warnings.warn(
+                f"{err} Falling back to stochastic VI with one Gaussian per level and term "
+                "(posterior='mean_field'), which understates the variance of small factors "
+                "nested in or crossed with large ones; raise `memory_budget` for the joint posterior.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+
+    def _fit_by_engine(self, solver, x, y, epochs, verbose, callbacks, **kwargs):
+        """Runs Keras's `fit` with one engine iteration per epoch (see `train_step`)."""
+        for key in ("validation_data", "validation_split", "class_weight"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"`{key}` is not supported by the engine's fit.")
+        callbacks = list(callbacks or [])
+        self._solver = solver
+        self._solver_started = False
+        # The data live in the solver: Keras iterates over a placeholder.
+        dataset = tf.data.Dataset.from_tensors(tf.zeros([1])).repeat()
+        compiled = (self.run_eagerly, self.steps_per_execution)
+        # The solver is numpy: its steps run eagerly, one per execution.
+        self.run_eagerly, self.steps_per_execution = True, 1
+        self.train_function = None
+        try:
+            history = super().fit(
+                dataset, epochs=epochs or 100, steps_per_epoch=1, verbose=verbose,
+                callbacks=callbacks, shuffle=False, **kwargs,
+            )
+        finally:
+            self.run_eagerly, self.steps_per_execution = compiled
+            self.train_function = None
+            self._solver = None
+        results = solver.results()
+        report = solver.report()
+        self._engine_fit = {
+            "vcov": solver.fixed_covariance(),
+            "report": report,
+            "boundary": results["boundary"],
+            "exact": solver.conjugate,
+        }
+        self._finish_fit(x, y, history, solver.converged, None, callbacks, elbo=report["elbo"])
+        return history
+
+    def train_step(self, data):
+        """One engine iteration during a fit by the engine; Keras's gradient step otherwise."""
+        if self._solver is None:
+            return super().train_step(data)
+        solver = self._solver
+        if not self._solver_started:
+            report = solver.start(**self._engine_start())
+            self._solver_started = True
+        else:
+            report = solver.step()
+        self._write_engine_results(solver.results())
+        if solver.converged:
+            self.stop_training = True
+        n = float(solver.num_rows)
+        # The logs are the solver's values at this step, not running means of
+        # metrics; `gradient` (the largest projected gradient of the variance
+        # parameters, per observation) shows how far from the optimum the fit is,
+        # and its key also tells Keras to report these logs as they are.
+        return {"loss": -report["elbo"] / n, "elbo": report["elbo"] / n,
+                "nll": -report["expected_log_likelihood"] / n, "kl": report["kl"] / n,
+                "gradient": solver.gradient_norm() / n}
+
+    def _engine_start(self):
+        """The solver's starting point: the model's current weights (a first fit's GLM start,
+        a previous fit, or weights restored by `BackupAndRestore`)."""
+        dispersion = self.dispersion()
+        scale = dispersion.get("scale", 1.0) if self.family.name == "gaussian" and \
+            self.family.link.name == "identity" else 1.0
+        lambdas, u = [], []
+        for term in self.terms:
+            tau = np.asarray(term.prior_stddev(), "float64")
+            corr = np.asarray(term.prior_correlation(), "float64")
+            lam = tau[:, None] * np.linalg.cholesky(corr + 1e-12 * np.eye(len(tau))) / scale
+            lambdas.append(lam)
+            mean = term.conditional_mean().astype("float64")
+            u.append(np.linalg.lstsq(lam, mean.T, rcond=None)[0].T if np.any(lam) else np.zeros_like(mean))
+        learned = {k: v for k, v in dispersion.items() if k not in self.head.fixed_params}
+        return {"lambdas": lambdas, "beta": self.coefficients(), "dispersion": learned, "u": u}
+
+    def _write_engine_results(self, results):
+        """Writes the solver's estimates into the layers (predict, ranef and serving read them)."""
+        kernel = self.fixed_effects.kernel
+        kernel.assign(results["beta"].reshape(kernel.shape).astype(kernel.dtype))
+        for term, cov, mean, level_cov in zip(
+                self.terms, results["covariances"], results["level_means"], results["level_covariances"]):
+            sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
+            safe = np.where(sd > 0, sd, 1.0)
+            corr = cov / np.outer(safe, safe)
+            np.fill_diagonal(corr, 1.0)
+            term.set_prior(sd, corr)
+            term.set_posterior(mean, level_cov)
+        self.head.set_params({k: v for k, v in results["dispersion"].items() if k in self.head.log_params})
+
+    # ------------------------------------------------------------ the fit's end
+    def _finish_fit(self, x, y, history, converged, last_delta, callbacks, source=None, elbo=None):
         """Records a finished fit: convergence, summary, final reports, a warning.
 
         For a fit streamed from files (`source`; `x` and `y` are None) the final
         ELBO is one more pass over them and no training rows are kept.
         """
-        self.converged_ = convergence.converged
+        self.converged_ = bool(converged)
         self._training_arrays = None if source is not None else (x, y)
         self._training_source = source
-        if source is None:
-            self._summarize_fit(x, y, history)
-        else:
-            self._record_fit_summary(
-                streaming.elbo(self, source)["elbo"], self._stream_scan.num_rows, history
-            )
+        if elbo is None:
+            elbo = streaming.elbo(self, source)["elbo"] if source is not None else self.elbo(x, y)["elbo"]
+        nobs = self._stream_scan.num_rows if source is not None else len(x["x"])
+        self._record_fit_summary(elbo, nobs, history)
         for callback in callbacks:
             # Callbacks that report the finished fit (GLMMTensorBoard) need the summary.
             if hasattr(callback, "write_final"):
                 callback.write_final(self)
-        if not convergence.converged:
+        if not self.converged_:
+            change = "" if last_delta is None else (
+                f" (last change in the ELBO per observation: {last_delta:.3g})")
             warnings.warn(
-                f"{type(self).__name__} fit did not converge in {len(history.epoch)} epochs "
-                f"(last change in the ELBO per observation: {convergence.last_delta:.3g}); "
-                "fit again to continue, or raise `epochs`.",
+                f"{type(self).__name__} fit did not converge in {len(history.epoch)} epochs"
+                f"{change}; fit again to continue, or raise `epochs`.",
                 RuntimeWarning,
                 stacklevel=3,
             )
 
     # ------------------------------------------------------------- the data
     def fit_callbacks(self, callbacks, minibatch):
-        """The callbacks of a fit: the user's, plus the convergence check and M-step.
+        """The callbacks of a stochastic-VI fit: the user's, the convergence check, the M-step.
 
         An `ELBOConvergence` is added unless the callbacks hold one (the minibatch
         rule for minibatch fits); minibatch fits with the default optimizer get
@@ -513,19 +692,17 @@ class GLMM(keras.Model):
         (`initialization.start_posterior_scales`, on rows of `x`, `y`), which the
         natural-gradient steps need. A model compiled with an explicit optimizer keeps it.
         """
-        from keras_glmm import initialization  # local: initialization imports GLMM's pieces
-
         if not getattr(self, "_default_optimizer", False):
             return
         if getattr(self.optimizer, "natural_step", None) is not None:
             return
-        if int(self.optimizer.iterations) == 0:
+        if int(self.optimizer.iterations) == 0 and self._engine_fit is None:
             initialization.start_posterior_scales(self, x, y)
         # The priors' sds and correlations then move by the M-step of
         # `VarianceUpdate` only: Adam's steps between epochs would undo its
         # over-relaxation.
         for term in self.terms:
-            if term.own_posterior and term.scale_prior is None:
+            if term.scale_prior is None:
                 term.log_scale.trainable = False
                 if term.num_correlations:
                     term.correlation.trainable = False
@@ -543,16 +720,13 @@ class GLMM(keras.Model):
         Returns:
             `(x, y, num_rows)` with arrays cast to the model's dtype.
         """
-        from keras_glmm import initialization  # local: initialization imports GLMM's pieces
-
         x, y, num_rows = initialization.check_data(self, x, y)
         if not self.built:
-            self({key: value[:1] for key, value in x.items()})  # creates the weights
+            self.build({key: (None,) + value.shape[1:] for key, value in x.items()})
         for term in self.terms:
             term.adapt(x[term.name])
-        for layer in [self.fixed_effects, *self.random_effects]:
-            if isinstance(layer, (VariationalFixedEffects, JointRandomEffects)):
-                layer.num_observations = num_rows
+        if isinstance(self.fixed_effects, VariationalFixedEffects):
+            self.fixed_effects.num_observations = num_rows
         if initialize:
             initialization.initialize(self, x, y)
             self._data_initialized = True
@@ -569,7 +743,6 @@ class GLMM(keras.Model):
         weights=None,
         reml=False,
         posterior="auto",
-        max_joint_coefficients=2000,
         na_action="raise",
         sample_rows=None,
         **kwargs,
@@ -585,42 +758,29 @@ class GLMM(keras.Model):
             family: a family name or `keras_glmm.families.Family`.
             link: optional link name.
             weights: binomial trials for a proportion response (a column name or array).
-            reml: restricted maximum likelihood (gaussian only): the fixed effects
-                get a flat prior inside a joint posterior, whose ELBO is then the
-                restricted likelihood.
-            posterior: `"auto"`, `"joint"` (one full-covariance Gaussian over every
-                random effect: exact for gaussian models, needed for crossed and
-                nested factors), `"mean_field"` (one Gaussian per level and term:
-                what scales to millions of levels) or `"structured"` (gaussian
-                random intercepts only: `keras_glmm.structured.StructuredGLMM`,
-                partially factorized VI fitted by closed-form coordinate ascent).
-                `"auto"` takes `"joint"` when the model has several terms with at
-                most `max_joint_coefficients` random-effect coefficients in all, or
-                `reml=True`; else `"structured"` for a gaussian identity-link model
-                with several terms, all random intercepts; else `"mean_field"`.
+            reml: restricted maximum likelihood (gaussian, identity link; the engine).
+            posterior: `"auto"`, `"joint"` or `"mean_field"`: which update rule fits
+                the model (see `GLMM`). `"auto"` takes the engine for in-memory data
+                of up to `FULL_BATCH_ROWS` rows whose joint posterior fits
+                `memory_budget`, and stochastic VI otherwise (files, more rows).
             na_action: `"raise"` (missing values are an error listing the rows) or
                 `"omit"` (rows with missing values are dropped, with a warning).
             sample_rows: files only: the size of the uniform sample of rows that
                 fixes the fixed-effects coding and the GLM starting point (100,000).
-            **kwargs: passed to `GLMM(...)` (e.g. `quadrature_points`, `name`).
+            **kwargs: passed to `GLMM(...)` (e.g. `quadrature_points`,
+                `memory_budget`, `name`).
 
         Returns:
             A compiled `GLMM`; `model.fit(data)` fits it.
         """
-        from keras_glmm.design import Design
-
         family_obj = families_lib.get_family(family, link=link)
-        if reml and family_obj.name != "gaussian":
-            raise ValueError(
-                f"`reml=True` is defined for gaussian models only. Received family={family_obj.name!r}."
-            )
-        if posterior not in ("auto", "joint", "mean_field", "structured"):
-            raise ValueError(
-                "`posterior` must be 'auto', 'joint', 'mean_field' or 'structured'. "
-                f"Received: posterior={posterior!r}"
-            )
         scan = None
         if streaming.is_source(data):
+            if posterior == "joint" or reml:
+                raise ValueError(
+                    "Files are fitted in minibatches by stochastic VI: posterior='joint' and REML need "
+                    "the data in memory (read them into a data frame)."
+                )
             scan = streaming.scan(
                 data, formula, family_obj, weights=weights, na_action=na_action,
                 sample_rows=sample_rows or streaming.SAMPLE_ROWS,
@@ -638,43 +798,8 @@ class GLMM(keras.Model):
             )
             for r in design.random
         ]
-        num_coefficients = sum(t.num_levels * t.num_effects for t in terms)
-        if posterior == "auto":
-            # Gaussian random intercepts beyond the joint budget: partially factorized
-            # VI (StructuredGLMM) keeps crossed and nested factors' sds and the SEs.
-            structured_ok = (
-                family_obj.name == "gaussian" and family_obj.link.name == "identity"
-                and all(t.num_effects == 1 and t.intercept for t in terms)
-            )
-            if reml or (len(terms) > 1 and num_coefficients <= max_joint_coefficients):
-                posterior = "joint"
-            elif structured_ok and len(terms) > 1 and scan is None:
-                posterior = "structured"
-            else:
-                posterior = "mean_field"
-        if reml and posterior != "joint":
-            raise ValueError("`reml=True` needs the joint posterior (posterior='joint' or 'auto').")
-        if posterior == "structured" and scan is not None:
-            raise ValueError(
-                "posterior='structured' fits in-memory data only; with files use 'mean_field' or 'joint'."
-            )
-        model_cls = cls
-        if posterior == "structured":
-            from keras_glmm.structured import StructuredGLMM
-
-            model_cls = StructuredGLMM
-        if posterior == "joint" and terms:
-            layers = [JointRandomEffects(terms, num_fixed=design.n_fixed if reml else 0, name="joint")]
-        else:
-            layers = terms
-        model = model_cls(
-            random_effects=layers,
-            fixed_effects=False if reml else None,
-            family=family_obj,
-            **kwargs,
-        )
+        model = cls(random_effects=terms, family=family_obj, posterior=posterior, reml=reml, **kwargs)
         model.design = design
-        model.reml = bool(reml)
         model._weights = weights
         model.compile()
         if scan is not None:
@@ -684,7 +809,7 @@ class GLMM(keras.Model):
         # KL's scaling) and start from the GLM fit now, so that `fit` on a tf.data
         # pipeline of the same data works as well as `fit(data)`.
         x, y = model._frame_arrays(data, weights=weights)
-        model.prepare(x, y)
+        model._formula_arrays = model.prepare(x, y)[:2]  # for `glmm`, which fits them next
         return model
 
     def _fit_inputs(self, x, y):
@@ -720,18 +845,19 @@ class GLMM(keras.Model):
 
     @property
     def posterior_kind(self):
-        return "joint" if any(isinstance(l, JointRandomEffects) for l in self.random_effects) else "mean-field"
-
-    def _summarize_fit(self, x, y, history):
-        self._record_fit_summary(self.elbo(x, y)["elbo"], len(x["x"]), history)
+        """`"joint"` after a fit by the engine, `"mean-field"` after stochastic VI."""
+        return "joint" if self._engine_fit is not None else "mean-field"
 
     def _record_fit_summary(self, elbo, nobs, history):
         num_parameters = len(self.coefficients()) + len(self.head.log_params)
         for term in self.terms:
             num_parameters += term.num_effects + term.num_correlations
-        gaussian = self.family.name == "gaussian" and self.family.link.name == "identity"
-        exact = gaussian and (len(self.terms) <= 1 or self.posterior_kind == "joint")
-        exact = exact and all(t.scale_prior is None for t in self.terms)
+        if self._engine_fit is not None:
+            exact = self._engine_fit["exact"]
+        else:
+            # Mean-field VI holds the exact posterior of a single gaussian term only.
+            exact = (self.family.name == "gaussian" and self.family.link.name == "identity"
+                     and len(self.terms) <= 1 and all(t.scale_prior is None for t in self.terms))
         self.fit_summary_ = {
             "elbo": elbo,
             "nobs": nobs,
@@ -754,10 +880,25 @@ class GLMM(keras.Model):
         return pd.Series(self.coefficients(), index=results_lib.fixed_names(self), name="Estimate")
 
     def vcov(self):
-        """Covariance of the fixed-effect estimates (DataFrame); see `results.fixed_vcov`."""
-        x, y = self._require_fit()
+        """Covariance of the fixed-effect estimates (DataFrame).
+
+        After a fit by the engine: for a gaussian model lme4's `vcov` (ML or REML),
+        `sigma^2` times the fixed effects' block of the posterior precision's
+        inverse; for other families the Laplace covariance at the optimum (see
+        `VariationalSolver.fixed_covariance`), computed once per fit. After
+        stochastic VI: `results.fixed_vcov`, from the training rows.
+        """
         names = results_lib.fixed_names(self)
-        return pd.DataFrame(results_lib.fixed_vcov(self, x, y), index=names, columns=names)
+        if self._engine_fit is not None:
+            cov = self._engine_fit["vcov"]
+        else:
+            x, y = self._require_fit()
+            cov = results_lib.fixed_vcov(self, x, y)
+        return pd.DataFrame(cov, index=names, columns=names)
+
+    def is_singular(self):
+        """lme4's `isSingular`: whether a standard deviation is 0 or a correlation +-1."""
+        return bool(results_lib.singular_components(self))
 
     def coef_table(self):
         """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect."""
@@ -859,8 +1000,8 @@ class GLMM(keras.Model):
         x, _ = self._prediction_inputs(newdata, re_form, True)
         out = self.predict(x, verbose=0)
         eta_var = out["eta_var"].astype("float64")
-        if self._training_arrays is not None and self._joint_fixed() is None:
-            vcov = results_lib.fixed_vcov(self, *self._training_arrays)
+        if self._training_arrays is not None:
+            vcov = self.vcov().values
             xx = np.asarray(x["x"], "float64")
             eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
         rng = np.random.default_rng(seed)
@@ -899,11 +1040,21 @@ class GLMM(keras.Model):
         return self._sample_response(eta, x, seed=None if seed is None else seed + 1)
 
     def elbo(self, x, y):
-        """The exact ELBO of the whole data set and its parts (totals, not per row).
+        """The ELBO of a data set and its parts (totals, not per row).
+
+        After a fit by the engine, on its own training arrays, this is the engine's
+        ELBO (the joint posterior's: for a gaussian model lme4's log-likelihood or
+        REML criterion). Otherwise it is the exact ELBO of the posterior the layers
+        hold, each term's levels independent of the other terms' (the joint
+        posterior's marginals): for a single term the same, for crossed or nested
+        terms a lower value.
 
         Returns:
             A dict with `elbo`, `expected_log_likelihood` and `kl`.
         """
+        if self._engine_fit is not None and self._training_arrays is not None and (
+                x is self._training_arrays[0] and y is self._training_arrays[1]):
+            return dict(self._engine_fit["report"])
         x, y, num_rows = self.prepare(x, y, initialize=False)
         # In chunks: the quadrature's (rows, nodes) intermediates of 10M rows at
         # once would take gigabytes.
@@ -924,9 +1075,6 @@ class GLMM(keras.Model):
 
     def coefficients(self):
         """Fixed-effect estimates (posterior means), `(p,)`, in the columns of `x`."""
-        joint = self._joint_fixed()
-        if joint is not None:
-            return joint.fixed_posterior()[0]
         if isinstance(self.fixed_effects, VariationalFixedEffects):
             return self.fixed_effects.coefficients()[0]
         weights = self.fixed_effects.get_weights()
@@ -959,10 +1107,7 @@ class GLMM(keras.Model):
         config.update(
             {
                 "random_effects": [keras.saving.serialize_keras_object(l) for l in self.random_effects],
-                "fixed_effects": (
-                    False if self.fixed_effects is None
-                    else keras.saving.serialize_keras_object(self.fixed_effects)
-                ),
+                "fixed_effects": keras.saving.serialize_keras_object(self.fixed_effects),
                 "family": self.family.name,
                 "link": self.family.link.name,
                 "fixed_params": self.head.fixed_params,
@@ -970,7 +1115,9 @@ class GLMM(keras.Model):
                 # A formula model keeps its formula, level vocabularies and codings
                 # (plain JSON: loads under safe_mode).
                 "design": None if self.design is None else self.design.get_config(),
+                "posterior": self.posterior,
                 "reml": self.reml,
+                "memory_budget": self.memory_budget,
                 "weights": getattr(self, "_weights", None) if isinstance(
                     getattr(self, "_weights", None), str) else None,
             }
@@ -983,17 +1130,12 @@ class GLMM(keras.Model):
         config["random_effects"] = [
             keras.saving.deserialize_keras_object(c) for c in config["random_effects"]
         ]
-        if config["fixed_effects"] is not False:
-            config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
+        config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
         design = config.pop("design", None)
-        reml = config.pop("reml", False)
         weights = config.pop("weights", None)
         model = cls(**config)
         if design is not None:
-            from keras_glmm.design import Design
-
             model.design = Design.from_config(design)
-        model.reml = bool(reml)
         model._weights = weights
         return model
 
@@ -1026,5 +1168,9 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
     )
     fit_options = {k: options.pop(k) for k in fit_keys if k in options}
     model = GLMM.from_formula(formula, data, family=family, weights=weights, **options)
-    model.fit(data, **fit_options)
+    arrays = model.__dict__.pop("_formula_arrays", None)
+    if arrays is None:  # files
+        model.fit(data, **fit_options)
+    else:  # the data frame's arrays, checked and coded once
+        model.fit(*arrays, **fit_options)
     return model

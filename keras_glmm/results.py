@@ -11,10 +11,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-import tensorflow as tf
 from scipy import stats
 
-from keras_glmm.layers.joint_random_effects import JointRandomEffects
 
 # A standard deviation below this fraction of its effect's scale, or a correlation
 # within this distance of +-1, is a boundary ("singular") fit, as lme4's isSingular
@@ -51,21 +49,12 @@ def term_levels(model, term):
     return [str(i) for i in range(term.num_levels)]
 
 
-def _joint_of(model, term):
-    for layer in model.random_effects:
-        if isinstance(layer, JointRandomEffects) and term in layer.terms:
-            return layer
-    return None
-
-
 def conditional_mean(model, term):
-    joint = _joint_of(model, term)
-    return joint.conditional_mean(term) if joint is not None else term.conditional_mean()
+    return term.conditional_mean()
 
 
 def conditional_stddev(model, term):
-    joint = _joint_of(model, term)
-    return joint.conditional_stddev(term) if joint is not None else term.conditional_stddev()
+    return term.conditional_stddev()
 
 
 # ---------------------------------------------------------------- variance
@@ -100,7 +89,15 @@ def varcorr(model):
 
 
 def singular_components(model):
-    """Descriptions of variance components at the boundary (sd ~ 0 or |corr| ~ 1)."""
+    """Descriptions of variance components at the boundary (sd 0 or |corr| 1).
+
+    After a fit by the engine this is lme4's `isSingular` rule: a diagonal entry of
+    a term's (relative) covariance factor below 1e-4. Otherwise a standard
+    deviation below 1e-4 of its effect's scale, or a correlation within 1e-4 of +-1.
+    """
+    engine = getattr(model, "_engine_fit", None)
+    if engine is not None:
+        return _boundary_components(model, engine["boundary"])
     out = []
     for term in model.terms:
         sd = term.prior_stddev()
@@ -118,26 +115,34 @@ def singular_components(model):
     return out
 
 
+def _boundary_components(model, boundary):
+    out = []
+    for term, flags in zip(model.terms, boundary):
+        sd = term.prior_stddev()
+        corr = term.prior_correlation()
+        names = term_columns(model, term)
+        group = term_group(model, term)
+        for j in np.flatnonzero(flags):
+            if j == 0 or sd[j] <= SINGULAR_TOLERANCE * max(sd.max(), 1e-300):
+                out.append(f"the sd of {names[j]} in {group} is {sd[j]:.3g}, at zero")
+            else:
+                partner = int(np.argmax(np.abs(corr[j, :j])))
+                out.append(f"the correlation of {names[partner]} and {names[j]} in {group} is "
+                           f"{corr[partner, j]:.4f}, at +-1")
+    return out
+
+
 # ---------------------------------------------------------------- vcov
 def _second_derivative(model, y, eta, params):
     """`-d^2 log p(y_i | eta_i) / d eta_i^2` at each row (observed information)."""
-    family = model.family
     y = np.asarray(y, "float64")
     trials = None
     if y.ndim == 2:
         y, trials = y[:, 0], y[:, 1]
-    eta_t = tf.constant(np.asarray(eta, "float64"))
-    y_t = tf.constant(y)
-    trials_t = None if trials is None else tf.constant(trials)
-    params = {k: tf.constant(float(v), tf.float64) for k, v in params.items()}
-    with tf.GradientTape() as outer:
-        outer.watch(eta_t)
-        with tf.GradientTape() as inner:
-            inner.watch(eta_t)
-            log_p = tf.reduce_sum(family.log_prob(y_t, eta_t, params, trials=trials_t))
-        grad = inner.gradient(log_p, eta_t)
-    # Rows are independent, so the gradient of the summed gradient is the diagonal.
-    return -outer.gradient(grad, eta_t).numpy()
+    eta = np.asarray(eta, "float64")
+    _, _, second, _, _ = model.family.expected_log_prob_derivatives(
+        y, eta, np.zeros_like(eta), params, trials=trials)
+    return -second
 
 
 def _random_design(model, x):
@@ -160,10 +165,9 @@ def _random_design(model, x):
 def fixed_vcov(model, x, y):
     """Covariance of the fixed-effect estimates, `(p, p)`.
 
-    With the fixed effects in a joint posterior (REML fits) this is their posterior
-    covariance. Otherwise it is the Laplace (Hessian) covariance at the optimum,
-    conditional on the variance components: with `W` the observed information of
-    each row's linear predictor and `P` the prior precision of the random effects,
+    The Laplace (Hessian) covariance at the optimum, conditional on the variance
+    components: with `W` the observed information of each row's linear predictor
+    and `P` the prior precision of the random effects,
 
     ```
     H = [[X'WX, X'WZ], [Z'WX, Z'WZ + P]],   vcov(beta) = (X'WX - X'WZ (Z'WZ + P)^-1 Z'WX)^-1
@@ -173,9 +177,6 @@ def fixed_vcov(model, x, y):
     posterior would understate these (Goplerud, Papaspiliopoulos & Zanella 2023);
     the sparse Schur complement is exact and costs one sparse LU of `Z'WZ + P`.
     """
-    joint = model._joint_fixed()
-    if joint is not None:
-        return joint.fixed_posterior()[1]
     pred = model(x, training=False)
     params = model.dispersion()
     w = _second_derivative(model, y, pred["eta"].numpy(), params)

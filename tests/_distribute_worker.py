@@ -60,13 +60,12 @@ def penicillin():
     y = df.diameter.values
 
     def build():
-        joint = kg.JointRandomEffects(
-            [kg.RandomEffects(24, name="plate"), kg.RandomEffects(6, name="sample")], name="joint"
-        )
-        return kg.GLMM(random_effects=[joint])
+        # Stochastic VI on both sides: several replicas rule the engine out.
+        terms = [kg.RandomEffects(24, name="plate"), kg.RandomEffects(6, name="sample")]
+        return kg.GLMM(random_effects=terms, posterior="mean_field")
 
     def estimates(model):
-        plate, sample = model.random_effects[0].terms
+        plate, sample = model.random_effects
         return {
             "intercept": float(model.coefficients()[0]),
             "plate_sd": float(plate.prior_stddev()[0]),

@@ -19,7 +19,6 @@ TIMEOUT = 300
 # lme4 maximum-likelihood fits.
 RADON_LME4 = {"intercept": 1.4612, "floor": -0.6926, "county_sd": 0.3245, "residual_sd": 0.7552}
 RADON_ELBO = -1081.825  # lme4's logLik: the ELBO of the exact posterior
-PENICILLIN_LME4 = {"plate_sd": 0.8456, "sample_sd": 1.7706, "residual_sd": 0.5499}
 
 
 def _start(*args):
@@ -97,7 +96,7 @@ ESTIMATES = {
     "radon": ("intercept", "floor", "county_sd", "residual_sd"),
     "penicillin": ("intercept", "plate_sd", "sample_sd", "residual_sd"),
 }
-LME4 = {"radon": RADON_LME4, "penicillin": PENICILLIN_LME4}
+LME4 = {"radon": RADON_LME4}
 
 
 @pytest.mark.slow
@@ -105,17 +104,20 @@ LME4 = {"radon": RADON_LME4, "penicillin": PENICILLIN_LME4}
 def test_mirrored_fit_matches_single_device(mirrored, data):
     """Two replicas (radon's 919 rows split 460 + 459) give the one-device fit.
 
-    radon's per-row KL (RandomEffects) and penicillin's global KL (a
-    JointRandomEffects layer, added in full on each replica) must each be counted
-    once per step: counted twice, the KL's weight against the data would double,
-    shrinking the variance components and costing nats of ELBO.
+    Several replicas rule the engine out, so both fit by stochastic VI (penicillin
+    on one device too, with posterior='mean_field'): each replica's per-row KL must
+    be counted once per step: counted twice, the KL's weight against the data would
+    double, shrinking the variance components and costing nats of ELBO. radon's
+    one-device fit is the engine's, lme4's to 4 digits; penicillin's crossed factors
+    under mean-field VI are not lme4's, so only the two devices are compared there.
     """
     report = mirrored[data]
     assert report["num_replicas"] == 2
     single, fit = report["single"], report["mirrored"]
     assert fit["converged"]
     _assert_rel(fit, single, 1e-3, ESTIMATES[data], "mirrored vs single device")
-    _assert_rel(fit, LME4[data], 1e-3, what="mirrored vs lme4")
+    if data == "radon":
+        _assert_rel(fit, LME4[data], 1e-3, what="mirrored vs lme4")
     assert abs(fit["elbo_total"] - single["elbo_total"]) < 0.05
     if data == "radon":
         assert abs(fit["elbo_total"] - RADON_ELBO) < 0.05

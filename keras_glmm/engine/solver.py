@@ -171,7 +171,9 @@ class VariationalSolver:
         self.cross = s.cross_products(w)
         self.zwy = s.level_sums(w * yo)  # Z_b' W y per level of each block (fixed: X'Wy)
         self.ywy = float(np.sum(w * yo**2))
-        self.sum_log_weights = float(np.sum(np.log(w)))
+        # Rows of weight 0 carry no information (lme4 counts only the others).
+        self.sum_log_weights = float(np.sum(np.log(w[w > 0])))
+        self.num_observations = int(np.sum(w > 0))
 
     def _rhs(self, lambdas, per_level):
         """Splits `Lambda' v` (per block, per level) into block 0 and the dense part."""
@@ -204,7 +206,7 @@ class VariationalSolver:
             return math.inf, np.full(len(vector), np.nan)
         diag, dense = self._rhs(lambdas, self.zwy)
         x0, xd, quad = factor.solve(diag, dense)
-        n, p = self.num_rows, self.num_fixed
+        n, p = self.num_observations, self.num_fixed
         r2 = max(self.ywy - quad, 1e-300)
         dof = n - p if self.reml else n
         sigma2 = r2 / dof
@@ -555,6 +557,11 @@ class VariationalSolver:
         self._accept()
         return self.report()
 
+    def gradient_norm(self):
+        """The largest projected gradient of `-ELBO` in the variance parameters."""
+        pg = self.optimizer.projected_gradient()
+        return float(np.max(np.abs(pg))) if len(pg) else 0.0
+
     @property
     def converged(self):
         return self.optimizer is not None and self.optimizer.converged
@@ -585,14 +592,15 @@ class VariationalSolver:
             `factors` (`Lambda_t`, relative for a conjugate model); `level_means`
             `(L, k)` and `level_covariances` `(L, k, k)` per term (the posterior of
             `b = Lambda u`); `dispersion` (with `scale` for a gaussian model);
-            `singular`, one list of booleans per term (diagonal entries of `Lambda_t`
-            below lme4's tolerance).
+            `boundary`, one boolean array per term: which diagonal entries of
+            `Lambda_t` are below lme4's tolerance (a standard deviation at 0, or, for
+            an entry after the first, a correlation at +-1).
         """
         st = self.state
         s = self.structure
         scale2 = self.scale**2
         out = {"beta": np.asarray(st["beta"]).copy(), "covariances": [], "factors": [],
-               "level_means": [], "level_covariances": [], "singular": []}
+               "level_means": [], "level_covariances": [], "boundary": []}
         for j in range(s.num_random):
             b = s.order[j]
             lam = st["lambdas"][b]
@@ -600,7 +608,7 @@ class VariationalSolver:
             out["covariances"].append(scale2 * lam @ lam.T)
             out["level_means"].append(st["u"][b] @ lam.T)
             out["level_covariances"].append(scale2 * np.einsum("ij,ljk,mk->lim", lam, st["cov"][b, b], lam))
-            out["singular"].append(list(np.diag(lam) < SINGULAR_TOLERANCE))
+            out["boundary"].append(np.diag(lam) < SINGULAR_TOLERANCE)
         if self.conjugate:
             out["dispersion"] = {"scale": self.scale}
         else:

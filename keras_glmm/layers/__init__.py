@@ -2,7 +2,6 @@
 
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
-from keras_glmm.layers.joint_random_effects import JointRandomEffects
 from keras_glmm.layers.random_effects import RandomEffects
 
-__all__ = ["FamilyHead", "JointRandomEffects", "RandomEffects", "VariationalFixedEffects"]
+__all__ = ["FamilyHead", "RandomEffects", "VariationalFixedEffects"]

@@ -5,6 +5,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_glmm.layers import triangular
+
 tfd = tfp.distributions
 tfb = tfp.bijectors
 
@@ -14,6 +16,12 @@ COVARIANCES = ("full", "diagonal")
 
 def _softplus_inverse(x):
     return float(np.log(np.expm1(x)))
+
+
+def _softplus_inverse_array(x):
+    """`log(exp(x) - 1)` elementwise, without overflow for large `x`."""
+    x = np.asarray(x, dtype="float64")
+    return np.where(x > 30.0, x + np.log(-np.expm1(-np.minimum(x, 700.0))), np.log(np.expm1(np.minimum(x, 30.0))))
 
 
 def gather_rows(variable, index):
@@ -74,8 +82,7 @@ def _hermite_grid(num_points, dim):
 
 def _initial_scale_tril(k, sd=0.5):
     """The unconstrained vector of `sd * I` in `fill_triangular`'s packing."""
-    with tf.init_scope():  # eager even while Keras traces a symbolic build
-        is_diag = tfp.math.fill_triangular_inverse(np.eye(k)).numpy() > 0
+    is_diag = triangular.fill_triangular_inverse(np.eye(k)) > 0
     return np.where(is_diag, _softplus_inverse(sd), 0.0)
 
 
@@ -138,9 +145,6 @@ class RandomEffects(keras.layers.Layer):
         validate_indices: check in training that every level index lies in
             `[0, num_levels)` and fail with a clear error otherwise.
         level_counts: optional training-row counts per level (else call `adapt`).
-        own_posterior: False when a `JointRandomEffects` layer holds the posterior
-            of this term's effects jointly with other terms; the layer then keeps
-            only the prior.
 
     Input: the level index of each row, shape `(batch,)` (int; at inference `-1`
     marks a level never seen in training, whose effect is then 0 in the mean with
@@ -169,7 +173,6 @@ class RandomEffects(keras.layers.Layer):
         num_scale_points=12,
         validate_indices=True,
         level_counts=None,
-        own_posterior=True,
         **kwargs,
     ):
         if not isinstance(num_levels, (int, np.integer)) or num_levels <= 0:
@@ -211,7 +214,6 @@ class RandomEffects(keras.layers.Layer):
         self.output_mode = output_mode
         self.num_scale_points = int(num_scale_points)
         self.validate_indices = bool(validate_indices)
-        self.own_posterior = bool(own_posterior)
         self._initial_level_counts = level_counts
         self.num_covariates = self.num_effects - int(self.intercept)
         self.num_correlations = (
@@ -227,16 +229,13 @@ class RandomEffects(keras.layers.Layer):
         # diagonal), both in units of `effect_scale`. One table, not two: a step
         # then gathers and scatters each level's row once (a scatter of 65,536
         # one-wide rows costs about as much as one of two-wide rows).
-        if self.own_posterior:
-            self.posterior = self.add_weight(
-                name="posterior",
-                shape=(self.num_levels, k + k * (k + 1) // 2),
-                initializer=keras.initializers.Constant(
-                    np.tile(self._initial_row(), (self.num_levels, 1))
-                ),
-            )
-            # The optimizer finds the preconditioner through the variable.
-            self.posterior.natural_gradient = self.natural_gradient
+        self.posterior = self.add_weight(
+            name="posterior",
+            shape=(self.num_levels, k + k * (k + 1) // 2),
+            initializer=keras.initializers.Constant(np.tile(self._initial_row(), (self.num_levels, 1))),
+        )
+        # The optimizer finds the preconditioner through the variable.
+        self.posterior.natural_gradient = self.natural_gradient
         if self.scale_prior is None:
             self.log_scale = self.add_weight(
                 name="log_scale", shape=(k,), initializer=keras.initializers.Constant(np.log(scale))
@@ -313,13 +312,12 @@ class RandomEffects(keras.layers.Layer):
         if not np.all(np.isfinite(new) & (new > 0)):
             raise ValueError(f"`effect_scale` must be positive and finite. Received: {new.tolist()}")
         if reset:
-            if self.own_posterior:
-                self.posterior.assign(np.tile(self._initial_row(), (self.num_levels, 1)))
+            self.posterior.assign(np.tile(self._initial_row(), (self.num_levels, 1)))
             if self.scale_prior is None:
                 self.log_scale.assign(np.log(new))
             else:
                 self.scale_loc.assign([_softplus_inverse(s) for s in new])
-        elif self.own_posterior:
+        else:
             k = self.num_effects
             table = self.posterior.numpy()
             table[:, :k] *= self.effect_scale_weight.numpy() / new
@@ -330,7 +328,7 @@ class RandomEffects(keras.layers.Layer):
             raw_tril = tril.copy()
             idx = np.arange(k)
             raw_tril[:, idx, idx] = np.log(np.expm1(np.maximum(diag - 1e-6, 1e-12)))
-            table[:, k:] = tfp.math.fill_triangular_inverse(raw_tril).numpy()
+            table[:, k:] = triangular.fill_triangular_inverse(raw_tril)
             self.posterior.assign(table)
         self.effect_scale_weight.assign(new)
         self.effect_scale = [float(s) for s in new]
@@ -491,11 +489,6 @@ class RandomEffects(keras.layers.Layer):
 
     # ------------------------------------------------------------------ call
     def call(self, inputs, training=None):
-        if not self.own_posterior:
-            raise ValueError(
-                f"RandomEffects layer '{self.name}' keeps only its prior: its posterior is "
-                "held by a JointRandomEffects layer, which is the one to call."
-            )
         level_index, covariates = self._split_inputs(inputs)
         if self.validate_indices:
             level_index = self.validated_index(level_index, training)
@@ -638,13 +631,17 @@ class RandomEffects(keras.layers.Layer):
     # ------------------------------------------------------------- results
     def prior_stddev(self):
         """The standard deviations `tau` (posterior means under a hyperprior), `(k,)`."""
+        if self.scale_prior is None:
+            return np.exp(self.log_scale.numpy().astype("float64"))
         taus, weights = self._scale_nodes()
         return tf.tensordot(weights, taus, axes=1).numpy()
 
     def prior_correlation(self):
         """The correlation matrix `Omega`, `(k, k)`."""
-        tril = self._prior_correlation_tril()
-        return tf.matmul(tril, tril, transpose_b=True).numpy()
+        if not self.num_correlations:
+            return np.eye(self.num_effects)
+        tril = triangular.correlation_cholesky(self.correlation.numpy())
+        return tril @ tril.T
 
     def prior_covariance(self):
         """`Sigma = diag(tau) Omega diag(tau)`, `(k, k)`."""
@@ -680,7 +677,7 @@ class RandomEffects(keras.layers.Layer):
         Returns:
             The step `log tau_M - log tau` of each effect (before relaxation).
         """
-        if self.scale_prior is not None or not self.own_posterior:
+        if self.scale_prior is not None:
             return np.zeros(self.num_effects)
         seen = self.level_counts.numpy() > 0
         if not seen.any():
@@ -693,18 +690,64 @@ class RandomEffects(keras.layers.Layer):
         tau = np.sqrt(np.maximum(np.diag(sigma), 1e-12))
         old = self.log_scale.numpy().astype("float64")
         step = np.log(tau) - old
-        self.log_scale.assign((old + relaxation * step).astype(self.variable_dtype))
-        if self.num_correlations:
-            corr = sigma / np.outer(tau, tau)
-            tril = np.linalg.cholesky(corr + 1e-9 * np.eye(len(tau)))
-            raw = tfb.CorrelationCholesky().inverse(tf.constant(tril, self.variable_dtype))
-            self.correlation.assign(raw)
+        relaxed = np.exp(old + relaxation * step)
+        self.set_prior(relaxed, sigma / np.outer(tau, tau))
         return step
+
+    def set_prior(self, stddev, correlation=None):
+        """Sets the point-estimated prior: standard deviations `(k,)` and correlations `(k, k)`.
+
+        A standard deviation of exactly 0 (a boundary fit) is stored as the smallest
+        logarithm the weights' dtype holds, which reads back as 0.
+        """
+        if self.scale_prior is not None:
+            raise ValueError(
+                f"RandomEffects layer '{self.name}' has a `scale_prior`: its sds have a posterior, "
+                "not a point estimate."
+            )
+        stddev = np.asarray(stddev, dtype="float64").reshape(self.num_effects)
+        tiny = np.finfo(self.variable_dtype).tiny
+        self.log_scale.assign(np.log(np.maximum(stddev, tiny)).astype(self.variable_dtype))
+        if self.num_correlations and correlation is not None:
+            corr = np.asarray(correlation, dtype="float64")
+            tril = np.linalg.cholesky(corr + 1e-9 * np.eye(self.num_effects))
+            raw = triangular.correlation_cholesky_inverse(tril / np.linalg.norm(tril, axis=1, keepdims=True))
+            self.correlation.assign(raw.astype(self.variable_dtype))
+
+    def set_posterior(self, mean, covariance):
+        """Sets each level's posterior from its mean `(L, k)` and covariance `(L, k, k)` (data units)."""
+        k = self.num_effects
+        scale = np.asarray(self.effect_scale, dtype="float64")
+        mean = np.asarray(mean, dtype="float64").reshape(self.num_levels, k)
+        covariance = np.asarray(covariance, dtype="float64").reshape(self.num_levels, k, k)
+        # Jitter keeps a boundary fit's zero variance factorizable.
+        jitter = 1e-24 * np.maximum(np.trace(covariance, axis1=1, axis2=2), 1e-300)
+        tril = np.linalg.cholesky(covariance + jitter[:, None, None] * np.eye(k)) / scale[:, None]
+        diag = np.diagonal(tril, axis1=-2, axis2=-1)
+        raw_diag = _softplus_inverse_array(np.maximum(diag - 1e-6, 1e-12))
+        if k == 1:
+            raw = raw_diag
+        else:
+            idx = np.arange(k)
+            tril = tril.copy()
+            tril[:, idx, idx] = raw_diag
+            raw = triangular.fill_triangular_inverse(tril)
+        table = np.concatenate([mean / scale, raw], axis=1)
+        self.posterior.assign(table.astype(self.variable_dtype))
 
     def conditional_covariance(self):
         """Posterior covariances of every level's effects, `(num_levels, k, k)`."""
-        tril = self._scale_tril(self.posterior_scale_tril.value)
-        return tf.matmul(tril, tril, transpose_b=True).numpy()
+        k = self.num_effects
+        raw = self.posterior.numpy()[:, k:].astype("float64")
+        scale = np.asarray(self.effect_scale, dtype="float64")
+        if k == 1:
+            sd = (np.logaddexp(raw, 0.0) + 1e-6) * scale
+            return sd[:, :, None] ** 2
+        tril = triangular.fill_triangular(raw)
+        idx = np.arange(k)
+        tril[:, idx, idx] = np.logaddexp(tril[:, idx, idx], 0.0) + 1e-6
+        tril = tril * scale[:, None]
+        return tril @ np.swapaxes(tril, 1, 2)
 
     def conditional_stddev(self):
         """Posterior standard deviations, `(num_levels, k)` (lme4's condVar, as sds)."""
@@ -730,7 +773,6 @@ class RandomEffects(keras.layers.Layer):
                 "output_mode": self.output_mode,
                 "num_scale_points": self.num_scale_points,
                 "validate_indices": self.validate_indices,
-                "own_posterior": self.own_posterior,
             }
         )
         return config
