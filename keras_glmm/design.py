@@ -15,20 +15,42 @@ arrays) and formulaic (formula -> ``ModelSpec`` -> model matrix):
 
 Decisions worth knowing:
 
-* Grouping factors are always categorical. Their levels are strings:
-  ``308 -> "308"``, ``1.0 -> "1"``, a categorical's category ``c -> str(c)``;
-  so a column that was categorical at fit time and integer at prediction time
-  still matches. Level order: a categorical column's category order
-  (unused categories dropped, like lme4's ``factor()``), otherwise sorted
-  unique values (numerically when every value is numeric-like). An
-  interaction ``a:b`` has the observed combinations ``"la:lb"``, ``a``
-  varying slowest (R's ``a:b``).
+* Grouping factors are always categorical. A level is matched by its key,
+  defined once in :mod:`keras_glmm.levels` (also used by the streamed scan
+  and the SavedModel graph): ``308 -> "308"``, ``308.0 -> "308"``,
+  ``1.5 -> "1.5"``, a categorical's category ``c -> key(c)``; so a column
+  that was categorical at fit time and integer at prediction time still
+  matches. Level order: a categorical column's category order (unused
+  categories dropped, like lme4's ``factor()``), otherwise sorted unique
+  values (numerically when every value is numeric-like). An interaction
+  ``a:b`` has the observed combinations, ``a`` varying slowest (R's
+  ``a:b``); their keys encode the parts without ambiguity
+  (:attr:`RandomTermDesign.keys`), their names are lme4's ``"la:lb"``
+  (:attr:`RandomTermDesign.levels`).
 * Levels never seen in training get index ``-1`` (``allow_new_levels``: the
   random effect of a new level is its prior mean, zero).
 * An unseen level of a categorical variable in the *fixed* part is an error
   (formulaic would silently code it as all zeros).
-* Random slopes on categorical variables (string/categorical columns or
-  ``C(...)``) are rejected; use numeric indicator columns instead.
+* Random slopes on factors are coded like the fixed part: formulaic with
+  treatment contrasts and R's rank reduction, named as lme4 names them.
+  ``(gender | school)`` has ``"(Intercept)"`` and ``"genderM"`` (the
+  non-reference levels); ``(0 + Machine | Worker)`` has a column per level,
+  ``"MachineA"``, ``"MachineB"``, ...; ``(x + f | g)`` has ``"(Intercept)"``,
+  ``"x"``, then ``f``'s non-reference levels. Unused categories of a
+  categorical column are dropped first (lme4's model frame drops unused
+  levels), so no random-effect column is all zeros. A level of the factor
+  not seen in training is an error at prediction, naming the column and the
+  level, as in the fixed part.
+* ``(f || g)`` follows lme4's ``expandDoubleVerts`` (done by
+  :mod:`keras_glmm.formula`): one term per term label of the left-hand side
+  (R's ``terms()``: ``x * f`` gives ``x``, ``f`` and ``x:f``), so
+  ``(f || g)`` is ``(1 | g) + (0 + f | g)``, the second
+  term holding a column for *every* level of ``f`` with a full correlation
+  matrix among them. lme4 documents that ``||`` does not split a factor's
+  columns ("works only for design matrices containing numeric (continuous)
+  predictors"), and this is the same model: over-parameterized for a factor
+  (the intercept and the full dummy coding overlap), as in lme4. For
+  independent per-level effects, use numeric indicator columns.
 * Fixed-effect names follow lme4/R: ``"(Intercept)"``, and treatment-coded
   levels ``"C(period)[T.2]" -> "period2"`` (variable name + level). R cannot
   always be reproduced from names alone (a 0/1 numeric column fitted as a
@@ -60,6 +82,15 @@ from formulaic import model_matrix
 from formulaic.errors import FactorEvaluationError
 
 from keras_glmm.formula import _NAME, FormulaSpec, RandomTerm, _tokenize, _unquote, parse_formula
+from keras_glmm.levels import (
+    column_kind,
+    combine_keys,
+    frame_codes,
+    level_key,
+    level_keys,
+    level_name,
+    split_key,
+)
 
 __all__ = ["Design", "RandomTermDesign", "lme4_name"]
 
@@ -117,31 +148,10 @@ def _is_categorical(series: pd.Series) -> bool:
     )
 
 
-def _level_str(value: Any) -> str:
-    """Canonical string of a grouping level: 308 -> "308", 1.0 -> "1", "a" -> "a"."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isfinite(v) and v == int(v):
-            return str(int(v))
-        return repr(v)
-    return str(value)
-
-
-def _level_strs(values: Any) -> list[str]:
-    """:func:`_level_str` of each value, without a Python call per value for
-    integer and string arrays (a chunk of a large file can hold 50,000 levels)."""
-    arr = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
-    if arr.dtype.kind in "iu":
-        return arr.astype(str).tolist()
-    if not isinstance(getattr(values, "dtype", None), pd.CategoricalDtype) and pd.api.types.is_string_dtype(
-        getattr(values, "dtype", arr.dtype)
-    ):
-        return [v if type(v) is str else _level_str(v) for v in arr.tolist()]
-    return [_level_str(v) for v in arr.tolist()]
+# A level's key is defined in one place, keras_glmm.levels (design, scan and serving
+# graph share it); these names are kept for the modules that import them.
+_level_str = level_key
+_level_strs = level_keys
 
 
 def _numeric_like(text: str) -> bool:
@@ -676,11 +686,19 @@ class RandomTermDesign:
         name: Unique, Keras-safe name (``"g"``, ``"a_x_b"``, ``"g_2"``); also the
             key of its level index in :meth:`Design.arrays` (``name + "_z"``
             holds its covariates).
-        levels: Level names (strings) of the grouping factor, in index order.
-        columns: lme4-style effect names (``"(Intercept)"``, ``"Days"``).
+        levels: Level names (strings) of the grouping factor, in index order, as
+            lme4 shows them (an interaction's parts joined by ``":"``).
+        columns: lme4-style effect names (``"(Intercept)"``, ``"Days"``,
+            ``"genderM"``).
         intercept: Whether ``columns[0]`` is the intercept.
         model_spec: formulaic ``ModelSpec`` of ``term.expr``.
         group_columns: Data columns making up the grouping factor.
+        keys: Level keys (:mod:`keras_glmm.levels`), in index order: what
+            :meth:`level_index` matches. A single column's key is its name; an
+            interaction's key encodes its parts without ambiguity.
+        group_kinds: Per grouping column, its serving kind
+            (:func:`keras_glmm.levels.column_kind` of the training column): the
+            dtype a SavedModel takes it in.
     """
 
     term: RandomTerm
@@ -690,13 +708,23 @@ class RandomTermDesign:
     intercept: bool
     model_spec: Any
     group_columns: tuple[str, ...] = ()
+    keys: list[str] = field(default_factory=list)
+    group_kinds: tuple[str, ...] = ()
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if not self.group_columns:
             self.group_columns = self.term.group_columns()
+        n = len(self.group_columns)
+        if not self.keys:
+            self.keys = [_legacy_key(lvl, n, self.term) for lvl in self.levels]
+        if len(self.keys) != len(self.levels):
+            raise ValueError(f"{len(self.keys)} level keys for {len(self.levels)} levels of {self.term}")
+        if not self.group_kinds:
+            self.group_kinds = ("string",) * n
+        self.group_kinds = tuple(self.group_kinds)
         if not self._index:
-            self._index = {lvl: i for i, lvl in enumerate(self.levels)}
+            self._index = {key: i for i, key in enumerate(self.keys)}
 
     @property
     def n_levels(self) -> int:
@@ -710,43 +738,28 @@ class RandomTermDesign:
     def level_index(self, data: pd.DataFrame) -> np.ndarray:
         """Index of each row's level (int64); ``-1`` for a level unseen in training.
 
-        Level strings are made once per distinct value (combination), not per
-        row: the codes of ``pd.factorize`` carry the rows, so a chunk of 65,536
-        rows costs a few milliseconds (files are read chunk by chunk).
+        Keys (:mod:`keras_glmm.levels`) are made once per distinct value
+        (combination), not per row: the codes of ``pd.factorize`` carry the
+        rows, so a chunk of 65,536 rows costs a few milliseconds (files are
+        read chunk by chunk).
         """
         data = _as_frame(data)
-        codes_all, names_all = [], []
         for col in self.group_columns:
             if col not in data.columns:
                 raise ValueError(
                     f"grouping column '{col}' of random-effect term {self.term} is missing "
                     f"from the data{_available(data)}"
                 )
-            codes, uniques = pd.factorize(data[col], use_na_sentinel=True)
-            missing = codes < 0
+            missing = data[col].isna().to_numpy()
             if missing.any():
                 raise ValueError(
                     f"grouping column '{col}' has missing values at rows {_row_labels(data.index, missing)}"
                 )
-            codes_all.append(codes.astype(np.int64))
-            names_all.append(_level_strs(uniques))
         if not len(data):
             return np.zeros(0, np.int64)
-        if len(codes_all) == 1:
-            lookup = np.array([self._index.get(name, -1) for name in names_all[0]], dtype=np.int64)
-            return lookup[codes_all[0]]
-        combined = codes_all[0]
-        for codes, names in zip(codes_all[1:], names_all[1:], strict=True):
-            combined = combined * len(names) + codes  # mixed radix: one code per combination
-        values, inverse = np.unique(combined, return_inverse=True)
-        lookup = np.empty(len(values), dtype=np.int64)
-        for j, value in enumerate(values.tolist()):
-            parts = []
-            for names in reversed(names_all):
-                value, r = divmod(value, len(names))
-                parts.append(names[r])
-            lookup[j] = self._index.get(":".join(reversed(parts)), -1)
-        return lookup[inverse.reshape(-1)]
+        codes, parts = frame_codes(data, self.group_columns)
+        lookup = np.array([self._index.get(combine_keys(p), -1) for p in parts], dtype=np.int64)
+        return lookup[codes]
 
     def covariates(self, data: pd.DataFrame) -> np.ndarray:
         """The term's non-intercept columns, float64 ``(n, len(columns) - intercept)``."""
@@ -768,6 +781,8 @@ class RandomTermDesign:
             "intercept": bool(self.intercept),
             "model_spec": _model_spec_config(self.model_spec, self.term.expr),
             "group_columns": [str(c) for c in self.group_columns],
+            "keys": [str(k) for k in self.keys],
+            "group_kinds": [str(k) for k in self.group_kinds],
         }
 
     @classmethod
@@ -782,60 +797,93 @@ class RandomTermDesign:
             intercept=bool(config["intercept"]),
             model_spec=_model_spec_from_config(config["model_spec"]),
             group_columns=tuple(config["group_columns"]),
+            keys=list(config.get("keys", [])),  # older configs: derived from the names
+            group_kinds=tuple(config.get("group_kinds", ())),
         )
 
 
+def _legacy_key(name: str, n: int, term: RandomTerm) -> str:
+    """The key of a level saved by name only (configs written before level keys)."""
+    if n == 1:
+        return name
+    parts = name.split(":")
+    if len(parts) != n:
+        raise ValueError(
+            f"level '{name}' of {term} cannot be split into its {n} grouping columns: this design "
+            "was saved before level keys; build the model again from its data"
+        )
+    return combine_keys(parts)
+
+
 def _group_levels(term: RandomTerm, data: pd.DataFrame) -> list[str]:
+    """The keys of a grouping factor's levels, in level order (see the module docstring)."""
     cols = term.group_columns()
     for col in cols:
         if col not in data.columns:
             raise _unknown_column(col, f"the grouping factor of random-effect term {term}", data)
     if len(cols) == 1:
-        levels = _column_levels(data[cols[0]])
+        keys = _column_levels(data[cols[0]])
     else:
-        per_col = [_column_levels(data[c]) for c in cols]
-        orders = [{lvl: i for i, lvl in enumerate(lv)} for lv in per_col]
-        strings = [_column_strings(data[c]) for c in cols]
-        combos = set()
-        for row in zip(*strings, strict=True):
-            if all(v is not None for v in row):
-                combos.add(row)
+        orders = [{lvl: i for i, lvl in enumerate(_column_levels(data[c]))} for c in cols]
+        _, combos = frame_codes(data, cols)
         ordered = sorted(combos, key=lambda row: tuple(o[v] for o, v in zip(orders, row, strict=True)))
-        levels = [":".join(row) for row in ordered]
-    if len(levels) < 2:
-        shown = f"('{levels[0]}')" if levels else "(no non-missing values)"
+        keys = [combine_keys(row) for row in ordered]
+    if len(keys) < 2:
+        shown = f"('{level_name(split_key(keys[0], len(cols)))}')" if keys else "(no non-missing values)"
         raise ValueError(
             f"grouping factor '{_unquote(term.group)}' has a single level {shown}: "
             "a random effect needs at least 2"
-            if levels
+            if keys
             else f"grouping factor '{_unquote(term.group)}' has no levels {shown}"
         )
-    return levels
+    return keys
+
+
+def _drop_unused_categories(data: pd.DataFrame, columns) -> pd.DataFrame:
+    """``data`` with the unused categories of its categorical ``columns`` removed
+    (lme4's model frame drops unused levels: no all-zero random-effect column)."""
+    cats = []
+    for c in columns:
+        if c in data.columns and isinstance(data[c].dtype, pd.CategoricalDtype):
+            codes = data[c].cat.codes.to_numpy()
+            if len(np.unique(codes[codes >= 0])) < len(data[c].cat.categories):
+                cats.append(c)
+    if not cats:
+        return data
+    data = data.copy()
+    for c in cats:
+        data[c] = data[c].cat.remove_unused_categories()
+    return data
 
 
 def _build_random(
-    term: RandomTerm, name: str, data: pd.DataFrame, levels: list[str] | None = None
+    term: RandomTerm, name: str, data: pd.DataFrame, keys: list[str] | None = None
 ) -> RandomTermDesign:
+    """One term's design: its levels (``keys``: the scan's, else found in ``data``)
+    and the columns of its expression, coded like the fixed part (formulaic,
+    treatment contrasts, reduced rank where R reduces it; see the module docstring)."""
     where = f"random-effect term {term}"
-    levels = _group_levels(term, data) if levels is None else list(levels)
+    keys = _group_levels(term, data) if keys is None else list(keys)
+    cols = term.group_columns()
     mm = _model_matrix(term.expr, data, where)
+    if _categorical_factors(mm.model_spec):
+        used = mm.model_spec.variables_by_source.get("data", set())
+        trimmed = _drop_unused_categories(data, [c for c in data.columns if str(c) in used])
+        if trimmed is not data:
+            mm = _model_matrix(term.expr, trimmed, where)
     spec = mm.model_spec
-    cats = _categorical_factors(spec)
-    if cats:
-        raise ValueError(
-            f"{where}: '{cats[0]}' is categorical; random slopes on factors are not supported. "
-            "Use numeric (e.g. 0/1 indicator) columns instead, or separate terms such as "
-            f"(0 + is_b | {term.group})."
-        )
     raw = list(spec.column_names)
     intercept = bool(raw) and raw[0] == "Intercept"
     return RandomTermDesign(
         term=term,
         name=name,
-        levels=levels,
+        levels=[level_name(split_key(k, len(cols))) for k in keys],
         columns=[lme4_name(c) for c in raw],
         intercept=intercept,
         model_spec=spec,
+        group_columns=cols,
+        keys=keys,
+        group_kinds=tuple(column_kind(data[c]) for c in cols),
     )
 
 
@@ -988,10 +1036,11 @@ class Design:
                 error) or ``"omit"`` (the schema is learned from the complete
                 rows; the caller drops the others, see :meth:`complete_rows`).
             group_levels: Optional level vocabulary of each random-effect term
-                (one list per term of the formula, in index order), used instead
-                of the levels found in ``data``. :mod:`keras_glmm.streaming`
-                learns them from files in one pass and passes a sample of rows
-                as ``data``; the levels must be in :func:`_group_levels` order.
+                (one list of level *keys*, :mod:`keras_glmm.levels`, per term of
+                the formula, in index order), used instead of the levels found
+                in ``data``. :mod:`keras_glmm.streaming` learns them from files
+                in one pass and passes a sample of rows as ``data``; the levels
+                must be in :func:`_group_levels` order.
         """
         spec = parse_formula(spec_or_formula) if isinstance(spec_or_formula, str) else spec_or_formula
         if not isinstance(spec, FormulaSpec):

@@ -24,9 +24,12 @@ Supported random-effect syntax (lme4 semantics):
   exactly as formulaic does for ordinary formulas.
 * ``(0 + x | g)`` / ``(-1 + x | g)``: slope only.
 * ``(x || g)``: uncorrelated, expanded like lme4's ``expandDoubleVerts`` into
-  ``(1 || g) + (0 + x || g)``. Only top-level ``+`` splits the expression; a
-  factor (or ``a*b``) inside ``||`` therefore stays one correlated block, as
-  in lme4 (which warns about it).
+  ``(1 || g) + (0 + x || g)``: one term per *term label* of the left-hand side,
+  as R's ``terms()`` gives them, so ``(x * f || g)`` is ``(1 || g) + (0 + x || g)
+  + (0 + f || g) + (0 + x:f || g)``. A factor's columns are not split: ``(f || g)``
+  is ``(1 || g) + (0 + f || g)``, the second term one correlated block with a
+  column for every level of ``f``, as in lme4 (whose documentation says ``||``
+  works as intended only for numeric predictors).
 * ``(1 | a/b)``: nesting, expanded to ``(1 | a) + (1 | a:b)``;
   ``a/b/c`` gives ``a``, ``a:b`` and ``a:b:c``.
 * ``(1 | a:b)``: one grouping factor whose levels are the combinations.
@@ -536,10 +539,43 @@ def _random_terms(
     if correlated:
         exprs = [_render(left)]
     else:
-        # lme4's expandDoubleVerts: one independent term per summand.
-        exprs = (["1"] if intercept else []) + ["0 + " + _render(t) for t in effects]
+        # lme4's expandDoubleVerts: one independent term per term label of the
+        # left-hand side (R's terms(): "x * f" is x, f and x:f).
+        labels = [label for t in effects for label in _term_labels(scan, t, base)]
+        exprs = (["1"] if intercept else []) + ["0 + " + label for label in dict.fromkeys(labels)]
     # lme4 expands "||" first, then "/" (findbars on the expanded formula).
     return [RandomTerm(e, g, correlated) for e in exprs for g in groups]
+
+
+def _term_labels(scan: _Scan, term: list[_Token], base: int) -> list[str]:
+    """R's term labels of one summand: itself, unless it uses the term algebra
+    (``*``, ``/``, ``^``/``**`` or a parenthesised sum) at the top level, which is
+    expanded (``x * f -> x, f, x:f``; ``a/b -> a, a:b``) by formulaic's parser."""
+    algebra = any(
+        (t.kind == _OP and t.text in ("*", "/", "^", "**") and scan.depth[t.index] == base)
+        or (t.kind == _OPEN and scan.depth[t.index] == base and scan.is_bare_paren(t.index))
+        for t in term
+    )
+    text = _render(term)
+    if not algebra:
+        return [text]
+    import ast
+
+    from formulaic import Formula
+
+    def quoted(expr: str) -> str:
+        try:
+            ast.parse(expr, mode="eval")
+        except SyntaxError:
+            return f"`{expr}`"
+        return expr
+
+    try:
+        terms = list(Formula(text))
+    except Exception as e:  # noqa: BLE001 - formulaic's parser errors vary
+        scan.error(f"could not expand '{text}' into terms: {e}", term[0])
+    labels = [":".join(quoted(f.expr) for f in t.factors) for t in terms]
+    return [label for label in labels if label not in ("1", "0")]
 
 
 def _parse_group(scan: _Scan, tokens: list[_Token], after: _Token) -> list[str]:

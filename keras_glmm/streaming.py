@@ -41,7 +41,10 @@ Column types are fixed by the first chunk that holds the column, as a reader
 infers them from the first rows: a column read as numbers there must hold numbers
 everywhere (the error names the file, line and value; pass `dtype={"col": str}`
 to `read_csv` for a categorical column whose first values look like numbers);
-the response, offsets, weights and random slopes must be numeric. Integer columns
+the response, offsets and weights must be numeric. A random slope on a factor
+(`(gender | school)`) is coded like a categorical fixed effect: the scan learns its
+values from every chunk, so the coding is that of all the rows. Grouping levels
+get the keys of `keras_glmm.levels`, the design's own. Integer columns
 become float64 when some chunk holds floats or missing values, as they would
 when read whole.
 """
@@ -70,10 +73,10 @@ from keras_glmm.design import (
     _group_levels,
     _is_categorical,
     _level_str,
-    _level_strs,
     _unquote,
 )
 from keras_glmm.formula import FormulaSpec, parse_formula
+from keras_glmm.levels import combine_keys, frame_codes, level_name
 
 __all__ = [
     "CSVSource",
@@ -425,10 +428,10 @@ class _Reader:
         if weights and weights not in self.columns:
             self.columns.append(weights)
         plain_binary = family == "binomial" and spec.cbind() is None and not weights
-        self.numeric = set(columns["offset"]) | set(columns["random"]) | ({weights} if weights else set())
+        self.numeric = set(columns["offset"]) | ({weights} if weights else set())
         if not plain_binary:
             self.numeric |= set(columns["response"])
-        self.group = set(columns["group"]) - self.numeric - set(columns["fixed"])
+        self.group = set(columns["group"]) - self.numeric - set(columns["fixed"]) - set(columns["random"])
         self.kinds: dict[str, str] = {}
         self.dtypes: dict[str, set] = {}
         self.categories: dict[str, list] = {}
@@ -622,27 +625,13 @@ class Scan:
 
 
 def _count_levels(frame, cols, counter):
-    """Adds each combination of the grouping columns' level strings to ``counter``."""
-    codes_all, names_all = [], []
-    for c in cols:
-        codes, uniques = pd.factorize(frame[c], use_na_sentinel=True)
-        codes_all.append(codes.astype(np.int64))
-        names_all.append(_level_strs(uniques))
-    if len(cols) == 1:
-        for name, count in zip(names_all[0], np.bincount(codes_all[0]).tolist(), strict=True):
-            counter[(name,)] = counter.get((name,), 0) + count
-        return
-    combined = codes_all[0]
-    for codes, names in zip(codes_all[1:], names_all[1:], strict=True):
-        combined = combined * len(names) + codes
-    values, counts = np.unique(combined, return_counts=True)
-    for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-        key = []
-        for names in reversed(names_all):
-            value, r = divmod(value, len(names))
-            key.append(names[r])
-        key = tuple(reversed(key))
-        counter[key] = counter.get(key, 0) + count
+    """Adds each combination of the grouping columns' level keys (a tuple of part
+    keys, `keras_glmm.levels`, as the design makes them) to ``counter``."""
+    codes, parts = frame_codes(frame, cols)
+    counts = np.bincount(codes[codes >= 0], minlength=len(parts)).tolist()
+    for key, count in zip(parts, counts, strict=True):
+        if count:
+            counter[key] = counter.get(key, 0) + count
 
 
 def _track(values: dict, series: pd.Series):
@@ -667,25 +656,30 @@ def _factor_column(factor: str, columns) -> str | None:
 
 
 def _missing_categories(design, tracked, columns):
-    """Per column, the values the files hold that the design's coding lacks."""
+    """Per column, the values the files hold that the design's coding (of the fixed
+    effects or of a random-effect term) lacks."""
     out = {}
-    for factor in _categorical_factors(design.fixed_spec):
-        var = _factor_column(factor, columns)
-        if var is None or var not in tracked:
-            continue
-        values = tracked[var]
-        if values is None:
-            raise ValueError(
-                f"the fixed effects treat '{factor}' as categorical, but column '{var}' has more "
-                f"than {MAX_CATEGORIES:,} distinct values in the files: use it as a grouping "
-                f"factor, (1 | {var}), instead"
-            )
-        state = design.fixed_spec.encoder_state[factor][1]
-        categories = list(state.get("categories", []))
-        known = set(categories) | {_level_str(c) for c in categories}
-        lacking = [v for v in values if v not in known and _level_str(v) not in known]
-        if lacking:
-            out[var] = lacking
+    specs = [("the fixed effects", design.fixed_spec)]
+    specs += [(f"random-effect term {r.term}", r.model_spec) for r in design.random]
+    for where, model_spec in specs:
+        for factor in _categorical_factors(model_spec):
+            var = _factor_column(factor, columns)
+            if var is None or var not in tracked:
+                continue
+            values = tracked[var]
+            if values is None:
+                raise ValueError(
+                    f"'{factor}' is categorical in {where}, but column '{var}' has more "
+                    f"than {MAX_CATEGORIES:,} distinct values in the files: use it as a grouping "
+                    f"factor, (1 | {var}), instead"
+                )
+            state = model_spec.encoder_state[factor][1]
+            categories = list(state.get("categories", []))
+            known = set(categories) | {_level_str(c) for c in categories}
+            lacking = [v for v in values if v not in known and _level_str(v) not in known]
+            lacking = [v for v in lacking if v not in out.get(var, [])]
+            if lacking:
+                out[var] = out.get(var, []) + lacking
     response = design.spec.response
     if design.response_levels is not None and response in tracked and tracked[response] is not None:
         lacking = [v for v in tracked[response] if _level_str(v) not in design.response_levels]
@@ -788,7 +782,7 @@ def scan(
     # Grouping factors: terms on the same columns share one counter.
     group_keys = list(dict.fromkeys(t.group_columns() for t in spec.random))
     counters: dict[tuple, dict] = {cols: {} for cols in group_keys}
-    tracked: dict[str, dict | None] = {c: {} for c in columns["fixed"]}
+    tracked: dict[str, dict | None] = {c: {} for c in [*columns["fixed"], *columns["random"]]}
     if family_obj.name == "binomial" and spec.cbind() is None and spec.response in reader.columns:
         tracked.setdefault(spec.response, {})
     rng = np.random.default_rng(seed)
@@ -829,7 +823,7 @@ def scan(
             else:
                 data[c] = pd.Series(values, dtype=object)
         vocab[cols] = pd.DataFrame(data)
-        counts_by_key[cols] = {":".join(k): n for k, n in counter.items()}
+        counts_by_key[cols] = {combine_keys(k): n for k, n in counter.items()}
     levels = [_group_levels(t, vocab[t.group_columns()]) for t in spec.random]
     level_counts = [
         np.array([counts_by_key[t.group_columns()][lvl] for lvl in lv], dtype="float64")
@@ -881,11 +875,9 @@ def _set_counts(model, design, level_counts, num_rows):
         counts = by_name[term.name]
         term.level_counts.assign(counts.astype(term.level_counts.dtype))
     from keras_glmm.layers.fixed_effects import VariationalFixedEffects
-    from keras_glmm.layers.joint_random_effects import JointRandomEffects
 
-    for layer in [model.fixed_effects, *model.random_effects]:
-        if isinstance(layer, (VariationalFixedEffects, JointRandomEffects)):
-            layer.num_observations = int(num_rows)
+    if isinstance(model.fixed_effects, VariationalFixedEffects):
+        model.fixed_effects.num_observations = int(num_rows)
 
 
 def prepare(model, scan_result: Scan) -> None:
@@ -900,7 +892,7 @@ def prepare(model, scan_result: Scan) -> None:
     x, y = design.arrays(scan_result.sample, weights=scan_result.weights)
     x, y, _ = initialization.check_data(model, x, y)
     if not model.built:
-        model({key: value[:1] for key, value in x.items()})  # creates the weights
+        model.build({key: (None,) + value.shape[1:] for key, value in x.items()})
     _set_counts(model, design, scan_result.level_counts, scan_result.num_rows)
     initialization.initialize(model, x, y)
     model._data_initialized = True
@@ -961,7 +953,7 @@ def _chunk_arrays(model, reader, path, frame):
         if new.any():
             i = int(np.flatnonzero(new)[0])
             cols = r.group_columns
-            value = ":".join(_level_str(frame[c].iloc[i]) for c in cols)
+            value = level_name([_level_str(frame[c].iloc[i]) for c in cols])
             raise ValueError(
                 f"{path}, {unit} {frame.index[i]}: level '{value}' of grouping factor "
                 f"'{_unquote(r.term.group)}' is not among the model's levels (the data it was "
@@ -1200,7 +1192,8 @@ def fit(
             model, data, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
             verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
         )
-    model._finish_fit(None, None, history, convergence, callbacks, source=source)
+    model._finish_fit(None, None, history, convergence.converged, convergence.last_delta, callbacks,
+                      source=source)
     return history
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -211,6 +213,60 @@ def test_level_strings_from_floats_and_categories():
     assert r.levels == ["z", "y"]  # category order, unused categories dropped
 
 
+def test_level_keys_of_every_column_type():
+    """One key per level whatever the column's type, in training and on new data."""
+    y = np.arange(6.0)
+    cases = {
+        "int64": ([308, 309, 310, 308, 309, 310], [310, 308, 999]),
+        "float64": ([308.0, 309.0, 310.0, 308.0, 309.0, 310.0], [310, "308", 308.5]),
+        "bool": ([True, False, True, False, True, False], [False, True, False]),
+        "string": (["308", "309", "310", "308", "309", "310"], [310.0, np.int32(308), "new"]),
+    }
+    for kind, (values, new) in cases.items():
+        r = Design.from_data("y ~ (1 | g)", pd.DataFrame({"y": y, "g": values}), "gaussian").random[0]
+        assert r.group_kinds == (kind,)
+        assert r.keys == r.levels
+        idx = r.level_index(pd.DataFrame({"g": pd.Series(new, dtype=object)}))
+        if kind == "bool":
+            assert r.levels == ["False", "True"]
+            np.testing.assert_array_equal(idx, [0, 1, 0])
+        else:
+            assert r.levels == ["308", "309", "310"]
+            np.testing.assert_array_equal(idx, [2, 0, -1])
+    cat = pd.Categorical([308, 309, 310, 308, 309, 310])
+    r = Design.from_data("y ~ (1 | g)", pd.DataFrame({"y": y, "g": cat}), "gaussian").random[0]
+    assert r.group_kinds == ("int64",) and r.levels == ["308", "309", "310"]
+    np.testing.assert_array_equal(r.level_index(pd.DataFrame({"g": [309.0, 1]})), [1, -1])
+
+
+def test_interaction_levels_whose_parts_hold_colons_stay_apart():
+    df = pd.DataFrame({"y": np.arange(4.0), "a": ["x:1", "x", "x:1", "x"], "b": ["y", "1:y", "y", "1:y"]})
+    for formula in ("y ~ (1 | a:b)", "y ~ (1 | a/b)"):
+        d = Design.from_data(formula, df, "gaussian")
+        r = d.random[-1]
+        assert r.n_levels == 2 and len(set(r.keys)) == 2
+        assert r.levels == ["x:1:y", "x:1:y"]  # lme4's names, shared; the keys differ
+        np.testing.assert_array_equal(r.level_index(df), [1, 0, 1, 0])
+        r2 = _restore(d).random[-1]
+        np.testing.assert_array_equal(r2.level_index(df), [1, 0, 1, 0])
+        new = pd.DataFrame({"a": ["x", "x:1"], "b": ["1:y", "1:y"]})
+        np.testing.assert_array_equal(r.level_index(new), [0, -1])
+
+
+def test_config_without_level_keys_still_loads():
+    """Designs saved before level keys: keys are derived from the names."""
+    df = pd.DataFrame({"y": np.arange(6.0), "a": list("ppqqpq"), "b": [1, 2, 1, 2, 1, 1]})
+    d = Design.from_data("y ~ (1 | a:b) + (1 | a)", df, "gaussian")
+    cfg = d.get_config()
+    for r in cfg["random"]:
+        del r["keys"], r["group_kinds"]
+    old = Design.from_config(json.loads(json.dumps(cfg)))
+    for r1, r2 in zip(d.random, old.random, strict=True):
+        assert r2.keys == r1.keys
+        assert all(k == "string" for k in r2.group_kinds)
+        np.testing.assert_array_equal(r2.level_index(df), r1.level_index(df))
+
+
 def test_keras_safe_names():
     df = pd.DataFrame({"y": np.arange(4.0), "my group": ["a", "b", "a", "b"], "x": ["u", "v", "v", "u"]})
     d = Design.from_data("y ~ 1 + (1 | `my group`) + (1 | x)", df, "gaussian")
@@ -225,11 +281,80 @@ def test_single_level_group_error():
         Design.from_data("y ~ x + (1 | g)", df, "gaussian")
 
 
-def test_categorical_slope_error():
-    with pytest.raises(ValueError, match=r"\(f \| g\): 'f' is categorical; random slopes on factors"):
-        Design.from_data("y ~ x + (f | g)", small(), "gaussian")
-    with pytest.raises(ValueError, match="'C\\(n\\)' is categorical"):
-        Design.from_data("y ~ x + (0 + C(n) | g)", small(), "gaussian")
+@pytest.mark.parametrize(
+    "formula,columns",
+    [
+        # lme4 names: a reduced factor after an intercept, every level without one.
+        ("y ~ x + (f | g)", [["(Intercept)", "fb", "fc"]]),
+        ("y ~ x + (0 + f | g)", [["fa", "fb", "fc"]]),
+        ("y ~ x + (1 | g) + (0 + f | g)", [["(Intercept)"], ["fa", "fb", "fc"]]),
+        ("y ~ x + (x + f | g)", [["(Intercept)", "x", "fb", "fc"]]),
+        ("y ~ x + (0 + x + f | g)", [["x", "fa", "fb", "fc"]]),
+        ("y ~ x + (0 + C(n) | g)", [["n1", "n2", "n4", "n8", "n16", "n32"]]),
+        # lme4's ||: one term per term label; a factor's columns stay together.
+        ("y ~ x + (f || g)", [["(Intercept)"], ["fa", "fb", "fc"]]),
+        ("y ~ x + (x * f || g)", [["(Intercept)"], ["x"], ["fa", "fb", "fc"], ["x:fa", "x:fb", "x:fc"]]),
+    ],
+)
+def test_random_slopes_on_factors(formula, columns):
+    df = small()
+    d = Design.from_data(formula, df, "gaussian")
+    assert [r.columns for r in d.random] == columns
+    inputs, _ = d.arrays(df)
+    for r in d.random:
+        z = r.covariates(df)
+        assert z.dtype == np.float64 and z.shape == (6, r.n_covariates)
+        if r.n_covariates:
+            np.testing.assert_array_equal(inputs[r.name + "_z"], z)
+    # Dummy columns are the indicators of the levels.
+    for r in d.random:
+        z = r.covariates(df)
+        for j, name in enumerate(r.columns[int(r.intercept):]):
+            if name in ("fa", "fb", "fc"):
+                np.testing.assert_array_equal(z[:, j], (df["f"] == name[1]).to_numpy(float))
+    # JSON round trip (safe_mode .keras saving) codes new data identically.
+    d2 = _restore(d)
+    new = df.iloc[[5, 0, 3]]
+    for r1, r2 in zip(d.random, d2.random, strict=True):
+        assert r2.columns == r1.columns and r2.intercept == r1.intercept
+        np.testing.assert_array_equal(r2.covariates(new), r1.covariates(new))
+
+
+def test_random_factor_slope_new_level_is_an_error():
+    df = small()
+    d = Design.from_data("y ~ x + (f | g)", df, "gaussian")
+    new = df.assign(f=["a", "b", "zzz", "a", "b", "a"])
+    with pytest.raises(ValueError, match=r"column 'f' has level\(s\) 'zzz' not seen.*\(f \| g\)"):
+        d.arrays(new)
+    with pytest.raises(ValueError, match="'zzz'"):
+        _restore(d).random[0].covariates(new)
+
+
+def test_random_factor_slope_drops_unused_categories():
+    df = small().assign(f=pd.Categorical(small()["f"], categories=["a", "unused", "b", "c"]))
+    r = Design.from_data("y ~ x + (0 + f | g)", df, "gaussian").random[0]
+    assert r.columns == ["fa", "fb", "fc"]  # no all-zero column for "unused"
+
+
+def test_gcsemv_factor_slope_design():
+    """lme4's reference case `course ~ gender + (gender | school)` (na.omit: 1725 rows)."""
+    path = Path("/work/shared/data/gcsemv_factor_slope.csv")
+    if not path.exists():
+        path = Path(__file__).parents[1] / "keras_glmm/datasets/data/gcsemv_factor_slope.csv"
+    if not path.exists():
+        pytest.skip("gcsemv_factor_slope.csv is not available")
+    data = pd.read_csv(path)
+    complete = data.dropna(subset=["course", "gender", "school"])
+    assert len(complete) == 1725 and len(data) == 1905
+    d = Design.from_data("course ~ gender + (gender | school)", complete, "gaussian")
+    assert d.fixed_columns == ["(Intercept)", "genderM"]
+    (r,) = d.random
+    assert r.columns == ["(Intercept)", "genderM"] and r.intercept
+    np.testing.assert_array_equal(r.covariates(complete)[:, 0], (complete["gender"] == "M").to_numpy(float))
+    assert r.n_levels == complete["school"].nunique()
+    # na_action="omit" learns the same design from all the rows.
+    omit = Design.from_data("course ~ gender + (gender | school)", data, "gaussian", na_action="omit")
+    assert omit.random[0].columns == r.columns and omit.random[0].keys == r.keys
 
 
 # ------------------------------------------------------------ errors, NA
@@ -405,6 +530,7 @@ def _assert_same_design(d1, d2, frames, weights=None):
     for r1, r2 in zip(d1.random, d2.random, strict=True):
         assert r2.term == r1.term
         assert r2.levels == r1.levels
+        assert r2.keys == r1.keys and r2.group_kinds == r1.group_kinds
         assert r2.columns == r1.columns
         assert r2.intercept == r1.intercept
         assert r2.group_columns == r1.group_columns

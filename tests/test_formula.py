@@ -60,8 +60,19 @@ CASES = [
     ("y ~ (1||g)", "y", "y ~ 1", (R("1", "g", False),), ()),
     ("y ~ (x + log(z)||g)", "y", "y ~ 1",
      (R("1", "g", False), R("0 + x", "g", False), R("0 + log(z)", "g", False)), ()),
-    # a factor/interaction inside || stays one block (lme4 warns about this)
-    ("y ~ (a*b||g)", "y", "y ~ 1", (R("1", "g", False), R("0 + a * b", "g", False)), ()),
+    # || splits the term labels, as lme4's expandDoubleVerts (R's terms()): a*b is a, b, a:b;
+    # a factor's own columns stay one block (a factor is one term label)
+    ("y ~ (a*b||g)", "y", "y ~ 1",
+     (R("1", "g", False), R("0 + a", "g", False), R("0 + b", "g", False), R("0 + a:b", "g", False)), ()),
+    ("y ~ (0 + x + x*f + (a+b)^2||g)", "y", "y ~ 1",
+     (R("0 + x", "g", False), R("0 + f", "g", False), R("0 + x:f", "g", False), R("0 + a", "g", False),
+      R("0 + b", "g", False), R("0 + a:b", "g", False)), ()),
+    ("y ~ (a/b + I(x*2)||g)", "y", "y ~ 1",
+     (R("1", "g", False), R("0 + a", "g", False), R("0 + a:b", "g", False), R("0 + I(x * 2)", "g", False)),
+     ()),
+    ("y ~ (`my x`*f||g)", "y", "y ~ 1",
+     (R("1", "g", False), R("0 + `my x`", "g", False), R("0 + f", "g", False), R("0 + `my x`:f", "g", False)),
+     ()),
     # nesting and interactions
     ("y ~ (1|a/b)", "y", "y ~ 1", (R("1", "a"), R("1", "a:b")), ()),
     ("y ~ (1|a/b/c)", "y", "y ~ 1", (R("1", "a"), R("1", "a:b"), R("1", "a:b:c")), ()),

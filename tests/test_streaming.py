@@ -197,6 +197,42 @@ def test_a_category_missing_from_the_sample_is_still_coded(tmp_path):
     assert result.design.fixed_columns == Design.from_data("y ~ f + (1 | g)", frame).fixed_columns
 
 
+def test_scan_codes_factor_slopes_and_level_keys_as_in_memory(tmp_path):
+    """Random slopes on a factor, float grouping values and interaction parts holding
+    ':' get the in-memory design's columns, level keys and counts from files."""
+    rng = np.random.default_rng(5)
+    n = 300
+    frame = pd.DataFrame({
+        "y": rng.normal(size=n),
+        "f": rng.choice(["lo", "mid", "hi"], n),
+        "g": rng.choice([308.0, 309.0, 310.5, 311.0], n),
+        "a": rng.choice(["x:1", "x"], n),
+        "b": rng.choice(["y", "1:y"], n),
+    })
+    frame.loc[n - 1, "f"] = "rare"  # in one row only: the sample misses it
+    formula = "y ~ f + (f | g) + (0 + f | a:b) + (1 | a/b)"
+    paths = split_csv(frame, tmp_path, 120)
+    full = read_all_csv(paths)
+    expected = Design.from_data(formula, full)
+    result = streaming.scan(kg.read_csv(paths, chunk_rows=50), formula, "gaussian", sample_rows=20)
+    assert "rare" not in set(result.sample["f"])
+    design = result.design
+    assert design.random[0].columns == ["(Intercept)", "flo", "fmid", "frare"]
+    assert design.random[1].columns == ["fhi", "flo", "fmid", "frare"]
+    assert design.random[0].levels == ["308", "309", "310.5", "311"]
+    assert design.random[0].group_kinds == ("float64",)
+    assert design.random[1].n_levels == 4 and len(set(design.random[1].levels)) == 3  # "x:1:y" twice
+    for got, want, counts in zip(design.random, expected.random, result.level_counts, strict=True):
+        assert (got.name, got.columns, got.levels, got.keys) == (want.name, want.columns, want.levels, want.keys)
+        assert got.group_kinds == want.group_kinds
+        np.testing.assert_array_equal(counts, np.bincount(want.level_index(full), minlength=want.n_levels))
+    got, _ = design.arrays(full)
+    want, _ = expected.arrays(full)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_na_action_omit_skips_incomplete_rows(sleep, tmp_path):
     frame = sleep.copy()
     frame["Reaction"] = frame["Reaction"].astype(float)

@@ -632,7 +632,10 @@ class RandomEffects(keras.layers.Layer):
     def prior_stddev(self):
         """The standard deviations `tau` (posterior means under a hyperprior), `(k,)`."""
         if self.scale_prior is None:
-            return np.exp(self.log_scale.numpy().astype("float64"))
+            log_scale = self.log_scale.numpy().astype("float64")
+            # `set_prior` stores an sd of 0 as the log of the dtype's smallest number.
+            zero = log_scale <= np.log(np.finfo(self.variable_dtype).tiny) + 1e-3
+            return np.where(zero, 0.0, np.exp(log_scale))
         taus, weights = self._scale_nodes()
         return tf.tensordot(weights, taus, axes=1).numpy()
 
@@ -720,9 +723,12 @@ class RandomEffects(keras.layers.Layer):
         scale = np.asarray(self.effect_scale, dtype="float64")
         mean = np.asarray(mean, dtype="float64").reshape(self.num_levels, k)
         covariance = np.asarray(covariance, dtype="float64").reshape(self.num_levels, k, k)
-        # Jitter keeps a boundary fit's zero variance factorizable.
-        jitter = 1e-24 * np.maximum(np.trace(covariance, axis1=1, axis2=2), 1e-300)
-        tril = np.linalg.cholesky(covariance + jitter[:, None, None] * np.eye(k)) / scale[:, None]
+        # A boundary fit's covariance is singular (a zero sd, a correlation of +-1):
+        # jitter far below each level's own scale, and the effects' units, keeps it
+        # factorizable (the stored sd is floored at 1e-12 units anyway).
+        trace = np.trace(covariance, axis1=1, axis2=2)
+        jitter = (1e-12 * trace)[:, None, None] * np.eye(k) + 1e-24 * np.diag(scale**2)
+        tril = np.linalg.cholesky(covariance + jitter) / scale[:, None]
         diag = np.diagonal(tril, axis1=-2, axis2=-1)
         raw_diag = _softplus_inverse_array(np.maximum(diag - 1e-6, 1e-12))
         if k == 1:
