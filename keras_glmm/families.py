@@ -24,6 +24,7 @@ import math
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from scipy import special
 
 tfd = tfp.distributions
 
@@ -42,6 +43,9 @@ __all__ = [
     "Poisson",
     "NegativeBinomial",
     "Gamma",
+    "Beta",
+    "ZeroInflatedPoisson",
+    "ZeroInflatedNegativeBinomial",
     "get_family",
     "register_family",
 ]
@@ -353,28 +357,91 @@ class Family:
         rule's error, and an optimizer must follow its own objective), and the
         derivative of ``sum_i w_i E[f_i]`` in each dispersion parameter. The
         inference engine's Newton steps and gradients use them
-        (`keras_glmm.engine.solver`); they are exact derivatives of
-        :meth:`expected_log_prob`, closed form or quadrature alike, traced once
-        per family, link and quadrature size.
+        (`keras_glmm.engine.solver`). They are the same numbers as
+        :meth:`expected_log_prob` (the same closed forms, or the same quadrature
+        rule), computed in numpy from the family's log-likelihood kernel
+        (`_numpy_log_prob`) where it has one, else by a TensorFlow function traced
+        once per family, link and quadrature size.
 
         Returns:
           ``(value, d_mean, d2_mean, d_var, params_gradient)``: four ``(rows,)``
           arrays (unweighted) and a dict of floats (of the weighted sum).
         """
-        params = dict(params or {})
+        params = {k: float(v) for k, v in (params or {}).items()}
+        num_points = self.quadrature_points if num_points is None else num_points
+        m = np.asarray(eta_mean, np.float64).reshape(-1)
+        n = len(m)
+        y = np.broadcast_to(np.asarray(y, np.float64), (n,))
+        v = np.broadcast_to(np.asarray(eta_var, np.float64), (n,))
+        trials = None if trials is None else np.broadcast_to(np.asarray(trials, np.float64), (n,))
+        weights = np.ones(n) if weights is None else np.broadcast_to(np.asarray(weights, np.float64), (n,))
+        if self._has_numpy_kernel():
+            # Branches of np.where overflow where the other is taken (a floored mean).
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                out = self._numpy_expected(y, m, v, params, trials) if num_points else None
+                if out is None:
+                    out = self._numpy_quadrature(y, m, v, params, trials, num_points)
+            value, first, second, d_var, per_row = out
+            grads = {k: float(np.sum(weights * g)) for k, g in per_row.items()}
+            return value, first, second, d_var, grads
         names = tuple(sorted(params))
-        n = np.shape(eta_mean)[0]
-        function = _derivatives_function(self, num_points or self.quadrature_points, names,
-                                          trials is not None)
+        function = _derivatives_function(self, num_points, names, trials is not None)
         as_vector = lambda a: tf.constant(np.broadcast_to(np.asarray(a, np.float64), (n,)))  # noqa: E731
         ones = np.ones(n)
         value, first, second, d_var, grads = function(
-            as_vector(y), as_vector(eta_mean), as_vector(eta_var),
-            as_vector(ones if trials is None else trials), as_vector(ones if weights is None else weights),
-            *[tf.constant(float(params[k]), tf.float64) for k in names],
+            as_vector(y), as_vector(m), as_vector(v),
+            as_vector(ones if trials is None else trials), as_vector(weights),
+            *[tf.constant(params[k], tf.float64) for k in names],
         )
         grads = {k: float(g) for k, g in zip(names, grads)}
         return value.numpy(), first.numpy(), second.numpy(), d_var.numpy(), grads
+
+    def log_prob_derivatives(self, y, eta, params=None, trials=None, weights=None):
+        """``log p(y_i | eta_i)`` and its first and second derivatives in ``eta``, per row.
+
+        As :meth:`expected_log_prob_derivatives` at zero variance, without its
+        quadrature: for GLM fits, observed information and adaptive quadrature.
+
+        Returns:
+          ``(value, d_eta, d2_eta, params_gradient)``.
+        """
+        value, first, second, _, grads = self.expected_log_prob_derivatives(
+            y, eta, np.zeros(np.shape(eta)), params, trials=trials, num_points=0, weights=weights)
+        return value, first, second, grads
+
+    # -- numpy kernels (the engine's) -------------------------------------
+
+    def _has_numpy_kernel(self):
+        return type(self)._numpy_log_prob is not Family._numpy_log_prob
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        """``log p`` and its derivatives in numpy: ``(f, df/deta, d2f/deta2, {param: df/dparam})``.
+
+        Subclasses that define it give the engine derivatives without TensorFlow;
+        it must be the same function as ``_log_prob`` (tests compare them).
+        """
+        raise NotImplementedError
+
+    def _numpy_expected(self, y, m, v, params, trials):
+        """The closed form of `_expected_log_prob` in numpy, where it has one (else None)."""
+        return None
+
+    def _numpy_quadrature(self, y, m, v, params, trials, num_points):
+        """`_quadrature` of the numpy kernel, with its exact derivatives in `m` and `v`."""
+        if num_points == 0:
+            f, d1, d2, dp = self._numpy_log_prob(y, m, params, trials)
+            return f, d1, d2, 0.5 * d2, dp
+        x, w = _hermite_rule(num_points)
+        sd = np.sqrt(np.maximum(v, 0.0))
+        nodes = m[:, None] + sd[:, None] * x[None, :]
+        f, d1, d2, dp = self._numpy_log_prob(
+            y[:, None], nodes, params, None if trials is None else trials[:, None])
+        value, first, second = f @ w, d1 @ w, d2 @ w
+        # d/dv of sum_k w_k f(m + sqrt(v) x_k) = sum_k w_k f'(.) x_k / (2 sqrt(v)); at
+        # v = 0 its limit, E[f''] / 2.
+        positive = sd > 0
+        d_var = np.where(positive, ((d1 * x) @ w) / (2.0 * np.where(positive, sd, 1.0)), 0.5 * second)
+        return value, first, second, d_var, {k: g @ w for k, g in dp.items()}
 
     def mean(self, eta, trials=None):
         """Response mean ``g^{-1}(eta)``.
@@ -471,6 +538,9 @@ _DERIVATIVE_FUNCTIONS = {}
 def _derivatives_function(family, num_points, names, with_trials):
     """A traced `(y, m, v, trials, weights, *params) -> (value, d/dm, d2/dm2, d/dv, d/dparams)`.
 
+    `num_points=0` differentiates `log_prob` at `m` (`v` unused), for
+    `Family.log_prob_derivatives`.
+
     Families hold no state beyond their link, so one graph serves every instance of
     a family and link (`Family.expected_log_prob_derivatives`).
     """
@@ -488,8 +558,11 @@ def _derivatives_function(family, num_points, names, with_trials):
                     inner.watch(m)
                     inner.watch(v)
                     inner.watch(list(params))
-                    value = family.expected_log_prob(
-                        y, m, v, named, trials=trials if with_trials else None, num_points=num_points)
+                    if num_points:
+                        value = family.expected_log_prob(
+                            y, m, v, named, trials=trials if with_trials else None, num_points=num_points)
+                    else:  # no variance: the log-likelihood itself
+                        value = family.log_prob(y, m, named, trials=trials if with_trials else None)
                     total = tf.reduce_sum(value)
                     weighted = tf.reduce_sum(value * weights)
                 first = inner.gradient(total, m)
@@ -513,6 +586,24 @@ def _hermite_rule(num_points, _cache={}):  # noqa: B006 - deliberate memo
         x, w = np.polynomial.hermite_e.hermegauss(int(num_points))
         _cache[num_points] = (x, w / w.sum())
     return _cache[num_points]
+
+
+def _positive_numpy(mu):
+    """`Family._positive` in numpy: the mean, floored; and where the floor holds it."""
+    floor = math.sqrt(np.finfo(np.float64).tiny)
+    return np.maximum(mu, floor), mu > floor
+
+
+def _link_derivatives(link, eta):
+    """`mu = g^-1(eta)` and its first two derivatives, in numpy."""
+    if link == "identity":
+        return eta, np.ones_like(eta), np.zeros_like(eta)
+    if link == "log":
+        mu = np.exp(eta)
+        return mu, mu, mu
+    if link == "inverse":
+        return 1.0 / eta, -1.0 / eta**2, 2.0 / eta**3
+    raise ValueError(f"No numpy derivatives for the {link} link.")
 
 
 def _as_1d(a):
@@ -556,6 +647,29 @@ class Gaussian(Family):
             sq = tf.square(y) - 2.0 * y * tf.exp(m + 0.5 * v) + tf.exp(2.0 * m + 2.0 * v)
             return const - sq / (2.0 * s2)
         return super()._expected_log_prob(y, m, v, params, trials, num_points)
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        s2 = params["scale"] ** 2
+        mu, d_mu, d2_mu = _link_derivatives(self.link.name, eta)
+        r = y - mu
+        f = -0.5 * np.log(2.0 * math.pi * s2) - r**2 / (2.0 * s2)
+        d_scale = -1.0 / params["scale"] + r**2 / params["scale"] ** 3
+        return f, r * d_mu / s2, (r * d2_mu - d_mu**2) / s2, {"scale": d_scale}
+
+    def _numpy_expected(self, y, m, v, params, trials):
+        sigma = params["scale"]
+        s2 = sigma**2
+        const = -0.5 * np.log(2.0 * math.pi * s2)
+        if self.link.name == "identity":
+            sq = (y - m) ** 2 + v
+            return (const - sq / (2 * s2), (y - m) / s2, np.full_like(m, -1.0 / s2),
+                    np.full_like(m, -0.5 / s2), {"scale": -1.0 / sigma + sq / sigma**3})
+        if self.link.name == "log":
+            e1, e2 = np.exp(m + 0.5 * v), np.exp(2.0 * m + 2.0 * v)
+            sq = y**2 - 2.0 * y * e1 + e2
+            return (const - sq / (2 * s2), (2 * y * e1 - 2 * e2) / (2 * s2), (2 * y * e1 - 4 * e2) / (2 * s2),
+                    (y * e1 - 2 * e2) / (2 * s2), {"scale": -1.0 / sigma + sq / sigma**3})
+        return None
 
     def default_params(self, y, trials=None):
         sd = float(np.std(_as_1d(y)))
@@ -613,6 +727,17 @@ class Binomial(Family):
         total = tf.ones_like(eta) if trials is None else trials
         return tfd.Binomial(total_count=total, logits=self._logits(eta))
 
+    def _log_prob(self, y, eta, params, trials):
+        # y log(mu) + (n - y) log(1 - mu) = y logit - n softplus(logit), for every
+        # link; the binomial coefficient only with trials (tfd.Binomial's log_prob
+        # costs several times more per row, which adaptive quadrature repeats at
+        # every node).
+        logits = self._logits(eta)
+        if trials is None:
+            return y * logits - tf.nn.softplus(logits)
+        return (y * logits - trials * tf.nn.softplus(logits) + tf.math.lgamma(trials + 1.0)
+                - tf.math.lgamma(y + 1.0) - tf.math.lgamma(trials - y + 1.0))
+
     def _expected_log_prob(self, y, m, v, params, trials, num_points):
         if self.link.name != "logit":
             return super()._expected_log_prob(y, m, v, params, trials, num_points)
@@ -636,6 +761,40 @@ class Binomial(Family):
         positive = v > 0
         sd = tf.where(positive, tf.sqrt(tf.where(positive, v, tf.ones_like(v))), tf.zeros_like(v))
         return tf.reduce_sum(tf.nn.softplus(m[..., None] + sd[..., None] * x) * w, axis=-1)
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        # f = y log(mu) + (n - y) log(1 - mu) [+ log C(n, y)], with log(mu), log(1 - mu)
+        # and their derivatives in eta per link.
+        n = 1.0 if trials is None else trials
+        link = self.link.name
+        if link == "logit":
+            # y eta - n softplus(eta), with log(1 - mu) = log(mu) - eta.
+            p = special.expit(eta)
+            log_mu = special.log_expit(eta)
+            f = n * log_mu - (n - y) * eta
+            if trials is not None:
+                f = f + special.gammaln(n + 1.0) - special.gammaln(y + 1.0) - special.gammaln(n - y + 1.0)
+            return f, y - n * p, -n * p * (1.0 - p), {}
+        elif link == "probit":
+            log_mu, log_not = special.log_ndtr(eta), special.log_ndtr(-eta)
+            log_phi = -0.5 * eta**2 - 0.5 * math.log(2.0 * math.pi)
+            r_pos, r_neg = np.exp(log_phi - log_mu), np.exp(log_phi - log_not)  # phi/Phi(+-eta)
+            d_mu, d_not = r_pos, -r_neg
+            d2_mu, d2_not = -r_pos * (eta + r_pos), -r_neg * (r_neg - eta)
+        else:  # cloglog: log(1 - mu) = -e^eta, log(mu) = log(1 - exp(-e^eta))
+            e = np.exp(np.minimum(eta, 0.5 * math.log(np.finfo(np.float64).max)))
+            log_not, d_not, d2_not = -e, -e, -e
+            small = eta < -20.0  # log(mu) = eta - e^eta / 2 + O(e^{2 eta})
+            es = np.where(small, 1.0, np.minimum(e, 700.0))
+            em1 = np.expm1(es)
+            ratio = es / em1  # d log(mu) / d eta = e / (e^e - 1)
+            log_mu = np.where(small, eta - 0.5 * e, np.log(-np.expm1(-np.where(small, 1.0, e))))
+            d_mu = np.where(small, 1.0 - 0.5 * e, ratio)
+            d2_mu = np.where(small, -0.5 * e, ratio * (1.0 - es * np.exp(es) / em1))
+        f = y * log_mu + (n - y) * log_not
+        if trials is not None:
+            f = f + special.gammaln(n + 1.0) - special.gammaln(y + 1.0) - special.gammaln(n - y + 1.0)
+        return f, y * d_mu + (n - y) * d_not, y * d2_mu + (n - y) * d2_not, {}
 
     def _check_response(self, y, trials, name):
         if trials is None:
@@ -670,6 +829,20 @@ class Poisson(Family):
             return y * m - tf.exp(m + 0.5 * v) - tf.math.lgamma(y + 1.0)
         return super()._expected_log_prob(y, m, v, params, trials, num_points)
 
+    def _numpy_log_prob(self, y, eta, params, trials):
+        if self.link.name == "log":
+            mu = np.exp(eta)
+            return y * eta - mu - special.gammaln(y + 1.0), y - mu, -mu, {}
+        mu, inside = _positive_numpy(eta)  # identity link, mean floored as `_positive`
+        f = y * np.log(mu) - mu - special.gammaln(y + 1.0)
+        return f, np.where(inside, y / mu - 1.0, 0.0), np.where(inside, -y / mu**2, 0.0), {}
+
+    def _numpy_expected(self, y, m, v, params, trials):
+        if self.link.name != "log":
+            return None
+        e = np.exp(m + 0.5 * v)
+        return y * m - e - special.gammaln(y + 1.0), y - e, -e, -0.5 * e, {}
+
     def _check_response(self, y, trials, name):
         _check_counts(y, name)
 
@@ -698,6 +871,19 @@ class NegativeBinomial(Family):
             require_integer_total_count=False,  # theta is continuous
         )
 
+    def _numpy_log_prob(self, y, eta, params, trials):
+        theta = params["dispersion"]
+        mu = np.exp(eta)
+        log_sum = np.logaddexp(math.log(theta), eta)  # log(theta + mu)
+        f = (special.gammaln(y + theta) - special.gammaln(theta) - special.gammaln(y + 1.0)
+             + theta * math.log(theta) + y * eta - (y + theta) * log_sum)
+        share = np.exp(eta - log_sum)  # mu / (theta + mu)
+        d1 = y - (y + theta) * share
+        d2 = -(y + theta) * share * (1.0 - share)
+        d_theta = (special.digamma(y + theta) - special.digamma(theta) + math.log(theta) + 1.0 - log_sum
+                   - (y + theta) / (theta + mu))
+        return f, d1, d2, {"dispersion": d_theta}
+
     def _check_response(self, y, trials, name):
         _check_counts(y, name)
 
@@ -714,9 +900,13 @@ class NegativeBinomial(Family):
 class Gamma(Family):
     """Gamma response with mean ``mu`` and variance ``mu^2 / shape``.
 
-    ``Gamma(concentration=shape, rate=shape / mu)``. Under the identity and
-    inverse links the mean is clamped to a tiny positive floor (see
-    ``Family._positive``); keep ``eta`` in the valid region.
+    ``Gamma(concentration=shape, rate=shape / mu)``; the coefficient of
+    variation is ``1 / sqrt(shape)`` (glmmTMB's ``sigma``). Under the identity
+    link the mean, under the inverse link (lme4's default) ``eta = 1 / mu``
+    itself, is clamped to a tiny positive floor (see ``Family._positive``), so
+    ``eta`` outside the valid region gives a finite log-density with zero
+    gradient rather than NaN: start a fit inside it (e.g. at the GLM fit; at
+    ``eta = 0`` every row is on the floor and nothing moves).
     """
 
     name = "gamma"
@@ -728,6 +918,15 @@ class Gamma(Family):
         shape = params["shape"]
         if self.link.name == "log":
             return tfd.Gamma(concentration=shape, log_rate=tf.math.log(shape) - eta)
+        if self.link.name == "inverse":
+            # rate = shape / mu = shape * eta, without the reciprocal: 1 / eta is
+            # infinite at eta = 0 (a NaN gradient) and jumps from +inf to -inf
+            # there. eta <= 0 has no valid mean; it is clamped to the floor of
+            # `_positive` (mu <= 1 / sqrt(tiny)), so the log-density stays finite
+            # and continuous (about shape * log(shape * 1.5e-154) in float64) with
+            # zero gradient below it: quadrature nodes that fall there cost a
+            # large but finite penalty instead of a NaN.
+            return tfd.Gamma(concentration=shape, log_rate=tf.math.log(shape) + tf.math.log(self._positive(eta)))
         return tfd.Gamma(concentration=shape, rate=shape / self._positive(self.link.inverse(eta)))
 
     def _expected_log_prob(self, y, m, v, params, trials, num_points):
@@ -744,6 +943,40 @@ class Gamma(Family):
             )
         return super()._expected_log_prob(y, m, v, params, trials, num_points)
 
+    def _numpy_log_prob(self, y, eta, params, trials):
+        a = params["shape"]
+        if self.link.name == "log":
+            inv_mu = np.exp(-eta)
+            log_mu, d_log, d2_log = eta, np.ones_like(eta), np.zeros_like(eta)
+            d_inv, d2_inv = -inv_mu, inv_mu
+        elif self.link.name == "inverse":
+            # eta = 1 / mu itself floored, as `_distribution` does.
+            rate, inside = _positive_numpy(eta)
+            inv_mu, log_mu = rate, -np.log(rate)
+            d_log, d2_log = np.where(inside, -1.0 / rate, 0.0), np.where(inside, 1.0 / rate**2, 0.0)
+            d_inv, d2_inv = np.where(inside, 1.0, 0.0), np.zeros_like(eta)
+        else:
+            mu, d_mu, d2_mu = _link_derivatives(self.link.name, eta)
+            mu, inside = _positive_numpy(mu)  # the mean floored as `_positive`
+            inv_mu, log_mu = 1.0 / mu, np.log(mu)
+            d_log = np.where(inside, d_mu / mu, 0.0)
+            d2_log = np.where(inside, d2_mu / mu - (d_mu / mu) ** 2, 0.0)
+            d_inv = np.where(inside, -d_mu / mu**2, 0.0)
+            d2_inv = np.where(inside, 2.0 * d_mu**2 / mu**3 - d2_mu / mu**2, 0.0)
+        # f = a log a - a log mu + (a - 1) log y - a y / mu - lgamma(a)
+        f = a * math.log(a) - a * log_mu + (a - 1.0) * np.log(y) - a * y * inv_mu - special.gammaln(a)
+        d_a = math.log(a) + 1.0 - log_mu + np.log(y) - y * inv_mu - special.digamma(a)
+        return f, -a * d_log - a * y * d_inv, -a * d2_log - a * y * d2_inv, {"shape": d_a}
+
+    def _numpy_expected(self, y, m, v, params, trials):
+        if self.link.name != "log":
+            return None
+        a = params["shape"]
+        e = y * np.exp(-m + 0.5 * v)
+        f = a * math.log(a) - a * m + (a - 1.0) * np.log(y) - a * e - special.gammaln(a)
+        d_a = math.log(a) + 1.0 - m + np.log(y) - e - special.digamma(a)
+        return f, -a + a * e, -a * e, -0.5 * a * e, {"shape": d_a}
+
     def _check_response(self, y, trials, name):
         _first_bad(name, y, y <= 0, "is not strictly positive (gamma response)")
 
@@ -754,13 +987,249 @@ class Gamma(Family):
         return {"shape": float(np.clip(shape, 0.1, 1e3))}
 
 
+@register_family
+class Beta(Family):
+    """Beta response for proportions in (0, 1), mean ``mu`` and precision ``phi``::
+
+        y ~ Beta(mu * phi, (1 - mu) * phi),   E[y] = mu,   Var[y] = mu (1 - mu) / (1 + phi)
+
+    glmmTMB's ``beta_family()`` (its ``sigma(fit)`` is ``phi``); ``precision`` is
+    ``phi``. ``mu`` and ``1 - mu`` are each computed without cancellation for every
+    link (``sigmoid(eta)`` and ``sigmoid(-eta)`` for the logit) and floored at
+    ``sqrt(tiny)`` (see ``Family._positive``), so the density stays finite in the
+    far tails of the quadrature.
+    """
+
+    name = "beta"
+    canonical_link = "logit"
+    valid_links = ("logit", "probit", "cloglog")
+    dispersion_params = ("precision",)
+
+    def _mean_and_complement(self, eta):
+        if self.link.name == "logit":
+            mu, rest = tf.sigmoid(eta), tf.sigmoid(-eta)
+        elif self.link.name == "probit":
+            normal = _std_normal(eta.dtype)
+            mu, rest = normal.cdf(eta), normal.cdf(-eta)
+        else:  # cloglog: 1 - mu = exp(-e^eta)
+            rest = tf.exp(-tf.exp(eta))
+            mu = -tf.math.expm1(-tf.exp(eta))
+        return self._positive(mu), self._positive(rest)
+
+    def _distribution(self, eta, params, trials):
+        mu, rest = self._mean_and_complement(eta)
+        phi = params["precision"]
+        return tfd.Beta(concentration1=mu * phi, concentration0=rest * phi)
+
+    def _log_prob(self, y, eta, params, trials):
+        mu, rest = self._mean_and_complement(eta)
+        phi = params["precision"]
+        a, b = mu * phi, rest * phi
+        return (
+            tf.math.lgamma(phi) - tf.math.lgamma(a) - tf.math.lgamma(b)
+            + (a - 1.0) * tf.math.log(y) + (b - 1.0) * tf.math.log1p(-y)
+        )
+
+    def _check_response(self, y, trials, name):
+        _first_bad(name, y, (y <= 0) | (y >= 1), "is not strictly between 0 and 1 (beta response)")
+
+    def default_params(self, y, trials=None):
+        # Method of moments: var = mu (1 - mu) / (1 + phi).
+        y = _as_1d(y)
+        mu, var = y.mean(), y.var()
+        phi = mu * (1.0 - mu) / var - 1.0 if var > 0 else np.inf
+        return {"precision": float(np.clip(phi, 0.1, 1e4))}
+
+
+def _logaddexp(a, b):
+    """``log(e^a + e^b)`` elementwise, stable, with finite gradients for finite inputs."""
+    big = tf.maximum(a, b)
+    return big + tf.math.log1p(tf.exp(-tf.abs(a - b)))
+
+
+class _ZeroInflated(Family):
+    """A count family with a constant zero-inflation probability ``pi``::
+
+        p(0) = pi + (1 - pi) f(0 | mu),    p(y) = (1 - pi) f(y | mu)  (y > 0)
+
+    with ``f`` the count component (``_count_log_prob``, ``_count_log_zero``) and
+    ``log(mu) = eta``. Dispersion parameters must be positive, so ``pi`` is
+    parameterized by its odds ``zi_odds = pi / (1 - pi)``: ``log(zi_odds)`` is
+    glmmTMB's zero-inflation intercept (``ziformula = ~1``, logit scale) and
+    ``pi = zi_odds / (1 + zi_odds)``. Log-probabilities use ``log pi =
+    -softplus(-log zi_odds)``, ``log(1 - pi) = -softplus(log zi_odds)`` and a
+    log-sum-exp for zeros, so neither ``pi`` near 0 or 1 nor ``f(0)`` near 0
+    loses precision.
+
+    ``mean(eta)`` is the count component's mean ``mu`` (what the link models):
+    it cannot see ``zi_odds``. The response mean ``(1 - pi) mu`` is
+    :meth:`response_mean`.
+    """
+
+    canonical_link = "log"
+    valid_links = ("log",)
+
+    @staticmethod
+    def _log_pi(params):
+        """``(log pi, log(1 - pi))`` from ``zi_odds``."""
+        log_odds = tf.math.log(params["zi_odds"])
+        return -tf.nn.softplus(-log_odds), -tf.nn.softplus(log_odds)
+
+    def _count_distribution(self, eta, params):
+        raise NotImplementedError
+
+    def _count_log_prob(self, y, eta, params):
+        raise NotImplementedError
+
+    def _count_log_zero(self, eta, params):
+        raise NotImplementedError
+
+    def _distribution(self, eta, params, trials):
+        odds = params["zi_odds"]
+        pi = odds / (1.0 + odds) * tf.ones_like(eta)
+        return tfd.Inflated(self._count_distribution(eta, params), inflated_loc_probs=pi)
+
+    def _log_prob(self, y, eta, params, trials):
+        log_pi, log_rest = self._log_pi(params)
+        zero = _logaddexp(log_pi + tf.zeros_like(eta), log_rest + self._count_log_zero(eta, params))
+        positive = log_rest + self._count_log_prob(y, eta, params)
+        # Both branches are finite everywhere, so tf.where passes clean gradients.
+        return tf.where(y > 0, positive, zero)
+
+    def response_mean(self, eta, params):
+        """Response mean ``(1 - pi) * mu`` (``mean(eta)`` is ``mu``).
+
+        Args:
+          eta: linear predictor.
+          params: dict with ``zi_odds`` (and the count component's params).
+        """
+        eta = _float_tensor(eta)
+        odds = tf.cast(tf.convert_to_tensor(params["zi_odds"], dtype_hint=eta.dtype), eta.dtype)
+        return self.link.inverse(eta) / (1.0 + odds)
+
+    def _check_response(self, y, trials, name):
+        _check_counts(y, name)
+
+    @staticmethod
+    def _zero_inflated_poisson_moments(y):
+        """``(pi, mu)`` of the ZIP with the data's mean and fraction of zeros.
+
+        ``1 - p0 = (1 - pi)(1 - e^-mu)`` and ``mean = (1 - pi) mu`` give
+        ``(1 - e^-mu) / mu = (1 - p0) / mean``, decreasing in ``mu``: bisection.
+        ``pi`` is 0 when there are no more zeros than a Poisson's.
+        """
+        m, p0 = y.mean(), np.mean(y == 0)
+        if m <= 0 or p0 <= math.exp(-m):
+            return 0.0, max(m, 1e-3)
+        target = (1.0 - p0) / m
+        lo, hi = m, m / max(1.0 - p0, 1e-12) + 1.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if -math.expm1(-mid) / mid > target:
+                lo = mid
+            else:
+                hi = mid
+        mu = 0.5 * (lo + hi)
+        return 1.0 - m / mu, mu
+
+
+@register_family
+class ZeroInflatedPoisson(_ZeroInflated):
+    """Zero-inflated Poisson: ``f = Poisson(mu)``, constant zero-inflation ``pi``.
+
+    glmmTMB's ``family = poisson, ziformula = ~1``. See :class:`_ZeroInflated`
+    for ``zi_odds``. For ``y > 0`` the expected log-likelihood is closed form
+    (``log(1 - pi) + y m - e^{m + v/2} - log y!``); zeros use quadrature.
+    """
+
+    name = "zero_inflated_poisson"
+    aliases = ("zip",)
+    dispersion_params = ("zi_odds",)
+
+    def _count_distribution(self, eta, params):
+        return tfd.Poisson(log_rate=eta)
+
+    def _count_log_prob(self, y, eta, params):
+        return y * eta - tf.exp(eta) - tf.math.lgamma(y + 1.0)
+
+    def _count_log_zero(self, eta, params):
+        return -tf.exp(eta)
+
+    def _expected_log_prob(self, y, m, v, params, trials, num_points):
+        quadrature = self._quadrature(y, m, v, params, trials, num_points)
+        _, log_rest = self._log_pi(params)
+        closed = log_rest + y * m - tf.exp(m + 0.5 * v) - tf.math.lgamma(y + 1.0)
+        return tf.where(y > 0, closed, quadrature)
+
+    def default_params(self, y, trials=None):
+        # Marginal moments (mean and fraction of zeros): covariates that explain
+        # zeros make this pi too large, which the fit then lowers.
+        pi, _ = self._zero_inflated_poisson_moments(_as_1d(y))
+        pi = float(np.clip(pi, 0.01, 0.9))
+        return {"zi_odds": pi / (1.0 - pi)}
+
+
+@register_family
+class ZeroInflatedNegativeBinomial(_ZeroInflated):
+    """Zero-inflated NB2: ``f`` as :class:`NegativeBinomial` (``dispersion`` = theta).
+
+    glmmTMB's ``family = nbinom2, ziformula = ~1`` (its ``sigma(fit)`` is theta).
+    See :class:`_ZeroInflated` for ``zi_odds``. With ``log(theta / (theta + mu)) =
+    -softplus(eta - log theta)`` and ``log(mu / (theta + mu)) = -softplus(log theta - eta)``
+    the count log-probabilities are stable for any ``mu / theta``.
+    """
+
+    name = "zero_inflated_negative_binomial"
+    aliases = ("zinb",)
+    dispersion_params = ("dispersion", "zi_odds")
+
+    def _count_distribution(self, eta, params):
+        theta = params["dispersion"]
+        return tfd.NegativeBinomial(
+            total_count=theta, logits=eta - tf.math.log(theta), require_integer_total_count=False)
+
+    def _count_log_prob(self, y, eta, params):
+        theta = params["dispersion"]
+        log_theta = tf.math.log(theta)
+        return (
+            tf.math.lgamma(y + theta) - tf.math.lgamma(theta) - tf.math.lgamma(y + 1.0)
+            - theta * tf.nn.softplus(eta - log_theta) - y * tf.nn.softplus(log_theta - eta)
+        )
+
+    def _count_log_zero(self, eta, params):
+        theta = params["dispersion"]
+        return -theta * tf.nn.softplus(eta - tf.math.log(theta))
+
+    def default_params(self, y, trials=None):
+        # Marginal mean m, variance s2 and zero fraction p0 against the ZINB's
+        # m = (1 - pi) mu, s2 = m (1 + mu (pi + 1/theta)),
+        # p0 = pi + (1 - pi) (1 + mu / theta)^-theta: on a grid of mu, pi and
+        # 1/theta follow from the first two; keep the mu that matches p0.
+        y = _as_1d(y)
+        m, s2, p0 = y.mean(), y.var(), np.mean(y == 0)
+        pi, theta = 0.01, 1e3
+        if m > 0:
+            mu = m * np.geomspace(1.0 + 1e-6, 1e3, 2000)
+            pis = 1.0 - m / mu
+            inv_theta = (s2 / m - 1.0) / mu - pis
+            valid = inv_theta > 0
+            if valid.any():
+                mu, pis, inv_theta = mu[valid], pis[valid], inv_theta[valid]
+                zeros = pis + (1.0 - pis) * np.exp(-np.log1p(mu * inv_theta) / inv_theta)
+                best = int(np.argmin(np.abs(zeros - p0)))
+                pi, theta = pis[best], 1.0 / inv_theta[best]
+        pi = float(np.clip(pi, 0.01, 0.9))
+        return {"dispersion": float(np.clip(theta, 0.1, 1e3)), "zi_odds": pi / (1.0 - pi)}
+
+
 def get_family(name_or_family, link=None):
     """Returns a :class:`Family` instance.
 
     Args:
       name_or_family: registered name or alias (case-insensitive; ``"normal"``
         -> gaussian, ``"negbin"`` / ``"nb"`` -> negative_binomial,
-        ``"bernoulli"`` -> binomial), a ``Family`` subclass, or an instance
+        ``"bernoulli"`` -> binomial, ``"zip"`` -> zero_inflated_poisson,
+        ``"zinb"`` -> zero_inflated_negative_binomial), a ``Family`` subclass, or an instance
         (returned as is when ``link`` is None, else rebuilt with ``link``).
       link: link name or ``Link``; None -> the family's canonical link.
 

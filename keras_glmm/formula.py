@@ -30,8 +30,9 @@ Supported random-effect syntax (lme4 semantics):
   is ``(1 || g) + (0 + f || g)``, the second term one correlated block with a
   column for every level of ``f``, as in lme4 (whose documentation says ``||``
   works as intended only for numeric predictors).
-* ``(1 | a/b)``: nesting, expanded to ``(1 | a) + (1 | a:b)``;
-  ``a/b/c`` gives ``a``, ``a:b`` and ``a:b:c``.
+* ``(1 | a/b)``: nesting, expanded as lme4 does to ``(1 | a) + (1 | b:a)``, the
+  inner factor first in the nested term's name (lme4's VarCorr: ``cask:batch``);
+  ``a/b/c`` gives ``a``, ``b:a`` and ``c:b:a``.
 * ``(1 | a:b)``: one grouping factor whose levels are the combinations.
 * Several terms may share a grouping factor: ``(1 | g) + (0 + x | g)``.
 
@@ -617,9 +618,11 @@ def _parse_group(scan: _Scan, tokens: list[_Token], after: _Token) -> list[str]:
             )
     if expect_name:
         scan.error("expected a grouping variable name", scan.tokens[tokens[-1].index + 1])
+    # lme4's expandSlash: a/b/c is a, b:a and c:b:a, the inner factor first
+    # (its VarCorr and ranef name the nested term so).
     groups: list[str] = []
     names: list[str] = []
     for comp in components:
-        names += comp
+        names = comp + names
         groups.append(":".join(names))
     return groups

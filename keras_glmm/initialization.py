@@ -181,11 +181,9 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25):
     if family.name == "gaussian" and family.link.name == "identity":
         return beta, design @ beta + offset  # least squares is the GLM's ML fit
     params = {k: float(v) for k, v in (params or {}).items()}
-    zeros = np.zeros(len(y))
 
     def derivatives(b):
-        value, first, second, _, _ = family.expected_log_prob_derivatives(
-            y, design @ b + offset, zeros, params, trials=trials)
+        value, first, second, _ = family.log_prob_derivatives(y, design @ b + offset, params, trials=trials)
         return float(np.sum(value)), first, second
 
     b = np.asarray(beta, "float64")

@@ -189,6 +189,10 @@ class GLMM(keras.Model):
         memory_budget: bytes the engine's posterior may take (dense block and
             selected inverse); beyond it `"joint"` raises an error naming the term
             and `"auto"` falls back to stochastic VI with a warning.
+        agq_points: for a binomial, Poisson, ... model with one random-effect term,
+            or two nested scalar terms, the engine goes on from the VI optimum to
+            the exact maximum likelihood by adaptive Gauss-Hermite quadrature with
+            this many nodes per dimension (None: 25); 0 keeps the VI estimates.
 
     Inputs: a dict with `"x"` `(batch, p)`, one entry per random-effects layer (its
     level indices), `name + "_z"` covariates for layers with slopes, and optionally
@@ -218,6 +222,7 @@ class GLMM(keras.Model):
         posterior="auto",
         reml=False,
         memory_budget=MEMORY_BUDGET,
+        agq_points=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -235,6 +240,9 @@ class GLMM(keras.Model):
         self.posterior = posterior
         self.reml = bool(reml)
         self.memory_budget = int(memory_budget)
+        if agq_points is not None and (not isinstance(agq_points, (int, np.integer)) or agq_points < 0):
+            raise ValueError(f"`agq_points` must be None or a non-negative integer. Received: {agq_points!r}")
+        self.agq_points = agq_points
         random_effects = list(random_effects)
         for layer in random_effects:
             if not isinstance(layer, RandomEffects):
@@ -525,7 +533,7 @@ class GLMM(keras.Model):
                 np.asarray(x["x"], "float64"), terms, response, self.family, trials=trials,
                 weights=sample_weight, offset=x.get("offset"), reml=self.reml,
                 fixed_params=self.head.fixed_params, num_points=self.quadrature_points,
-                memory_budget=self.memory_budget,
+                memory_budget=self.memory_budget, agq_points=self.agq_points,
             )
         except TooLarge as err:
             if self.posterior == "joint" or self.reml:
@@ -548,6 +556,10 @@ class GLMM(keras.Model):
             if kwargs.get(key) is not None:
                 raise ValueError(f"`{key}` is not supported by the engine's fit.")
         callbacks = list(callbacks or [])
+        if not self.optimizer.built:
+            # Unused by the engine, but built as a later fit (minibatches) and a saved
+            # model expect it.
+            self.optimizer.build(self.trainable_variables)
         self._solver = solver
         self._solver_started = False
         # The data live in the solver: Keras iterates over a placeholder.
@@ -571,7 +583,7 @@ class GLMM(keras.Model):
             "vcov": solver.fixed_covariance(),
             "report": report,
             "boundary": results["boundary"],
-            "exact": solver.conjugate,
+            "likelihood": solver.likelihood,
         }
         self._finish_fit(x, y, history, solver.converged, None, callbacks, elbo=report["elbo"])
         return history
@@ -853,16 +865,20 @@ class GLMM(keras.Model):
         for term in self.terms:
             num_parameters += term.num_effects + term.num_correlations
         if self._engine_fit is not None:
-            exact = self._engine_fit["exact"]
+            likelihood = self._engine_fit["likelihood"]
         else:
             # Mean-field VI holds the exact posterior of a single gaussian term only.
             exact = (self.family.name == "gaussian" and self.family.link.name == "identity"
                      and len(self.terms) <= 1 and all(t.scale_prior is None for t in self.terms))
+            likelihood = "exact" if exact else "bound"
         self.fit_summary_ = {
             "elbo": elbo,
             "nobs": nobs,
             "num_parameters": num_parameters,
-            "exact": exact,
+            # Whether `elbo` is the log-likelihood: exactly ("exact"), by adaptive
+            # quadrature ("quadrature") or only bounds it ("bound").
+            "likelihood": likelihood,
+            "exact": likelihood != "bound",
             "epochs": len(history.epoch),
         }
         results_lib.warn_if_singular(self)
@@ -1118,6 +1134,7 @@ class GLMM(keras.Model):
                 "posterior": self.posterior,
                 "reml": self.reml,
                 "memory_budget": self.memory_budget,
+                "agq_points": self.agq_points,
                 "weights": getattr(self, "_weights", None) if isinstance(
                     getattr(self, "_weights", None), str) else None,
             }

@@ -140,8 +140,7 @@ def _second_derivative(model, y, eta, params):
     if y.ndim == 2:
         y, trials = y[:, 0], y[:, 1]
     eta = np.asarray(eta, "float64")
-    _, _, second, _, _ = model.family.expected_log_prob_derivatives(
-        y, eta, np.zeros_like(eta), params, trials=trials)
+    _, _, second, _ = model.family.log_prob_derivatives(y, eta, params, trials=trials)
     return -second
 
 
@@ -262,8 +261,12 @@ def report(model):
         npar = fit["num_parameters"]
         elbo = fit["elbo"]
         lines.append("")
-        lines.append(f"     ELBO {elbo:.4f}" + ("   (= logLik: the posterior is exact)" if fit["exact"]
-                                               else "   (a lower bound of logLik)"))
+        how = {
+            "exact": "   (= logLik: the posterior is exact)",
+            "quadrature": "   (= logLik, by adaptive Gauss-Hermite quadrature: the exact ML fit)",
+            "bound": "   (a lower bound of logLik)",
+        }[fit.get("likelihood", "exact" if fit["exact"] else "bound")]
+        lines.append(f"     ELBO {elbo:.4f}" + how)
         if not getattr(model, "reml", False):
             nobs = fit["nobs"]
             lines.append(

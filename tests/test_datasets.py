@@ -42,6 +42,18 @@ def test_exports():
         "load_penicillin",
         "load_grouseticks",
         "load_insteval",
+        "load_dyestuff",
+        "load_dyestuff2",
+        "load_pastes",
+        "load_oxboys",
+        "load_gcsemv",
+        "load_scotssec",
+        "load_egsingle",
+        "load_star",
+        "load_bacteria",
+        "load_cbpp_olre",
+        "load_guimmun",
+        "load_fatalities",
     ):
         assert name in datasets.__all__
         assert callable(getattr(datasets, name))
@@ -232,3 +244,195 @@ def test_insteval_numeric_level_order(insteval):
         levels = [int(c) for c in insteval[col].cat.categories]
         assert levels == sorted(levels), col
     assert insteval["d"].cat.categories[-1] == "2160"
+
+
+# ------------------------------------------------ further lme4 reference cases
+# Row counts and numbers of groups are those of the cases' notes in
+# shared/reference/lme4_reference_more.json (lme4 1.1-31's ngrps()).
+def _assert_dtypes(df, ints=(), floats=()):
+    for col in ints:
+        assert df[col].dtype == np.int64, col
+    for col in floats:
+        assert df[col].dtype == np.float64, col
+
+
+def test_dyestuff():
+    df = datasets.load_dyestuff()
+    assert df.shape == (30, 2)
+    _assert_categorical(df["Batch"], levels=list("ABCDEF"))
+    _assert_dtypes(df, floats=["Yield"])
+    assert (df["Batch"].value_counts() == 5).all()
+    assert df["Yield"].mean() == pytest.approx(1527.5)
+
+
+def test_dyestuff2():
+    df = datasets.load_dyestuff2()
+    assert df.shape == (30, 2)
+    _assert_categorical(df["Batch"], levels=list("ABCDEF"))
+    _assert_dtypes(df, floats=["Yield"])
+    assert df["Yield"].mean() == pytest.approx(5.6656)
+
+
+def test_pastes():
+    df = datasets.load_pastes()
+    assert df.shape == (60, 4)
+    _assert_dtypes(df, floats=["strength"])
+    _assert_categorical(df["batch"], levels=list("ABCDEFGHIJ"))
+    _assert_categorical(df["cask"], levels=["a", "b", "c"])
+    _assert_categorical(df["sample"], n_levels=30)
+    # sample is batch:cask.
+    joined = df["batch"].astype(str) + ":" + df["cask"].astype(str)
+    assert (joined == df["sample"].astype(str)).all()
+    assert df["strength"].mean() == pytest.approx(60.0533333333)
+
+
+def test_oxboys():
+    df = datasets.load_oxboys()
+    assert df.shape == (234, 4)
+    _assert_categorical(df["Subject"], levels=[str(i) for i in range(1, 27)])
+    _assert_categorical(df["Occasion"], levels=[str(i) for i in range(1, 10)])
+    _assert_dtypes(df, floats=["age", "height"])
+    assert (df["Subject"].value_counts() == 9).all()
+
+
+def test_gcsemv_keeps_rows_with_missing_values():
+    df = datasets.load_gcsemv()
+    assert df.shape == (1905, 5)
+    _assert_categorical(df["school"], n_levels=73)
+    _assert_categorical(df["student"], n_levels=649)
+    _assert_categorical(df["gender"], levels=["F", "M"])
+    _assert_dtypes(df, floats=["written", "course"])
+    assert int(df["course"].isna().sum()) == 180
+    assert int(df["written"].isna().sum()) == 202
+    # lme4's na.omit leaves 1,725 rows for a model of course, in all 73 schools.
+    complete = df[df["course"].notna()]
+    assert len(complete) == 1725
+    assert complete["school"].nunique() == 73
+
+
+def test_scotssec():
+    df = datasets.load_scotssec()
+    assert df.shape == (3435, 6)
+    _assert_categorical(df["primary"], n_levels=148)
+    _assert_categorical(df["second"], n_levels=19)
+    # R's level order: reference M.
+    _assert_categorical(df["sex"], levels=["M", "F"])
+    _assert_dtypes(df, ints=["verbal", "attain", "social"])
+
+
+def test_egsingle():
+    df = datasets.load_egsingle()
+    assert df.shape == (7230, 12)
+    _assert_categorical(df["childid"], n_levels=1721)
+    _assert_categorical(df["schoolid"], n_levels=60)
+    for col in ("retained", "black", "hispanic"):
+        _assert_categorical(df[col], levels=["0", "1"])
+    _assert_categorical(df["female"], levels=["Female", "Male"])
+    _assert_dtypes(df, ints=["grade", "size"], floats=["year", "math", "lowinc", "mobility"])
+    # Children are nested in schools.
+    assert (df.groupby("childid", observed=True)["schoolid"].nunique() == 1).all()
+    assert sorted(df["year"].unique()) == [-2.5, -1.5, -0.5, 0.5, 1.5, 2.5]
+
+
+def test_star():
+    df = datasets.load_star()
+    assert df.shape == (24578, 12)
+    _assert_categorical(df["id"], n_levels=10732)
+    _assert_categorical(df["sch"], n_levels=80)
+    _assert_categorical(df["tch"], n_levels=1374)
+    _assert_categorical(df["gr"], levels=["K", "1", "2", "3"])
+    _assert_categorical(df["sx"], levels=["M", "F"])
+    _assert_categorical(df["eth"], levels=["W", "B", "A", "H", "I", "O"])
+    _assert_categorical(df["cltype"], levels=["small", "reg", "reg+A"])
+    _assert_categorical(df["schtype"], levels=["inner", "suburb", "rural", "urban"])
+    _assert_dtypes(df, ints=["yrs", "math"], floats=["read"])
+    # ses and read keep their missing values (not "nan" levels).
+    ses = df["ses"]
+    assert isinstance(ses.dtype, pd.CategoricalDtype)
+    assert list(ses.cat.categories) == ["F", "N"]
+    assert int(ses.isna().sum()) == 596
+    assert int(df["read"].isna().sum()) == 432
+    assert df["eth"].value_counts().to_dict() == {"W": 16288, "B": 8159, "A": 62, "O": 35, "H": 26, "I": 8}
+    assert df["gr"].value_counts()["K"] == 5870
+
+
+def test_bacteria():
+    df = datasets.load_bacteria()
+    assert df.shape == (220, 8)
+    _assert_categorical(df["ID"], n_levels=50)
+    _assert_categorical(df["y"], levels=["n", "y"])
+    _assert_categorical(df["trt"], levels=["placebo", "drug", "drug+"])
+    _assert_categorical(df["ap"], levels=["a", "p"])
+    _assert_categorical(df["hilo"], levels=["hi", "lo"])
+    _assert_dtypes(df, ints=["week", "yn", "week2"])
+    np.testing.assert_array_equal(df["yn"], (df["y"] == "y").astype(int))
+    np.testing.assert_array_equal(df["week2"], (df["week"] > 2).astype(int))
+
+
+def test_cbpp_olre():
+    df = datasets.load_cbpp_olre()
+    assert df.shape == (56, 5)
+    _assert_categorical(df["herd"], n_levels=15)
+    _assert_categorical(df["obs"], levels=[str(i) for i in range(1, 57)])
+    _assert_categorical(df["period"], levels=["1", "2", "3", "4"])
+    _assert_dtypes(df, ints=["incidence", "size"])
+    cbpp = datasets.load_cbpp()
+    pd.testing.assert_frame_equal(df.drop(columns="obs"), cbpp)
+
+
+def test_guimmun():
+    df = datasets.load_guimmun()
+    assert df.shape == (2159, 14)
+    _assert_categorical(df["kid"], n_levels=2159)
+    _assert_categorical(df["mom"], n_levels=1595)
+    _assert_categorical(df["comm"], n_levels=161)
+    _assert_categorical(df["ord"], levels=["01", "23", "46", "7p"])
+    _assert_categorical(df["husEd"], levels=["N", "P", "S", "U"])
+    for col in ("immun", "kid2p", "mom25p", "momWork", "rural"):
+        _assert_categorical(df[col], levels=["N", "Y"])
+    _assert_dtypes(df, ints=["immun01"], floats=["pcInd81"])
+    np.testing.assert_array_equal(df["immun01"], (df["immun"] == "Y").astype(int))
+    # Mothers are nested in communities.
+    assert (df.groupby("mom", observed=True)["comm"].nunique() == 1).all()
+
+
+def test_fatalities():
+    df = datasets.load_fatalities()
+    assert df.shape == (336, 7)
+    _assert_categorical(df["state"], n_levels=48)
+    _assert_dtypes(df, ints=["year", "fatal", "yr"], floats=["pop", "beertax", "unemp"])
+    np.testing.assert_array_equal(df["yr"], df["year"] - 1985)
+    assert (df["state"].value_counts() == 7).all()
+
+
+@pytest.mark.parametrize(
+    "loader, formula, family, n_fixed, groups",
+    [
+        ("load_dyestuff", "Yield ~ 1 + (1|Batch)", "gaussian", 1, {"Batch": 6}),
+        ("load_pastes", "strength ~ 1 + (1|batch/cask)", "gaussian", 1, {"batch": 10, "cask:batch": 30}),
+        ("load_oxboys", "height ~ age + I(age**2) + (age|Subject)", "gaussian", 3, {"Subject": 26}),
+        ("load_egsingle", "math ~ year + (year|childid) + (year|schoolid)", "gaussian", 2,
+         {"childid": 1721, "schoolid": 60}),
+        ("load_scotssec", "attain ~ C(sex, levels=['M','F']) + verbal + (1|primary) + (1|second)",
+         "gaussian", 3, {"primary": 148, "second": 19}),
+        ("load_star", "math ~ C(gr, levels=['K','1','2','3']) + C(sx, levels=['M','F']) "
+         "+ C(eth, levels=['W','B','A','H','I','O']) + C(cltype, levels=['small','reg','reg+A']) "
+         "+ (1|id) + (1|sch)", "gaussian", 12, {"id": 10732, "sch": 80}),
+        ("load_guimmun", "immun01 ~ kid2p + mom25p + ord + ethn + momEd + husEd + momWork + rural "
+         "+ pcInd81 + (1|mom) + (1|comm)", "binomial", 16, {"mom": 1595, "comm": 161}),
+        ("load_bacteria", "yn ~ C(trt, levels=['placebo','drug','drug+']) + week2 + (1|ID)",
+         "binomial", 4, {"ID": 50}),
+        ("load_cbpp_olre", "cbind(incidence, size - incidence) ~ C(period) + (1|herd) + (1|obs)",
+         "binomial", 4, {"herd": 15, "obs": 56}),
+        ("load_fatalities", "fatal ~ yr + (yr|state)", "poisson", 2, {"state": 48}),
+    ],
+)
+def test_reference_formulas_build_a_design(loader, formula, family, n_fixed, groups):
+    """Each case's formula (lme4_reference_more.json) works on the loaded frame."""
+    from keras_glmm.design import Design
+
+    df = getattr(datasets, loader)()
+    design = Design.from_data(formula, df, family_name=family)
+    assert len(design.fixed_columns) == n_fixed
+    found = {r.term.group: r.n_levels for r in design.random}
+    assert found == groups

@@ -74,12 +74,13 @@ CASES = [
      (R("1", "g", False), R("0 + `my x`", "g", False), R("0 + f", "g", False), R("0 + `my x`:f", "g", False)),
      ()),
     # nesting and interactions
-    ("y ~ (1|a/b)", "y", "y ~ 1", (R("1", "a"), R("1", "a:b")), ()),
-    ("y ~ (1|a/b/c)", "y", "y ~ 1", (R("1", "a"), R("1", "a:b"), R("1", "a:b:c")), ()),
+    # (lme4's expandSlash names the nested term inner factor first: b:a)
+    ("y ~ (1|a/b)", "y", "y ~ 1", (R("1", "a"), R("1", "b:a")), ()),
+    ("y ~ (1|a/b/c)", "y", "y ~ 1", (R("1", "a"), R("1", "b:a"), R("1", "c:b:a")), ()),
     ("y ~ (1|a:b)", "y", "y ~ 1", (R("1", "a:b"),), ()),
-    ("y ~ (1|a:b/c)", "y", "y ~ 1", (R("1", "a:b"), R("1", "a:b:c")), ()),
+    ("y ~ (1|a:b/c)", "y", "y ~ 1", (R("1", "a:b"), R("1", "c:a:b")), ()),
     ("y ~ (x||a/b)", "y", "y ~ 1",
-     (R("1", "a", False), R("1", "a:b", False), R("0 + x", "a", False), R("0 + x", "a:b", False)),
+     (R("1", "a", False), R("1", "b:a", False), R("0 + x", "a", False), R("0 + x", "b:a", False)),
      ()),
     # several terms on one factor, several factors
     ("y ~ (1|g) + (0+x|g)", "y", "y ~ 1", (R("1", "g"), R("0 + x", "g")), ()),
@@ -133,7 +134,7 @@ def test_whitespace_is_normalised():
 def test_str_normalised_lme4():
     spec = parse_formula("y~x+(x||a/b)+offset(log(n))")
     assert str(spec) == (
-        "y ~ x + offset(log(n)) + (1 || a) + (1 || a:b) + (0 + x || a) + (0 + x || a:b)"
+        "y ~ x + offset(log(n)) + (1 || a) + (1 || b:a) + (0 + x || a) + (0 + x || b:a)"
     )
     assert str(parse_formula("y ~ (1|g)")) == "y ~ 1 + (1 | g)"
     assert str(parse_formula("~ 0 + (x|g)")) == "~ 0 + (x | g)"
@@ -256,7 +257,7 @@ def formulas(draw):
         for i, g in enumerate(nest):
             group_tokens += ([] if i == 0 else ["/"]) + [g]
         tokens = ["(", *lhs_tokens, "||" if double else "|", *group_tokens, ")"]
-        groups = [":".join(nest[: k + 1]) for k in range(len(nest))]
+        groups = [":".join(reversed(nest[: k + 1])) for k in range(len(nest))]
         if double:
             exprs = ([] if drop else ["1"]) + [f"0 + {s}" for s in slopes]
         else:

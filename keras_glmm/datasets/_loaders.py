@@ -21,12 +21,24 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "load_bacteria",
     "load_cbpp",
+    "load_cbpp_olre",
+    "load_dyestuff",
+    "load_dyestuff2",
+    "load_egsingle",
+    "load_fatalities",
+    "load_gcsemv",
     "load_grouseticks",
+    "load_guimmun",
     "load_insteval",
+    "load_oxboys",
+    "load_pastes",
     "load_penicillin",
     "load_radon",
+    "load_scotssec",
     "load_sleepstudy",
+    "load_star",
 ]
 
 _DATA_PACKAGE = "keras_glmm.datasets"
@@ -78,11 +90,13 @@ def _categorical(values: Iterable, categories: Iterable[str] | None = None) -> p
             are used, numeric-looking ones sorted numerically.
 
     Returns:
-        A :class:`pandas.Categorical` whose categories are strings.
+        A :class:`pandas.Categorical` whose categories are strings; missing
+        values stay missing (they do not become a ``"nan"`` level).
     """
-    strings = pd.Series(values).astype(str).str.strip()
+    raw = pd.Series(values)
+    strings = raw.astype(str).str.strip().where(raw.notna())
     if categories is None:
-        categories = sorted(strings.unique(), key=_natural_key)
+        categories = sorted(strings.dropna().unique(), key=_natural_key)
     return pd.Categorical(strings, categories=list(categories), ordered=False)
 
 
@@ -292,5 +306,330 @@ def load_insteval() -> pd.DataFrame:
             "service": _categorical(df["service"], categories=["0", "1"]),
             "dept": _categorical(df["dept"]),
             "y": df["y"].astype(np.int64),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------
+# The data of the further lme4 reference cases (lme4, nlme, mlmRev, MASS, AER).
+# Each CSV was written from its R package by ``write.csv`` (factor labels as
+# strings, helper columns precomputed); the loaders restore R's factor level
+# order where it is not the natural one, so that formulas without ``C()``
+# give R's reference levels.
+
+
+def load_dyestuff() -> pd.DataFrame:
+    """Loads ``Dyestuff`` from lme4.
+
+    Yield of dyestuff (grams of standard colour) in 6 batches of an
+    intermediate product, 5 preparations each (Davies, 1947): 30 rows.
+
+    Returns:
+        A DataFrame with columns ``Batch`` (category, ``"A"``..``"F"``) and
+        ``Yield`` (float).
+    """
+    df = _read_csv("dyestuff.csv")
+    return pd.DataFrame(
+        {"Batch": _categorical(df["Batch"]), "Yield": df["Yield"].astype(np.float64)}
+    )
+
+
+def load_dyestuff2() -> pd.DataFrame:
+    """Loads ``Dyestuff2`` from lme4: simulated data whose ML batch sd is 0.
+
+    The same layout as :func:`load_dyestuff` (30 rows, 6 batches); lme4's
+    ML fit of ``Yield ~ 1 + (1|Batch)`` is singular (the batch standard
+    deviation is exactly 0).
+
+    Returns:
+        A DataFrame with columns ``Batch`` (category, ``"A"``..``"F"``) and
+        ``Yield`` (float).
+    """
+    df = _read_csv("dyestuff2_singular.csv")
+    return pd.DataFrame(
+        {"Batch": _categorical(df["Batch"]), "Yield": df["Yield"].astype(np.float64)}
+    )
+
+
+def load_pastes() -> pd.DataFrame:
+    """Loads ``Pastes`` from lme4: casks nested in batches.
+
+    Strength of a chemical paste from 3 casks in each of 10 delivery
+    batches, 2 assays per cask: 60 rows.
+
+    Returns:
+        A DataFrame with columns ``strength`` (float), ``batch`` (category,
+        ``"A"``..``"J"``), ``cask`` (category, ``"a"``, ``"b"``, ``"c"``:
+        labels reused across batches) and ``sample`` (category, the 30
+        ``batch:cask`` combinations such as ``"A:a"``).
+    """
+    df = _read_csv("pastes_nested.csv")
+    return pd.DataFrame(
+        {
+            "strength": df["strength"].astype(np.float64),
+            "batch": _categorical(df["batch"]),
+            "cask": _categorical(df["cask"]),
+            "sample": _categorical(df["sample"]),
+        }
+    )
+
+
+def load_oxboys() -> pd.DataFrame:
+    """Loads ``Oxboys`` from nlme: heights of 26 boys on 9 occasions.
+
+    234 rows (Goldstein, 1987).
+
+    Returns:
+        A DataFrame with columns ``Subject`` (category, ``"1"``..``"26"``),
+        ``age`` (float, centred age in years), ``height`` (float, cm) and
+        ``Occasion`` (category, ``"1"``..``"9"``).
+    """
+    df = _read_csv("oxboys.csv")
+    return pd.DataFrame(
+        {
+            "Subject": _categorical(df["Subject"]),
+            "age": df["age"].astype(np.float64),
+            "height": df["height"].astype(np.float64),
+            "Occasion": _categorical(df["Occasion"]),
+        }
+    )
+
+
+def load_gcsemv() -> pd.DataFrame:
+    """Loads ``Gcsemv`` from mlmRev: GCSE science coursework by school.
+
+    1,905 students (649 student ids, numbered within school) in 73 schools;
+    every row is kept, including the 180 with a missing ``course`` score and
+    the 202 with a missing ``written`` score (fit with ``na_action="omit"``,
+    as lme4's ``na.omit`` does: 1,725 rows for a model of ``course``).
+
+    Returns:
+        A DataFrame with columns ``school``, ``student`` (categories, levels
+        sorted numerically), ``gender`` (category, ``"F"``, ``"M"``: R's
+        order), ``written`` and ``course`` (float scores, ``NaN`` where
+        missing).
+    """
+    df = _read_csv("gcsemv_factor_slope.csv")
+    return pd.DataFrame(
+        {
+            "school": _categorical(df["school"]),
+            "student": _categorical(df["student"]),
+            "gender": _categorical(df["gender"], categories=["F", "M"]),
+            "written": df["written"].astype(np.float64),
+            "course": df["course"].astype(np.float64),
+        }
+    )
+
+
+def load_scotssec() -> pd.DataFrame:
+    """Loads ``ScotsSec`` from mlmRev: Scottish secondary school attainment.
+
+    3,435 pupils from 148 primary schools crossed with 19 secondary schools
+    (Paterson, 1991).
+
+    Returns:
+        A DataFrame with columns ``verbal`` (int, verbal reasoning score
+        before secondary school), ``attain`` (int, attainment 1-10),
+        ``primary`` (category), ``sex`` (category with levels ``"M"``,
+        ``"F"``: R's order, reference M), ``social`` (int, social class
+        code) and ``second`` (category).
+    """
+    df = _read_csv("scotssec_crossed.csv")
+    return pd.DataFrame(
+        {
+            "verbal": df["verbal"].astype(np.int64),
+            "attain": df["attain"].astype(np.int64),
+            "primary": _categorical(df["primary"]),
+            "sex": _categorical(df["sex"], categories=["M", "F"]),
+            "social": df["social"].astype(np.int64),
+            "second": _categorical(df["second"]),
+        }
+    )
+
+
+def load_egsingle() -> pd.DataFrame:
+    """Loads ``egsingle`` from mlmRev: US elementary school math scores.
+
+    7,230 yearly math scores of 1,721 children nested in 60 schools (Chicago
+    public schools, grades 1-6).
+
+    Returns:
+        A DataFrame with columns ``schoolid`` and ``childid`` (categories,
+        levels sorted numerically), ``year`` (float, centred school year),
+        ``grade`` (int), ``math`` (float, IRT score), ``retained`` (category
+        ``"0"``, ``"1"``), ``female`` (category ``"Female"``, ``"Male"``),
+        ``black`` and ``hispanic`` (categories ``"0"``, ``"1"``), ``size``
+        (int, school size), ``lowinc`` and ``mobility`` (float, school
+        percentages).
+    """
+    df = _read_csv("egsingle.csv.gz")
+    return pd.DataFrame(
+        {
+            "schoolid": _categorical(df["schoolid"]),
+            "childid": _categorical(df["childid"]),
+            "year": df["year"].astype(np.float64),
+            "grade": df["grade"].astype(np.int64),
+            "math": df["math"].astype(np.float64),
+            "retained": _categorical(df["retained"], categories=["0", "1"]),
+            "female": _categorical(df["female"], categories=["Female", "Male"]),
+            "black": _categorical(df["black"], categories=["0", "1"]),
+            "hispanic": _categorical(df["hispanic"], categories=["0", "1"]),
+            "size": df["size"].astype(np.int64),
+            "lowinc": df["lowinc"].astype(np.float64),
+            "mobility": df["mobility"].astype(np.float64),
+        }
+    )
+
+
+def load_star() -> pd.DataFrame:
+    """Loads ``star`` from mlmRev: the Tennessee STAR class-size experiment.
+
+    24,578 yearly math scores of 10,732 students in 80 schools: the rows of
+    mlmRev's 26,796 with ``math``, ``gr``, ``sx``, ``eth``, ``cltype``,
+    ``id`` and ``sch`` all present. ``ses`` (596) and ``read`` (432) still
+    have missing values.
+
+    Returns:
+        A DataFrame with columns ``id``, ``sch``, ``tch`` (categories:
+        student, school, teacher), ``gr`` (category, grade ``"K"``, ``"1"``,
+        ``"2"``, ``"3"``; unordered here, ordered in mlmRev), ``cltype``
+        (category ``"small"``, ``"reg"``, ``"reg+A"``), ``sx`` (category
+        ``"M"``, ``"F"``), ``eth`` (category ``"W"``, ``"B"``, ``"A"``,
+        ``"H"``, ``"I"``, ``"O"``), ``ses`` (category ``"F"``, ``"N"``:
+        free lunch or not; missing in places), ``schtype`` (category
+        ``"inner"``, ``"suburb"``, ``"rural"``, ``"urban"``), ``yrs`` (int,
+        years in small classes), ``read`` (float, ``NaN`` where missing) and
+        ``math`` (int). Factor levels are in R's order.
+    """
+    df = _read_csv("star.csv.gz")
+    return pd.DataFrame(
+        {
+            "id": _categorical(df["id"]),
+            "sch": _categorical(df["sch"]),
+            "tch": _categorical(df["tch"]),
+            "gr": _categorical(df["gr"], categories=["K", "1", "2", "3"]),
+            "cltype": _categorical(df["cltype"], categories=["small", "reg", "reg+A"]),
+            "sx": _categorical(df["sx"], categories=["M", "F"]),
+            "eth": _categorical(df["eth"], categories=["W", "B", "A", "H", "I", "O"]),
+            "ses": _categorical(df["ses"], categories=["F", "N"]),
+            "schtype": _categorical(df["schtype"], categories=["inner", "suburb", "rural", "urban"]),
+            "yrs": df["yrs"].astype(np.int64),
+            "read": df["read"].astype(np.float64),
+            "math": df["math"].astype(np.int64),
+        }
+    )
+
+
+def load_bacteria() -> pd.DataFrame:
+    """Loads ``bacteria`` from MASS: H. influenzae in children with otitis media.
+
+    Presence of the bacteria at weeks 0, 2, 4, 6 and 11 for 50 children in
+    three treatment groups: 220 rows.
+
+    Returns:
+        A DataFrame with columns ``y`` (category ``"n"``, ``"y"``), ``ap``
+        (category ``"a"``, ``"p"``: active or placebo), ``hilo`` (category
+        ``"hi"``, ``"lo"``: compliance), ``week`` (int), ``ID`` (category,
+        ``"X01"``..``"Z26"``), ``trt`` (category ``"placebo"``, ``"drug"``,
+        ``"drug+"``: R's order), ``yn`` (int, 1 where ``y`` is ``"y"``) and
+        ``week2`` (int, 1 where ``week > 2``).
+    """
+    df = _read_csv("bacteria.csv")
+    return pd.DataFrame(
+        {
+            "y": _categorical(df["y"], categories=["n", "y"]),
+            "ap": _categorical(df["ap"], categories=["a", "p"]),
+            "hilo": _categorical(df["hilo"], categories=["hi", "lo"]),
+            "week": df["week"].astype(np.int64),
+            "ID": _categorical(df["ID"]),
+            "trt": _categorical(df["trt"], categories=["placebo", "drug", "drug+"]),
+            "yn": df["yn"].astype(np.int64),
+            "week2": df["week2"].astype(np.int64),
+        }
+    )
+
+
+def load_cbpp_olre() -> pd.DataFrame:
+    """Loads ``cbpp`` from lme4 with an observation-level factor.
+
+    :func:`load_cbpp` plus ``obs``, the row number ``"1"``..``"56"`` as a
+    category, for an observation-level random effect ``(1|obs)``.
+
+    Returns:
+        A DataFrame with columns ``herd`` (category), ``incidence`` and
+        ``size`` (int), ``period`` (category ``"1"``..``"4"``) and ``obs``
+        (category).
+    """
+    df = _read_csv("cbpp_olre.csv")
+    return pd.DataFrame(
+        {
+            "herd": _categorical(df["herd"]),
+            "incidence": df["incidence"].astype(np.int64),
+            "size": df["size"].astype(np.int64),
+            "period": _categorical(df["period"], categories=["1", "2", "3", "4"]),
+            "obs": _categorical(df["obs"]),
+        }
+    )
+
+
+def load_guimmun() -> pd.DataFrame:
+    """Loads ``guImmun`` from mlmRev: child immunization in Guatemala.
+
+    2,159 children of 1,595 mothers in 161 communities (Rodriguez and
+    Goldman, 1995).
+
+    Returns:
+        A DataFrame with columns ``kid``, ``mom``, ``comm`` (categories,
+        levels sorted numerically), ``immun`` (category ``"N"``, ``"Y"``),
+        the factors ``kid2p``, ``mom25p``, ``momWork``, ``rural`` (``"N"``,
+        ``"Y"``), ``ord`` (``"01"``, ``"23"``, ``"46"``, ``"7p"``), ``ethn``
+        (``"L"``, ``"N"``, ``"S"``), ``momEd`` (``"N"``, ``"P"``, ``"S"``),
+        ``husEd`` (``"N"``, ``"P"``, ``"S"``, ``"U"``), ``pcInd81`` (float,
+        share of indigenous population in 1981) and ``immun01`` (int, 1
+        where ``immun`` is ``"Y"``).
+    """
+    df = _read_csv("guimmun.csv.gz")
+    yes_no = ["N", "Y"]
+    return pd.DataFrame(
+        {
+            "kid": _categorical(df["kid"]),
+            "mom": _categorical(df["mom"]),
+            "comm": _categorical(df["comm"]),
+            "immun": _categorical(df["immun"], categories=yes_no),
+            "kid2p": _categorical(df["kid2p"], categories=yes_no),
+            "mom25p": _categorical(df["mom25p"], categories=yes_no),
+            "ord": _categorical(df["ord"], categories=["01", "23", "46", "7p"]),
+            "ethn": _categorical(df["ethn"], categories=["L", "N", "S"]),
+            "momEd": _categorical(df["momEd"], categories=["N", "P", "S"]),
+            "husEd": _categorical(df["husEd"], categories=["N", "P", "S", "U"]),
+            "momWork": _categorical(df["momWork"], categories=yes_no),
+            "rural": _categorical(df["rural"], categories=yes_no),
+            "pcInd81": df["pcInd81"].astype(np.float64),
+            "immun01": df["immun01"].astype(np.int64),
+        }
+    )
+
+
+def load_fatalities() -> pd.DataFrame:
+    """Loads ``Fatalities`` from AER: US traffic deaths, 48 states x 1982-1988.
+
+    336 rows, the columns of the reference case.
+
+    Returns:
+        A DataFrame with columns ``state`` (category, ``"al"``..``"wy"``),
+        ``year`` (int), ``fatal`` (int, traffic deaths), ``pop`` (float),
+        ``beertax`` (float, tax on a case of beer), ``unemp`` (float,
+        unemployment rate) and ``yr`` (int, ``year - 1985``).
+    """
+    df = _read_csv("fatalities_slope.csv")
+    return pd.DataFrame(
+        {
+            "state": _categorical(df["state"]),
+            "year": df["year"].astype(np.int64),
+            "fatal": df["fatal"].astype(np.int64),
+            "pop": df["pop"].astype(np.float64),
+            "beertax": df["beertax"].astype(np.float64),
+            "unemp": df["unemp"].astype(np.float64),
+            "yr": df["yr"].astype(np.int64),
         }
     )

@@ -53,17 +53,19 @@ class BoundedBFGS:
         tolerance: relative tolerance on the predicted remaining decrease.
         initial_step: length (infinity norm) of the first, steepest-descent step.
         max_line_search: trials per line search.
+        inverse_hessian: an optional first inverse-Hessian matrix.
     """
 
     def __init__(self, function, x0, lower, tolerance=1e-12, initial_step=0.1, max_line_search=20,
                  probe_steps=(0.1, 0.01, 0.001), curvature=None, refresh=True, boundary_fraction=0.05,
-                 snap=1e-7):
+                 snap=1e-7, inverse_hessian=None):
         self.function = function
         self.lower = np.asarray(lower, dtype=np.float64)
         self.x = np.maximum(np.asarray(x0, dtype=np.float64), self.lower)
         self.boundary_fraction = float(boundary_fraction)
         bounded = np.isfinite(self.lower)
-        self._snap = np.where(bounded, snap * np.maximum(self.x - np.where(bounded, self.lower, 0.0), 1e-300), 0.0)
+        self._start_distance = np.where(bounded, np.maximum(self.x - np.where(bounded, self.lower, 0.0), 1e-300), 0.0)
+        self._snap = snap * self._start_distance
         self.tolerance = float(tolerance)
         self.initial_step = float(initial_step)
         self.max_line_search = int(max_line_search)
@@ -72,7 +74,7 @@ class BoundedBFGS:
         self.refresh = bool(refresh)
         self._probed = np.zeros(len(self.x), dtype=bool)
         self.f, self.g = function(self.x)
-        self.inverse_hessian = None
+        self.inverse_hessian = None if inverse_hessian is None else np.array(inverse_hessian, np.float64)
         self.iterations = 0
         self.evaluations = 1
         self.converged = len(self.x) == 0
@@ -162,6 +164,25 @@ class BoundedBFGS:
             self.converged = self.stalled = True
         if self.converged and np.any(self._stuck()):
             self.converged = self.stalled = False  # probe first (next step)
+        elif self.converged:
+            self._settle_on_bounds()
+
+    def _settle_on_bounds(self):
+        """Puts variables converging onto their bound (gradient pointing outward) on it.
+
+        The path approaches a bound geometrically, so convergence can be declared a
+        hair above it; the bound itself is taken when it does not increase `f`.
+        """
+        bounded = np.isfinite(self.lower)
+        near = bounded & (self.x > self.lower) & (self.g > 0) & (
+            self.x - np.where(bounded, self.lower, 0.0) < 1e-2 * self._start_distance)
+        if not near.any():
+            return
+        x_new = np.where(near, self.lower, self.x)
+        f_new, g_new = self.function(x_new)
+        self.evaluations += 1
+        if np.isfinite(f_new) and f_new <= self.f + 1e-12 * (1.0 + abs(self.f)):
+            self.x, self.f, self.g = x_new, f_new, g_new
 
     def _use_curvature(self):
         """Sets the inverse Hessian from `curvature(x)` on the free variables, if positive definite."""
