@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import keras  # noqa: E402
 
 import keras_glmm as kg  # noqa: E402
-from keras_glmm.model import minibatches  # noqa: E402
+from keras_glmm.batches import minibatches  # noqa: E402
 from _results import append_results  # noqa: E402
 
 

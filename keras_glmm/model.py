@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from keras_glmm import composition  # networks as fixed effects (keras_glmm.composition)
 from keras_glmm import families as families_lib
+from keras_glmm.batches import minibatches
 from keras_glmm import initialization
 from keras_glmm import results as results_lib
-from keras_glmm import streaming
+from keras_glmm import serving, streaming
 from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate
 from keras_glmm.design import Design
 from keras_glmm.engine import TooLarge, VariationalSolver
@@ -46,64 +48,6 @@ def default_batch_size(num_rows):
     batch gains little throughput.
     """
     return int(min(MINIBATCH_ROWS, max(8192, num_rows // 100)))
-
-
-def minibatches(data, batch_size, shuffle=True, seed=None, block_rows=256):
-    """An endless `tf.data` stream of shuffled minibatches of in-memory arrays.
-
-    `from_tensor_slices(...).shuffle(...).batch(...)` handles one row at a time:
-    at 65,536 rows a batch that costs about 0.4 s on 2 cores, far more than a
-    training step. Here the rows are permuted once, and each epoch draws a random
-    order of blocks of `block_rows` consecutive rows of that permutation: a batch
-    is a `tf.gather` of whole blocks, which reads memory in runs instead of one
-    cache miss per row (a row-wise gather of 65,536 random rows from 10M costs
-    several times more). Every row is in exactly one batch per epoch; batches
-    differ between epochs, as blocks are dealt anew.
-
-    Args:
-        data: a nested structure of arrays with equal first dimensions.
-        batch_size: rows per batch (the last batch of an epoch may be smaller).
-        shuffle: a new random order each epoch; False keeps the rows' order.
-        seed: optional seed of the permutations.
-        block_rows: rows per block of the epoch's shuffle.
-
-    Returns:
-        A repeated `tf.data.Dataset` of batches.
-    """
-    num_rows = int(tf.nest.flatten(data)[0].shape[0])
-    if shuffle:
-        order = np.random.default_rng(seed).permutation(num_rows)
-        # One array at a time: a permuted copy of everything at once beside the
-        # tensors would hold the data three times.
-        tensors = tf.nest.map_structure(lambda a: tf.convert_to_tensor(np.asarray(a)[order]), data)
-    else:
-        tensors = tf.nest.map_structure(tf.convert_to_tensor, data)
-    starts = tf.range(0, num_rows, batch_size, dtype="int64")
-    block_rows = max(1, min(int(block_rows), batch_size))
-    num_blocks = -(-num_rows // block_rows)
-
-    def epoch(_):
-        if shuffle:
-            blocks = tf.random.shuffle(tf.range(num_blocks, dtype="int64"), seed=seed)
-            order = tf.reshape(blocks[:, None] * block_rows + tf.range(block_rows, dtype="int64"), [-1])
-            # The last block may be short: drop the row numbers past the end.
-            order = tf.boolean_mask(order, order < num_rows)
-        else:
-            order = tf.range(num_rows, dtype="int64")
-        return tf.data.Dataset.from_tensor_slices(starts).map(
-            lambda start: order[start:tf.minimum(start + batch_size, num_rows)]
-        )
-
-    def take_rows(rows):
-        return tf.nest.map_structure(lambda t: tf.gather(t, rows), tensors)
-
-    return (
-        tf.data.Dataset.range(1)
-        .repeat()
-        .flat_map(epoch)
-        .map(take_rows, num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(2)
-    )
 
 
 @contextlib.contextmanager
@@ -287,7 +231,7 @@ class GLMM(keras.Model):
 
     def build(self, input_shape):
         # Sublayers restored from a config may arrive built already.
-        if not self.fixed_effects.built:
+        if not self.fixed_effects.built and "x" in input_shape:  # a network is built by prepare
             self.fixed_effects.build(input_shape["x"])
         for layer in self.random_effects:
             if not layer.built:
@@ -297,10 +241,12 @@ class GLMM(keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
-        rows = tf.shape(inputs["x"])[0]
+        # `x`, or a network's features (keras_glmm.composition.network_inputs).
+        fixed = self.fixed_effects(composition.network_inputs(self, inputs), training=training)
+        fixed = tf.cast(fixed, self.compute_dtype)
+        rows = tf.shape(fixed)[0]
         eta = tf.zeros([rows], self.compute_dtype)
         eta_var = tf.zeros([rows], self.compute_dtype)
-        fixed = tf.cast(self.fixed_effects(inputs["x"], training=training), self.compute_dtype)
         # unstack, not slices: the gradient of a slice is a zero-filled tensor.
         fixed = tf.unstack(fixed, axis=-1)
         eta += fixed[0]
@@ -443,17 +389,15 @@ class GLMM(keras.Model):
 
         Other inputs (a `tf.data.Dataset`, ...) go to Keras's `fit` unchanged (call
         `prepare(x, y)` on in-memory data first). A file source (`kg.read_csv`,
-        `kg.read_parquet`) for a formula model is streamed
-        (`keras_glmm.streaming.fit`) with stochastic VI.
+        `kg.read_parquet`) for a formula model is streamed in batches
+        (`keras_glmm.streaming.dataset`; `shuffle_buffer` and `seed` set its
+        shuffle) and fitted by stochastic VI, with the same loop.
 
         Returns:
             The Keras `History`.
         """
         if streaming.is_source(x):
-            return streaming.fit(
-                self, x, y, batch_size=batch_size, epochs=epochs, verbose=verbose,
-                callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs,
-            )
+            return self._fit_files(x, y, batch_size, epochs, verbose, callbacks, steps_per_epoch, **kwargs)
         x, y = self._fit_inputs(x, y)
         if not isinstance(x, dict):
             return super().fit(
@@ -468,7 +412,9 @@ class GLMM(keras.Model):
         if solver is not None:
             return self._fit_by_engine(solver, x, y, epochs, verbose, callbacks, **kwargs)
         data = (x, y) if sample_weight is None else (x, y, sample_weight)
-        if batch_size is None and num_rows <= FULL_BATCH_ROWS:
+        batch_size = composition.fit_batch_size(self, num_rows, batch_size)  # a network: minibatches
+        minibatch = batch_size is not None or num_rows > FULL_BATCH_ROWS
+        if not minibatch:
             dataset = tf.data.Dataset.from_tensors(data).repeat()
             steps_per_epoch = steps_per_epoch or 100
         else:
@@ -476,15 +422,112 @@ class GLMM(keras.Model):
             dataset = minibatches(data, batch_size)
             steps_per_epoch = steps_per_epoch or -(-num_rows // batch_size)
             self.use_minibatch_optimizer(x, y)
-        callbacks, convergence = self.fit_callbacks(callbacks, minibatch=batch_size is not None)
+        return self._fit_by_svi(dataset, steps_per_epoch, minibatch, epochs, verbose, callbacks,
+                                training=(x, y), **kwargs)
+
+    def _fit_files(self, source, y, batch_size, epochs, verbose, callbacks, steps_per_epoch,
+                   shuffle_buffer=streaming.SHUFFLE_BUFFER, seed=None, initialize=True, **kwargs):
+        """`fit` on files: stochastic VI on batches streamed from them (see `fit`).
+
+        Batches of `batch_size` rows (the whole data when it has at most
+        `FULL_BATCH_ROWS` rows and fits in the shuffle buffer, else 65,536), shuffled
+        in a buffer of `shuffle_buffer` rows (1,000,000; `seed` seeds it); an epoch is
+        one pass over the files but at least `streaming.MIN_EPOCH_STEPS` steps.
+        """
+        if y is not None:
+            raise ValueError("With files the response comes from the formula: do not pass `y`.")
+        if kwargs.pop("sample_weight", None) is not None:
+            raise ValueError("`sample_weight` is not supported with files: use a weights column.")
+        if not self.compiled:
+            self.compile()
+        if self.posterior == "joint" or self.reml:
+            raise ValueError(
+                "Files are fitted in minibatches by stochastic VI: posterior='joint' and REML need "
+                "the data in memory (read them into a data frame)."
+            )
+        scan = self._scan_for(source)
+        if batch_size is None:
+            fits = scan.num_rows <= min(FULL_BATCH_ROWS, shuffle_buffer)
+            batch_size = scan.num_rows if fits else streaming.BATCH_SIZE
+        minibatch = int(batch_size) < scan.num_rows
+        if minibatch and len(scan.sample):
+            # Natural-gradient steps for the random effects, their sds started from the sample.
+            x, y = scan.design.arrays(scan.sample, weights=scan.weights)
+            x, y, _ = initialization.check_data(self, x, y)
+            self.use_minibatch_optimizer(x, y)
+        data, steps = streaming.dataset(scan, self.family, self.compute_dtype, int(batch_size),
+                                        int(shuffle_buffer), seed)
+        steps_per_epoch = steps_per_epoch or max(steps, streaming.MIN_EPOCH_STEPS)
+        return self._fit_by_svi(data, steps_per_epoch, minibatch, epochs, verbose, callbacks,
+                                source=source, **kwargs)
+
+    def _fit_by_svi(self, dataset, steps_per_epoch, minibatch, epochs, verbose, callbacks,
+                    training=None, source=None, **kwargs):
+        """The stochastic-VI loop of every fit not by the engine: in memory, minibatches, files."""
+        callbacks, convergence = self.fit_callbacks(callbacks, minibatch=minibatch)
         self._engine_fit = None
         with aligned_steps_per_execution(self, steps_per_epoch):
             history = super().fit(
                 dataset, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
                 verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
             )
-        self._finish_fit(x, y, history, convergence.converged, convergence.last_delta, callbacks)
+        x, y = training if training is not None else (None, None)
+        self._finish_fit(x, y, history, convergence.converged, convergence.last_delta, callbacks, source=source)
         return history
+
+    # ------------------------------------------------------------- files
+    def _set_level_counts(self, design, level_counts, num_rows):
+        """Each level's training rows (the KL's scaling), from a scan of files."""
+        by_name = {r.name: c for r, c in zip(design.random, level_counts, strict=True)}
+        for term in self.terms:
+            if not term.built:
+                term.build()
+            term.level_counts.assign(by_name[term.name].astype(term.level_counts.dtype))
+        if isinstance(self.fixed_effects, VariationalFixedEffects):
+            self.fixed_effects.num_observations = int(num_rows)
+
+    def _prepare_from_scan(self, scan):
+        """Sets a formula model up from a scan: level counts, row count, GLM start on the sample.
+
+        The counts (which scale each level's KL) and the number of rows are the files'
+        own; only the starting point comes from the sample.
+        """
+        x, y = scan.design.arrays(scan.sample, weights=scan.weights)
+        x, y, _ = initialization.check_data(self, x, y)
+        if not self.built:
+            self.build({key: (None,) + value.shape[1:] for key, value in x.items()})
+        self._set_level_counts(scan.design, scan.level_counts, scan.num_rows)
+        initialization.initialize(self, x, y)
+        self._data_initialized = True
+        self._stream_scan = scan
+
+    def _scan_for(self, source):
+        """The model's scan of `source` (from `from_formula`), or a new count of its rows."""
+        if self.design is None:
+            raise ValueError(
+                "Fitting from files needs a model built from a formula: "
+                "GLMM.from_formula(formula, source) or kg.glmm(formula, source)."
+            )
+        current = self._stream_scan
+        if current is None or current.source._key() != source._key():
+            current = streaming.recount(source, self.design, self.family, getattr(self, "_weights", None))
+            self._stream_scan = current
+        self._set_level_counts(current.design, current.level_counts, current.num_rows)
+        return current
+
+    def _files_elbo(self, source, batch_size=streaming.BATCH_SIZE):
+        """The exact ELBO of the layers' posterior on files, in one pass (totals)."""
+        scan = self._scan_for(source)
+        x_spec, y_spec = streaming.signature(scan, self.compute_dtype)
+
+        @tf.function(input_signature=[x_spec, y_spec])
+        def batch_ell(x, y):
+            return tf.reduce_sum(tf.cast(self.expected_log_likelihood(y, self(x, training=False)), tf.float64))
+
+        ell = sum(float(batch_ell(x, y)) for x, y in streaming.batches(scan, self.family, self.compute_dtype,
+                                                                         batch_size))
+        kl = self._total_kl()
+        return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
 
     # ------------------------------------------------------------- the engine
     def engine_problem(self, num_rows=None, batch_size=None):
@@ -652,8 +695,8 @@ class GLMM(keras.Model):
         self._training_arrays = None if source is not None else (x, y)
         self._training_source = source
         if elbo is None:
-            elbo = streaming.elbo(self, source)["elbo"] if source is not None else self.elbo(x, y)["elbo"]
-        nobs = self._stream_scan.num_rows if source is not None else len(x["x"])
+            elbo = self._files_elbo(source)["elbo"] if source is not None else self.elbo(x, y)["elbo"]
+        nobs = self._stream_scan.num_rows if source is not None else len(y)
         self._record_fit_summary(elbo, nobs, history)
         for callback in callbacks:
             # Callbacks that report the finished fit (GLMMTensorBoard) need the summary.
@@ -704,6 +747,8 @@ class GLMM(keras.Model):
         (`initialization.start_posterior_scales`, on rows of `x`, `y`), which the
         natural-gradient steps need. A model compiled with an explicit optimizer keeps it.
         """
+        if composition.is_network(self.fixed_effects):  # NaturalGradient around the network's optimizer
+            return composition.use_network_optimizer(self, x, y)
         if not getattr(self, "_default_optimizer", False):
             return
         if getattr(self.optimizer, "natural_step", None) is not None:
@@ -732,7 +777,10 @@ class GLMM(keras.Model):
         Returns:
             `(x, y, num_rows)` with arrays cast to the model's dtype.
         """
-        x, y, num_rows = initialization.check_data(self, x, y)
+        if composition.is_network(self.fixed_effects):  # features for a network
+            x, y, num_rows = composition.check_data(self, x, y)
+        else:
+            x, y, num_rows = initialization.check_data(self, x, y)
         if not self.built:
             self.build({key: (None,) + value.shape[1:] for key, value in x.items()})
         for term in self.terms:
@@ -740,7 +788,10 @@ class GLMM(keras.Model):
         if isinstance(self.fixed_effects, VariationalFixedEffects):
             self.fixed_effects.num_observations = num_rows
         if initialize:
-            initialization.initialize(self, x, y)
+            if composition.is_network(self.fixed_effects):
+                composition.initialize(self, x, y)
+            else:
+                initialization.initialize(self, x, y)
             self._data_initialized = True
         return x, y, num_rows
 
@@ -815,7 +866,7 @@ class GLMM(keras.Model):
         model._weights = weights
         model.compile()
         if scan is not None:
-            streaming.prepare(model, scan)  # counts from the files, GLM start on the sample
+            model._prepare_from_scan(scan)  # counts from the files, GLM start on the sample
             return model
         # The training data are at hand: check them, count each level's rows (the
         # KL's scaling) and start from the GLM fit now, so that `fit` on a tf.data
@@ -970,7 +1021,7 @@ class GLMM(keras.Model):
                     f"Received: re_form={re_form!r}"
                 )
             for term in self.terms:
-                x[term.name] = np.full(len(x["x"]), -1, "int64")
+                x[term.name] = np.full(len(next(iter(x.values()))), -1, "int64")
             return x, True
         if not allow_new_levels:
             for term in self.terms:
@@ -1055,8 +1106,10 @@ class GLMM(keras.Model):
             eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
         return self._sample_response(eta, x, seed=None if seed is None else seed + 1)
 
-    def elbo(self, x, y):
+    def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).
+
+        `x` may be files (`kg.read_csv`, `kg.read_parquet`): one pass over them.
 
         After a fit by the engine, on its own training arrays, this is the engine's
         ELBO (the joint posterior's: for a gaussian model lme4's log-likelihood or
@@ -1068,6 +1121,8 @@ class GLMM(keras.Model):
         Returns:
             A dict with `elbo`, `expected_log_likelihood` and `kl`.
         """
+        if streaming.is_source(x):
+            return self._files_elbo(x)
         if self._engine_fit is not None and self._training_arrays is not None and (
                 x is self._training_arrays[0] and y is self._training_arrays[1]):
             return dict(self._engine_fit["report"])
@@ -1111,9 +1166,9 @@ class GLMM(keras.Model):
         `mean` and `eta`; see `keras_glmm.serving`. Other models use Keras's export.
         """
         if self.design is not None and format == "tf_saved_model" and input_signature is None:
-            from keras_glmm.serving import export_saved_model
-
-            return export_saved_model(self, filepath)
+            return serving.export_saved_model(self, filepath)
+        if composition.is_network(self.fixed_effects) and format == "tf_saved_model" and input_signature is None:
+            return composition.export(self, filepath)  # raw features, level names as strings
         return super().export(filepath, format=format, verbose=verbose,
                                input_signature=input_signature, **kwargs)
 

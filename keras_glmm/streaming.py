@@ -64,6 +64,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from keras_glmm.batches import minibatches
 from keras_glmm.design import (
     _C_RE,
     Design,
@@ -75,6 +76,7 @@ from keras_glmm.design import (
     _level_str,
     _unquote,
 )
+from keras_glmm.families import get_family
 from keras_glmm.formula import FormulaSpec, parse_formula
 from keras_glmm.levels import combine_keys, frame_codes, level_name
 
@@ -83,10 +85,12 @@ __all__ = [
     "ParquetSource",
     "Scan",
     "Source",
+    "batches",
     "block_shuffle",
-    "elbo",
+    "dataset",
     "read_csv",
     "read_parquet",
+    "recount",
     "scan",
 ]
 
@@ -754,8 +758,6 @@ def scan(
     Returns:
         A `Scan`.
     """
-    from keras_glmm.families import get_family
-
     if not is_source(source):
         raise TypeError(f"`source` must be a CSVSource or ParquetSource, got {type(source).__name__}")
     if not isinstance(sample_rows, (int, np.integer)) or sample_rows < 1:
@@ -863,86 +865,40 @@ def scan(
 
 
 # --------------------------------------------------------------------------
-# The model: counts, starting point, training pipeline, ELBO
+# Batches from files: arrays of a fixed design (the model is not needed)
 # --------------------------------------------------------------------------
 
 
-def _set_counts(model, design, level_counts, num_rows):
-    by_name = {r.name: c for r, c in zip(design.random, level_counts, strict=True)}
-    for term in model.terms:
-        if not term.built:
-            term.build()
-        counts = by_name[term.name]
-        term.level_counts.assign(counts.astype(term.level_counts.dtype))
-    from keras_glmm.layers.fixed_effects import VariationalFixedEffects
+def recount(source, design, family, weights=None) -> Scan:
+    """A scan of new files for a fixed design (a fitted model's): rows and level counts.
 
-    if isinstance(model.fixed_effects, VariationalFixedEffects):
-        model.fixed_effects.num_observations = int(num_rows)
-
-
-def prepare(model, scan_result: Scan) -> None:
-    """Sets a formula model up from a scan: level counts, row count, GLM start on the sample.
-
-    The counts (which scale each level's KL) and the number of rows are the files'
-    own; only the starting point comes from the sample.
+    Args:
+        source: the files.
+        design: the frozen `Design`.
+        family: a `keras_glmm.families.Family` (the response is checked).
+        weights: the weights column name, if any.
     """
-    from keras_glmm import initialization
-
-    design = scan_result.design
-    x, y = design.arrays(scan_result.sample, weights=scan_result.weights)
-    x, y, _ = initialization.check_data(model, x, y)
-    if not model.built:
-        model.build({key: (None,) + value.shape[1:] for key, value in x.items()})
-    _set_counts(model, design, scan_result.level_counts, scan_result.num_rows)
-    initialization.initialize(model, x, y)
-    model._data_initialized = True
-    model._stream_scan = scan_result
-
-
-def _recount(model, source) -> Scan:
-    """A scan of new files for a model whose design is fixed: rows and level counts."""
-    design = model.design
     head = source.head(HEAD_ROWS)
     with _located(source.paths[0], source.unit):
         columns = Design._formula_columns(design.spec, head)
-    weights = getattr(model, "_weights", None)
     weights = weights if isinstance(weights, str) else None
-    reader = _Reader(source, design.spec, model.family.name, columns, weights, design.na_action)
+    reader = _Reader(source, design.spec, family.name, columns, weights, design.na_action)
     source.check_columns(reader.columns)
     counts = [np.zeros(r.n_levels) for r in design.random]
     rows = 0
     for path, frame in reader.chunks():
-        x, _ = _chunk_arrays(model, reader, path, frame)
+        x, _ = _chunk_arrays(design, family, np.float64, reader, path, frame)
         for r, c in zip(design.random, counts, strict=True):
             c += np.bincount(x[r.name], minlength=r.n_levels)
         rows += len(frame)
     reader.freeze()
     if rows == 0:
         raise ValueError(f"{source}: no rows to fit")
-    result = Scan(source, design, rows, reader.omitted, counts, pd.DataFrame(), weights, reader)
-    _set_counts(model, design, counts, rows)
-    return result
+    return Scan(source, design, rows, reader.omitted, counts, pd.DataFrame(), weights, reader)
 
 
-def _scan_for(model, source) -> Scan:
-    """The model's scan of ``source`` (from `from_formula`), or a new count of its rows."""
-    if model.design is None:
-        raise ValueError(
-            "Fitting from files needs a model built from a formula: "
-            "GLMM.from_formula(formula, source) or kg.glmm(formula, source)."
-        )
-    current = getattr(model, "_stream_scan", None)
-    if current is not None and current.source._key() == source._key():
-        _set_counts(model, current.design, current.level_counts, current.num_rows)
-        return current
-    result = _recount(model, source)
-    model._stream_scan = result
-    return result
-
-
-def _chunk_arrays(model, reader, path, frame):
-    """One checked chunk -> model inputs (model dtype; level indices int64) and response."""
-    design = model.design
+def _chunk_arrays(design, family, dtype, reader, path, frame):
+    """One checked chunk -> model inputs (`dtype`; level indices int64) and response."""
     unit = reader.source.unit
     if design.spec.response is None:
         raise ValueError("the formula has no response (left-hand side): there is nothing to fit")
@@ -961,8 +917,8 @@ def _chunk_arrays(model, reader, path, frame):
             )
     response, trials = (y[:, 0], y[:, 1]) if y.ndim == 2 else (y, None)
     with _located(path, unit, index=frame.index):
-        model.family.check_response(response, trials, name=f"response '{design.spec.response}'")
-    dtype = np.dtype(model.compute_dtype)
+        family.check_response(response, trials, name=f"response '{design.spec.response}'")
+    dtype = np.dtype(dtype)
     x = {k: (v if v.dtype == np.int64 else v.astype(dtype)) for k, v in x.items()}
     return x, y.astype(dtype)
 
@@ -1034,10 +990,9 @@ def block_shuffle(blocks, buffer_rows, batch_size, rng=None) -> Iterator[dict]:
             yield _take(data, order[start:start + batch_size])
 
 
-def _signature(model, scan_result):
+def _signature(design, dtype):
     """`tf.TensorSpec`s of the model's inputs and response, from the design."""
-    design = scan_result.design
-    dtype = tf.as_dtype(model.compute_dtype)
+    dtype = tf.as_dtype(dtype)
     x = {"x": tf.TensorSpec((None, design.n_fixed), dtype)}
     if design.spec.offsets:
         x["offset"] = tf.TensorSpec((None,), dtype)
@@ -1050,37 +1005,48 @@ def _signature(model, scan_result):
     return x, y
 
 
-def _blocks(model, scan_result, order=None):
+def _blocks(scan_result, family, dtype, order=None):
     reader = scan_result._reader
     for path, frame in reader.chunks(order=order):
         if len(frame):
-            x, y = _chunk_arrays(model, reader, path, frame)
+            x, y = _chunk_arrays(scan_result.design, family, dtype, reader, path, frame)
             yield {**x, _Y: y}
 
 
-def dataset(model, source, batch_size=BATCH_SIZE, shuffle_buffer=SHUFFLE_BUFFER, seed=None):
+def batches(scan_result, family, dtype, batch_size=BATCH_SIZE) -> Iterator[tuple[dict, np.ndarray]]:
+    """One pass over the files in order: `(inputs, y)` batches of at most `batch_size` rows."""
+    for block in _blocks(scan_result, family, dtype):
+        for start in range(0, _rows(block), batch_size):
+            batch = {k: v[start:start + batch_size] for k, v in block.items()}
+            y = batch.pop(_Y)
+            yield batch, y
+
+
+def signature(scan_result, dtype):
+    """`(inputs, y)` `tf.TensorSpec`s of the batches of `batches` and `dataset`."""
+    return _signature(scan_result.design, dtype)
+
+
+def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SHUFFLE_BUFFER, seed=None):
     """The endless `tf.data` pipeline of shuffled training batches from files.
 
     Each pass reads the files (in a new random order), turns chunks into model
     arrays and shuffles them through `block_shuffle`, in a Python generator. Data
     that fit in the shuffle buffer are read once and kept: then the batches come
-    from memory as in `GLMM.fit` (the whole data as one batch when it fits in one,
-    else `keras_glmm.model.minibatches`), with no Python in the loop.
+    from memory as in-memory fits' do (the whole data as one batch when it fits in
+    one, else `keras_glmm.batches.minibatches`), with no Python in the loop.
 
     Returns:
         ``(dataset, steps_per_pass)``: the repeated dataset of ``(inputs, y)``
         batches and the number of batches in one pass over the data.
     """
-    from keras_glmm.model import minibatches  # model.py imports this module
-
-    scan_result = _scan_for(model, source)
     if shuffle_buffer < batch_size:
         raise ValueError(
             f"`shuffle_buffer` ({shuffle_buffer}) must hold at least one batch (batch_size={batch_size})"
         )
     steps = -(-scan_result.num_rows // batch_size)
     if scan_result.num_rows <= shuffle_buffer:
-        x = _concat(list(_blocks(model, scan_result)))
+        x = _concat(list(_blocks(scan_result, family, dtype)))
         y = x.pop(_Y)
         if scan_result.num_rows <= batch_size:
             return tf.data.Dataset.from_tensors((x, y)).repeat(), steps
@@ -1089,112 +1055,13 @@ def dataset(model, source, batch_size=BATCH_SIZE, shuffle_buffer=SHUFFLE_BUFFER,
 
     def one_pass():
         order = rng.permutation(len(scan_result.source.paths))
-        blocks = _blocks(model, scan_result, order)
+        blocks = _blocks(scan_result, family, dtype, order)
         for batch in block_shuffle(blocks, shuffle_buffer, batch_size, rng):
             y = batch.pop(_Y)
             yield batch, y
 
-    signature = _signature(model, scan_result)
-    data = tf.data.Dataset.from_generator(one_pass, output_signature=signature)
+    data = tf.data.Dataset.from_generator(one_pass, output_signature=_signature(scan_result.design, dtype))
     return data.repeat().prefetch(2), steps
-
-
-def elbo(model, source, batch_size=BATCH_SIZE):
-    """The exact ELBO of the model on files, in one pass (totals, not per row).
-
-    Returns:
-        A dict with `elbo`, `expected_log_likelihood` and `kl`, as `GLMM.elbo`.
-    """
-    scan_result = _scan_for(model, source)
-    x_spec, y_spec = _signature(model, scan_result)
-
-    @tf.function(input_signature=[x_spec, y_spec])
-    def batch_ell(x, y):
-        return tf.reduce_sum(tf.cast(model.expected_log_likelihood(y, model(x, training=False)), tf.float64))
-
-    ell = 0.0
-    for block in _blocks(model, scan_result):
-        for start in range(0, _rows(block), batch_size):
-            batch = {k: v[start:start + batch_size] for k, v in block.items()}
-            y = batch.pop(_Y)
-            ell += float(batch_ell(batch, y))
-    kl = model._total_kl()
-    return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
-
-
-def fit(
-    model,
-    source,
-    y=None,
-    batch_size=None,
-    shuffle_buffer=SHUFFLE_BUFFER,
-    epochs=None,
-    seed=None,
-    verbose=0,
-    callbacks=None,
-    steps_per_epoch=None,
-    **kwargs,
-):
-    """`GLMM.fit` on files (see `GLMM.fit` and the module docstring).
-
-    Args:
-        model: a GLMM built from a formula.
-        source: a `Source`.
-        y: must be None (the response is in the files).
-        batch_size: rows per step: by default the whole data set (full batch, as
-            `GLMM.fit` in memory) when it has at most `FULL_BATCH_ROWS` rows and
-            fits in the shuffle buffer, else 65,536.
-        shuffle_buffer: rows the shuffle holds (default 1,000,000).
-        epochs: at most this many epochs (default 200).
-        seed: seed of the file order and the shuffles.
-        verbose, callbacks: as Keras's `fit`; an `ELBOConvergence` is added unless
-            the callbacks hold one.
-        steps_per_epoch: default one pass over the files, ``ceil(rows /
-            batch_size)`` steps, but at least 100 (several passes), as `GLMM.fit`'s
-            epochs in memory: `ELBOConvergence` compares epochs, and the change
-            of the ELBO over a few minibatch steps is mostly noise.
-        **kwargs: passed to Keras's `fit`.
-
-    Returns:
-        The Keras `History`.
-    """
-    import keras
-
-    from keras_glmm import initialization
-    from keras_glmm.model import aligned_steps_per_execution
-
-    if y is not None:
-        raise ValueError("With files the response comes from the formula: do not pass `y`.")
-    if kwargs.get("sample_weight") is not None:
-        raise ValueError("`sample_weight` is not supported with files: use a weights column.")
-    kwargs.pop("sample_weight", None)
-    kwargs.pop("initialize", None)
-    if not model.compiled:
-        model.compile()
-    if batch_size is None:
-        from keras_glmm.model import FULL_BATCH_ROWS
-
-        rows = _scan_for(model, source).num_rows
-        batch_size = rows if rows <= min(FULL_BATCH_ROWS, shuffle_buffer) else BATCH_SIZE
-    scan_result = _scan_for(model, source)
-    minibatch = int(batch_size) < scan_result.num_rows
-    if minibatch and len(scan_result.sample):
-        # Natural-gradient steps for the random effects, their sds started from the sample.
-        x, y = scan_result.design.arrays(scan_result.sample, weights=scan_result.weights)
-        x, y, _ = initialization.check_data(model, x, y)
-        model.use_minibatch_optimizer(x, y)
-    data, steps = dataset(model, source, int(batch_size), int(shuffle_buffer), seed)
-    if steps_per_epoch is None:
-        steps_per_epoch = max(steps, MIN_EPOCH_STEPS)
-    callbacks, convergence = model.fit_callbacks(callbacks, minibatch)
-    with aligned_steps_per_execution(model, steps_per_epoch):
-        history = keras.Model.fit(
-            model, data, epochs=epochs or 200, steps_per_epoch=steps_per_epoch,
-            verbose=verbose, callbacks=callbacks, shuffle=False, **kwargs,
-        )
-    model._finish_fit(None, None, history, convergence.converged, convergence.last_delta, callbacks,
-                      source=source)
-    return history
 
 
 def fitted_from_files_error(source) -> ValueError:
