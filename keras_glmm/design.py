@@ -924,6 +924,11 @@ class Design:
         family_name: The family the design was built for.
         response_levels: For a binary response given as a two-level factor,
             ``[failure, success]``; else ``None``.
+        weights_kind: What ``weights`` mean: ``"trials"`` (the binomial trials of
+            a proportion response), ``"prior"`` (prior weights, lme4's: the
+            precisions of a gaussian response, likelihood weights of the other
+            families; :meth:`arrays` returns them as ``inputs["weights"]``) or
+            ``None`` (no weights).
         na_action: ``"raise"`` or ``"omit"`` (what :meth:`from_data` did).
     """
 
@@ -936,6 +941,7 @@ class Design:
     family_name: str = "gaussian"
     response_levels: list[str] | None = None
     na_action: str = "raise"
+    weights_kind: str | None = None
     _response_columns: list[str] = field(default_factory=list, repr=False)
     _offset_columns: list[str] = field(default_factory=list, repr=False)
 
@@ -975,6 +981,7 @@ class Design:
                 None if self.response_levels is None else [str(v) for v in self.response_levels]
             ),
             "na_action": self.na_action,
+            "weights_kind": self.weights_kind,
             "response_columns": [str(c) for c in self._response_columns],
             "offset_columns": [str(c) for c in self._offset_columns],
         }
@@ -1007,6 +1014,7 @@ class Design:
             family_name=config["family_name"],
             response_levels=None if levels is None else list(levels),
             na_action=config["na_action"],
+            weights_kind=config.get("weights_kind"),
             _response_columns=list(config["response_columns"]),
             _offset_columns=list(config["offset_columns"]),
         )
@@ -1030,8 +1038,10 @@ class Design:
             data: Training data frame.
             family_name: Family name (``"binomial"`` changes how the response is read);
                 a family object with a ``name`` attribute is accepted too.
-            weights: Binomial trials for a proportion response: a column name
-                or an array of length ``n``.
+            weights: A column name or an array of length ``n``: the binomial
+                trials of a proportion response, else prior weights (lme4's
+                ``weights``: each row's log-likelihood is multiplied by its
+                weight; for a gaussian model the row's variance is ``sigma^2 / w``).
             na_action: ``"raise"`` (missing values in a used column are an
                 error) or ``"omit"`` (the schema is learned from the complete
                 rows; the caller drops the others, see :meth:`complete_rows`).
@@ -1105,6 +1115,12 @@ class Design:
         # Response.
         if spec.response is not None:
             design._learn_response(data, weight_array)
+        if weights is not None:
+            if spec.response is None:
+                raise ValueError("weights were given for a formula without a response")
+            design.weights_kind = "trials" if design.response_kind == "proportion" else "prior"
+            if design.weights_kind == "prior":  # validate now, naming the column
+                design.prior_weights(data, weights if isinstance(weights, str) else weight_array)
         return design
 
     @classmethod
@@ -1354,6 +1370,23 @@ class Design:
             "drop those rows first, or use na_action='omit' and keep the rows of complete_rows()"
         )
 
+    def prior_weights(self, data: pd.DataFrame, weights: Any) -> np.ndarray:
+        """Prior weights, float64 ``(n,)``: finite and non-negative, or an error naming the row."""
+        if weights is None:
+            raise ValueError(
+                "this model was fitted with prior weights: pass `weights` (a column name or array)"
+            )
+        w = self._weights_array(data, weights)
+        what = f"weights '{weights}'" if isinstance(weights, str) else "weights"
+        bad = ~np.isfinite(w) | (w < 0)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{what} must be finite and non-negative: row {data.index[i]!r} has {float(w[i])!r} "
+                f"(rows {_row_labels(data.index, bad)})"
+            )
+        return w
+
     def arrays(
         self, data: pd.DataFrame, weights: Any = None, with_response: bool = True
     ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
@@ -1362,8 +1395,9 @@ class Design:
         Returns:
             ``(inputs, y)``: ``inputs`` has ``"x"`` (fixed design), ``"offset"``
             (only if the formula has offsets), ``term.name`` (int64 level
-            indices, ``-1`` for new levels) and ``term.name + "_z"`` (the term's
-            non-intercept covariates, only if it has any). ``y`` is
+            indices, ``-1`` for new levels), ``term.name + "_z"`` (the term's
+            non-intercept covariates, only if it has any) and, with the response,
+            ``"weights"`` (prior weights, when the design has them). ``y`` is
             :meth:`response` or ``None`` (``with_response=False`` or a
             one-sided formula).
         """
@@ -1378,6 +1412,8 @@ class Design:
             if r.n_covariates:
                 inputs[r.name + "_z"] = r.covariates(data)
         y = self.response(data, weights) if with_response else None
+        if with_response and self.weights_kind == "prior":
+            inputs["weights"] = self.prior_weights(data, weights)
         return inputs, y
 
     # ------------------------------------------------------------- helpers

@@ -365,7 +365,9 @@ class Family:
 
         Returns:
           ``(value, d_mean, d2_mean, d_var, params_gradient)``: four ``(rows,)``
-          arrays (unweighted) and a dict of floats (of the weighted sum).
+          arrays (unweighted) and a dict of floats: the gradient of the rows'
+          weighted sum (`weighted_expected_log_prob`, whose value is
+          ``w * value + weight_value(weights, params)``).
         """
         params = {k: float(v) for k, v in (params or {}).items()}
         num_points = self.quadrature_points if num_points is None else num_points
@@ -383,6 +385,10 @@ class Family:
                     out = self._numpy_quadrature(y, m, v, params, trials, num_points)
             value, first, second, d_var, per_row = out
             grads = {k: float(np.sum(weights * g)) for k, g in per_row.items()}
+            extra = self._weight_terms(weights, params, np)
+            if extra is not None:
+                for k, g in extra[1].items():
+                    grads[k] = grads.get(k, 0.0) + float(np.sum(g))
             return value, first, second, d_var, grads
         names = tuple(sorted(params))
         function = _derivatives_function(self, num_points, names, trials is not None)
@@ -396,6 +402,11 @@ class Family:
         grads = {k: float(g) for k, g in zip(names, grads)}
         return value.numpy(), first.numpy(), second.numpy(), d_var.numpy(), grads
 
+    def weight_value(self, weights, params):
+        """The rows' weighted log-likelihood minus ``w * log p``, summed (numpy; 0 for most)."""
+        extra = self._weight_terms(np.asarray(weights, np.float64), {k: float(v) for k, v in params.items()}, np)
+        return 0.0 if extra is None else float(np.sum(extra[0]))
+
     def log_prob_derivatives(self, y, eta, params=None, trials=None, weights=None):
         """``log p(y_i | eta_i)`` and its first and second derivatives in ``eta``, per row.
 
@@ -408,6 +419,32 @@ class Family:
         value, first, second, _, grads = self.expected_log_prob_derivatives(
             y, eta, np.zeros(np.shape(eta)), params, trials=trials, num_points=0, weights=weights)
         return value, first, second, grads
+
+    # -- prior weights ----------------------------------------------------
+
+    def weighted_expected_log_prob(self, y, eta_mean, eta_var, weights, params=None, trials=None,
+                                   num_points=None):
+        """``E_q[log p]`` of each row under prior weights ``w`` (TF, as `expected_log_prob`).
+
+        Prior weights multiply each row's log-likelihood (lme4's likelihood
+        weights); a family whose dispersion is a variance makes them precisions
+        instead (the gaussian: row variance ``sigma^2 / w``) through
+        `_weight_terms`. A row of weight 0 contributes nothing.
+        """
+        value = self.expected_log_prob(y, eta_mean, eta_var, params, trials=trials, num_points=num_points)
+        weights = tf.cast(weights, value.dtype)
+        value = weights * value
+        extra = self._weight_terms(weights, {k: tf.cast(v, value.dtype) for k, v in (params or {}).items()},
+                                   tf)
+        return value if extra is None else value + extra[0]
+
+    def _weight_terms(self, weights, params, ops):
+        """What `w * log p` leaves out of a row's weighted log-likelihood, or None.
+
+        Returns ``(value per row, {param: d value / d param per row})``, computed
+        with ``ops`` (``numpy`` or ``tf``). Likelihood weights: nothing.
+        """
+        return None
 
     # -- numpy kernels (the engine's) -------------------------------------
 
@@ -565,6 +602,9 @@ def _derivatives_function(family, num_points, names, with_trials):
                         value = family.log_prob(y, m, named, trials=trials if with_trials else None)
                     total = tf.reduce_sum(value)
                     weighted = tf.reduce_sum(value * weights)
+                    extra = family._weight_terms(weights, named, tf)
+                    if extra is not None:
+                        weighted += tf.reduce_sum(extra[0])
                 first = inner.gradient(total, m)
                 # Rows are independent: the gradient of the summed first derivatives
                 # is each row's second derivative.
@@ -647,6 +687,16 @@ class Gaussian(Family):
             sq = tf.square(y) - 2.0 * y * tf.exp(m + 0.5 * v) + tf.exp(2.0 * m + 2.0 * v)
             return const - sq / (2.0 * s2)
         return super()._expected_log_prob(y, m, v, params, trials, num_points)
+
+    def _weight_terms(self, weights, params, ops):
+        # log N(y | mu, sigma^2 / w) = w log N(y | mu, sigma^2) + [log w - (1 - w) log(2 pi sigma^2)] / 2
+        sigma = params["scale"]
+        log = np.log if ops is np else tf.math.log
+        positive = weights > 0
+        safe = ops.where(positive, weights, ops.ones_like(weights))
+        value = ops.where(positive, 0.5 * log(safe) - 0.5 * (1.0 - weights) * log(
+            2.0 * math.pi * sigma**2), ops.zeros_like(weights))
+        return value, {"scale": ops.where(positive, -(1.0 - weights) / sigma, ops.zeros_like(weights))}
 
     def _numpy_log_prob(self, y, eta, params, trials):
         s2 = params["scale"] ** 2
@@ -1011,9 +1061,9 @@ class Beta(Family):
         elif self.link.name == "probit":
             normal = _std_normal(eta.dtype)
             mu, rest = normal.cdf(eta), normal.cdf(-eta)
-        else:  # cloglog: 1 - mu = exp(-e^eta)
-            rest = tf.exp(-tf.exp(eta))
-            mu = -tf.math.expm1(-tf.exp(eta))
+        else:  # cloglog: 1 - mu = exp(-e^eta); capped so that e^eta stays finite
+            t = tf.exp(tf.minimum(eta, 0.5 * math.log(np.finfo(eta.dtype.as_numpy_dtype).max)))
+            mu, rest = -tf.math.expm1(-t), tf.exp(-t)
         return self._positive(mu), self._positive(rest)
 
     def _distribution(self, eta, params, trials):
@@ -1029,6 +1079,38 @@ class Beta(Family):
             tf.math.lgamma(phi) - tf.math.lgamma(a) - tf.math.lgamma(b)
             + (a - 1.0) * tf.math.log(y) + (b - 1.0) * tf.math.log1p(-y)
         )
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        phi = params["precision"]
+        if self.link.name == "logit":
+            mu, rest = special.expit(eta), special.expit(-eta)
+            d, d2 = mu * rest, mu * rest * (rest - mu)
+        elif self.link.name == "probit":
+            mu, rest = special.ndtr(eta), special.ndtr(-eta)
+            d = np.exp(-0.5 * eta**2) / math.sqrt(2.0 * math.pi)
+            d2 = -eta * d
+        else:
+            capped = eta < 0.5 * math.log(np.finfo(np.float64).max)
+            t = np.exp(np.where(capped, eta, 0.5 * math.log(np.finfo(np.float64).max)))
+            mu, rest = -np.expm1(-t), np.exp(-t)
+            d = np.where(capped, t * rest, 0.0)
+            d2 = d * (1.0 - t)
+        # mu and 1 - mu are floored separately, as `_mean_and_complement` does.
+        mu, in_mu = _positive_numpy(mu)
+        rest, in_rest = _positive_numpy(rest)
+        a, b = phi * mu, phi * rest
+        ga = np.log(y) - special.digamma(a)
+        gb = np.log1p(-y) - special.digamma(b)
+        f = special.gammaln(phi) - special.gammaln(a) - special.gammaln(b) + (a - 1.0) * np.log(y) + (
+            b - 1.0) * np.log1p(-y)
+        da, d2a = np.where(in_mu, d, 0.0), np.where(in_mu, d2, 0.0)
+        db, d2b = np.where(in_rest, -d, 0.0), np.where(in_rest, -d2, 0.0)
+        curvature = (np.where(in_mu, special.polygamma(1, a) * da**2, 0.0)
+                     + np.where(in_rest, special.polygamma(1, b) * db**2, 0.0))
+        d1 = phi * (ga * da + gb * db)
+        d2 = phi * (ga * d2a + gb * d2b) - phi**2 * curvature
+        d_phi = special.digamma(phi) + mu * ga + rest * gb
+        return f, d1, d2, {"precision": d_phi}
 
     def _check_response(self, y, trials, name):
         _first_bad(name, y, (y <= 0) | (y >= 1), "is not strictly between 0 and 1 (beta response)")
@@ -1096,6 +1178,33 @@ class _ZeroInflated(Family):
         # Both branches are finite everywhere, so tf.where passes clean gradients.
         return tf.where(y > 0, positive, zero)
 
+    def _numpy_count(self, y, eta, params):
+        """The count component's ``(log f(y), d/deta, d2/deta2, {param: d/dparam})`` in numpy."""
+        raise NotImplementedError
+
+    def _numpy_count_zero(self, eta, params):
+        """As `_numpy_count` at ``y = 0``."""
+        raise NotImplementedError
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        odds = params["zi_odds"]
+        log_odds = math.log(odds)
+        log_pi, log_rest = -np.logaddexp(0.0, -log_odds), -np.logaddexp(0.0, log_odds)
+        pi = math.exp(log_pi)
+        f, d1, d2, dp = self._numpy_count(y, eta, params)
+        f0, z1, z2, zp = self._numpy_count_zero(eta, params)
+        zero = np.logaddexp(log_pi, log_rest + f0)
+        s = np.exp(log_rest + f0 - zero)        # P(count component | y = 0)
+        not_s = np.exp(log_pi - zero)           # P(structural zero | y = 0) = 1 - s
+        is_zero = y == 0
+        out_f = np.where(is_zero, zero, log_rest + f)
+        out_d1 = np.where(is_zero, s * z1, d1)
+        out_d2 = np.where(is_zero, s * z2 + s * not_s * z1**2, d2)
+        grads = {k: np.where(is_zero, s * zp[k], g) for k, g in dp.items()}
+        # d/d log(odds): log pi' = 1 - pi, log(1 - pi)' = -pi.
+        grads["zi_odds"] = np.where(is_zero, not_s * (1.0 - pi) - s * pi, -pi) / odds
+        return out_f, out_d1, out_d2, grads
+
     def response_mean(self, eta, params):
         """Response mean ``(1 - pi) * mu`` (``mean(eta)`` is ``mu``).
 
@@ -1161,6 +1270,28 @@ class ZeroInflatedPoisson(_ZeroInflated):
         closed = log_rest + y * m - tf.exp(m + 0.5 * v) - tf.math.lgamma(y + 1.0)
         return tf.where(y > 0, closed, quadrature)
 
+    def _numpy_count(self, y, eta, params):
+        mu = np.exp(eta)
+        return y * eta - mu - special.gammaln(y + 1.0), y - mu, -mu, {}
+
+    def _numpy_count_zero(self, eta, params):
+        mu = np.exp(eta)
+        return -mu, -mu, -mu, {}
+
+    def _numpy_quadrature(self, y, m, v, params, trials, num_points):
+        value, first, second, d_var, grads = super()._numpy_quadrature(y, m, v, params, trials, num_points)
+        if num_points:  # the closed form of `_expected_log_prob` for y > 0
+            odds = params["zi_odds"]
+            e = np.exp(m + 0.5 * v)
+            positive = y > 0
+            value = np.where(positive, -np.logaddexp(0.0, math.log(odds)) + y * m - e - special.gammaln(y + 1.0),
+                             value)
+            first = np.where(positive, y - e, first)
+            second = np.where(positive, -e, second)
+            d_var = np.where(positive, -0.5 * e, d_var)
+            grads = {"zi_odds": np.where(positive, -1.0 / (1.0 + odds), grads["zi_odds"])}
+        return value, first, second, d_var, grads
+
     def default_params(self, y, trials=None):
         # Marginal moments (mean and fraction of zeros): covariates that explain
         # zeros make this pi too large, which the fit then lowers.
@@ -1199,6 +1330,22 @@ class ZeroInflatedNegativeBinomial(_ZeroInflated):
     def _count_log_zero(self, eta, params):
         theta = params["dispersion"]
         return -theta * tf.nn.softplus(eta - tf.math.log(theta))
+
+    def _numpy_count(self, y, eta, params):
+        theta = params["dispersion"]
+        log_theta = math.log(theta)
+        q = special.expit(eta - log_theta)  # mu / (theta + mu)
+        soft = np.logaddexp(0.0, eta - log_theta)
+        f = (special.gammaln(y + theta) - special.gammaln(theta) - special.gammaln(y + 1.0)
+             - theta * soft - y * np.logaddexp(0.0, log_theta - eta))
+        d_theta = special.digamma(y + theta) - special.digamma(theta) - soft + q - y * (1.0 - q) / theta
+        return f, y - (y + theta) * q, -(y + theta) * q * (1.0 - q), {"dispersion": d_theta}
+
+    def _numpy_count_zero(self, eta, params):
+        theta = params["dispersion"]
+        q = special.expit(eta - math.log(theta))
+        soft = np.logaddexp(0.0, eta - math.log(theta))
+        return -theta * soft, -theta * q, -theta * q * (1.0 - q), {"dispersion": q - soft}
 
     def default_params(self, y, trials=None):
         # Marginal mean m, variance s2 and zero fraction p0 against the ZINB's

@@ -12,6 +12,7 @@ units of the response and covariates.
 import keras
 import numpy as np
 import tensorflow as tf
+from keras_glmm import response as response_lib
 from keras_glmm.layers import triangular
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
 
@@ -61,7 +62,7 @@ def check_data(model, x, y):
         ValueError / TypeError naming the input, row and value at fault.
     """
     dtype = model.compute_dtype
-    expected = {"x", "offset"}
+    expected = {"x", "offset", response_lib.WEIGHTS}
     for layer in model.terms:
         expected.add(layer.name)
         if layer.num_covariates:
@@ -90,6 +91,8 @@ def check_data(model, x, y):
             out[key] = _as_float_matrix(x[key], key, layer.num_covariates)
     if "offset" in x:
         out["offset"] = _as_float_matrix(x["offset"], "offset", 1)[:, 0]
+    if response_lib.WEIGHTS in x:
+        out[response_lib.WEIGHTS] = check_weights(x[response_lib.WEIGHTS], num_rows, name="weights")
     for key, value in out.items():
         if len(value) != num_rows:
             raise ValueError(
@@ -97,17 +100,17 @@ def check_data(model, x, y):
                 "need one row per observation."
             )
     y = np.asarray(y)
-    if model.family.name == "binomial" and y.ndim == 2 and y.shape[1] == 2:
-        response, trials = y[:, 0], y[:, 1]
-    else:
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.ndim != 1:
-            raise ValueError(
-                f"The response must be 1-D (or (n, 2) successes and trials for a binomial). "
-                f"Received shape {y.shape}."
-            )
-        response, trials = y, None
+    if y.ndim == 2 and y.shape[1] == 2 and model.family.name != "binomial":
+        raise ValueError(
+            f"A response of shape {y.shape} (successes and trials) needs the binomial family, "
+            f"not {model.family.name!r}."
+        )
+    response, trials = response_lib.split(y)
+    if response.ndim != 1:
+        raise ValueError(
+            f"The response must be 1-D (or (n, 2) successes and trials for a binomial). "
+            f"Received shape {y.shape}."
+        )
     if len(response) != num_rows:
         raise ValueError(f"The response has {len(response)} rows but 'x' has {num_rows}.")
     response = response.astype("float64")
@@ -153,20 +156,18 @@ def _glm_design(model, x):
     return design
 
 
-def fit_glm(family, design, y, offset=None, params=None, max_iter=25):
+def fit_glm(family, design, y, offset=None, params=None, max_iter=25, weights=None):
     """Maximum-likelihood GLM by Newton's method with step halving (float64).
 
-    Starts from least squares of the linked, slightly shrunk response (R's
-    `mustart`), so non-canonical links start inside their domain. The derivatives
-    are the family's own (`Family.expected_log_prob_derivatives` at zero variance).
+    Starts from (weighted) least squares of the linked, slightly shrunk response
+    (R's `mustart`), so non-canonical links start inside their domain. The
+    derivatives are the family's own (`Family.log_prob_derivatives`); `weights`
+    are prior weights.
 
     Returns:
         `(beta, eta)`: coefficients and the fitted linear predictor.
     """
-    y = np.asarray(y, dtype="float64")
-    trials = None
-    if y.ndim == 2:
-        y, trials = y[:, 0], y[:, 1]
+    y, trials = response_lib.split(np.asarray(y, dtype="float64"))
     offset = np.zeros(len(y)) if offset is None else np.asarray(offset, "float64")
     if family.name == "binomial":
         n = np.ones_like(y) if trials is None else trials
@@ -177,14 +178,16 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25):
         start = y
     eta_start = family.link(tf.constant(start)).numpy() - offset
     eta_start = np.where(np.isfinite(eta_start), eta_start, 0.0)
-    beta = np.linalg.lstsq(design, eta_start, rcond=None)[0]
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, "float64")
+    root = np.sqrt(w)[:, None]
+    beta = np.linalg.lstsq(root * design, root[:, 0] * eta_start, rcond=None)[0]
     if family.name == "gaussian" and family.link.name == "identity":
         return beta, design @ beta + offset  # least squares is the GLM's ML fit
     params = {k: float(v) for k, v in (params or {}).items()}
 
     def derivatives(b):
         value, first, second, _ = family.log_prob_derivatives(y, design @ b + offset, params, trials=trials)
-        return float(np.sum(value)), first, second
+        return float(np.sum(w * value)), w * first, w * second
 
     b = np.asarray(beta, "float64")
     current, first, second = derivatives(b)
@@ -233,14 +236,14 @@ def initialize(model, x, y, max_rows=GLM_SAMPLE_ROWS):
     x, y = _row_sample(x, y, max_rows)
     family = model.family
     y64 = np.asarray(y, dtype="float64")
-    response = y64[:, 0] if y64.ndim == 2 else y64
-    trials = y64[:, 1] if y64.ndim == 2 else None
+    response, trials = response_lib.split(y64)
     params = family.default_params(response, trials)
     params.update(model.head.fixed_params)
     design = _glm_design(model, x)
     eta = None
     if design is not None:
-        beta, eta = fit_glm(family, design, y64, x.get("offset"), params)
+        beta, eta = fit_glm(family, design, y64, x.get("offset"), params,
+                            weights=response_lib.prior_weights(x))
         layer = model.fixed_effects
         if isinstance(layer, VariationalFixedEffects):
             layer.set_coefficients(beta)
@@ -253,7 +256,8 @@ def initialize(model, x, y, max_rows=GLM_SAMPLE_ROWS):
     # link scale. Half of it starts every random intercept's sd.
     if family.link.name == "identity" and eta is not None:
         resid = response - eta
-        spread = float(np.sqrt(np.mean(resid**2)))
+        w = response_lib.prior_weights(x)
+        spread = float(np.sqrt(np.mean(resid**2 if w is None else w * resid**2)))
         if family.name == "gaussian":
             params["scale"] = spread
     else:

@@ -12,10 +12,12 @@ from keras_glmm import composition  # networks as fixed effects (keras_glmm.comp
 from keras_glmm import families as families_lib
 from keras_glmm.batches import minibatches
 from keras_glmm import initialization
+from keras_glmm import response as response_lib
 from keras_glmm import results as results_lib
 from keras_glmm import serving, streaming
 from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate
 from keras_glmm.design import Design
+from keras_glmm.formula import parse_formula
 from keras_glmm.engine import TooLarge, VariationalSolver
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
@@ -264,25 +266,27 @@ class GLMM(keras.Model):
             eta += tf.reshape(tf.cast(inputs["offset"], self.compute_dtype), [-1])
         return self.head(tf.stack([eta, eta_var], axis=-1))
 
-    def _split_response(self, y):
-        y = tf.cast(y, self.compute_dtype)
-        if self.family.name == "binomial" and len(y.shape) == 2 and y.shape[-1] == 2:
-            return y[:, 0], y[:, 1]
-        return tf.reshape(y, [-1]), None
-
-    def expected_log_likelihood(self, y, y_pred):
-        """Per-row `E_q[log p(y_i | eta_i)]`."""
-        y, trials = self._split_response(y)
+    def expected_log_likelihood(self, y, y_pred, weights=None):
+        """Per-row `E_q[log p(y_i | eta_i)]`, under prior weights when given."""
+        y, trials = response_lib.split_tensor(tf.cast(y, self.compute_dtype))
         params = {name: y_pred[name] for name in self.family.dispersion_params}
+        if weights is not None:
+            return self.family.weighted_expected_log_prob(
+                y, y_pred["eta"], y_pred["eta_var"], tf.reshape(weights, [-1]), params, trials=trials,
+                num_points=self.quadrature_points,
+            )
         return self.family.expected_log_prob(
             y, y_pred["eta"], y_pred["eta_var"], params, trials=trials,
             num_points=self.quadrature_points,
         )
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        ell = self.expected_log_likelihood(y, y_pred)
+        if sample_weight is None and isinstance(x, dict):
+            # Prior weights travel with the inputs (`keras_glmm.response`).
+            sample_weight = x.get(response_lib.WEIGHTS)
         if sample_weight is not None:
-            ell = ell * tf.reshape(tf.cast(sample_weight, ell.dtype), [-1])
+            sample_weight = tf.cast(sample_weight, self.compute_dtype)
+        ell = self.expected_log_likelihood(y, y_pred, sample_weight)
         nll = -tf.reduce_mean(ell)
         kl = tf.add_n(self.losses) if self.losses else tf.zeros_like(nll)
         kl = tf.cast(kl, nll.dtype)
@@ -384,8 +388,10 @@ class GLMM(keras.Model):
           callbacks already include one; minibatches get natural-gradient steps and
           an M-step of the variance components each epoch.
 
-        `sample_weight` gives prior weights: precisions of a gaussian response (row
-        variance `sigma^2 / w`), likelihood weights of the other families.
+        Prior weights (lme4's `weights`) come as `x["weights"]` (a formula model's
+        `weights=` column puts them there) or `sample_weight`: the precisions of
+        a gaussian response (row variance `sigma^2 / w`), likelihood weights of
+        the other families, in every fit, the ELBO and the standard errors.
 
         Other inputs (a `tf.data.Dataset`, ...) go to Keras's `fit` unchanged (call
         `prepare(x, y)` on in-memory data first). A file source (`kg.read_csv`,
@@ -404,14 +410,17 @@ class GLMM(keras.Model):
                 x, y, batch_size=batch_size, epochs=epochs or 1, verbose=verbose,
                 callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs
             )
-        x, y, num_rows = self.prepare(x, y, initialize=initialize and not self._data_initialized)
         sample_weight = kwargs.pop("sample_weight", None)
         if sample_weight is not None:
-            sample_weight = initialization.check_weights(sample_weight, num_rows)
-        solver = self._engine_solver(x, y, sample_weight, num_rows, batch_size, steps_per_epoch)
+            if response_lib.WEIGHTS in x:
+                raise ValueError("Prior weights came twice: as `sample_weight` and as inputs['weights'].")
+            rows = np.shape(x["x"])[0] if "x" in x else len(sample_weight)
+            x = {**x, response_lib.WEIGHTS: initialization.check_weights(sample_weight, rows)}
+        x, y, num_rows = self.prepare(x, y, initialize=initialize and not self._data_initialized)
+        solver = self._engine_solver(x, y, num_rows, batch_size, steps_per_epoch)
         if solver is not None:
             return self._fit_by_engine(solver, x, y, epochs, verbose, callbacks, **kwargs)
-        data = (x, y) if sample_weight is None else (x, y, sample_weight)
+        data = (x, y)
         batch_size = composition.fit_batch_size(self, num_rows, batch_size)  # a network: minibatches
         minibatch = batch_size is not None or num_rows > FULL_BATCH_ROWS
         if not minibatch:
@@ -522,7 +531,8 @@ class GLMM(keras.Model):
 
         @tf.function(input_signature=[x_spec, y_spec])
         def batch_ell(x, y):
-            return tf.reduce_sum(tf.cast(self.expected_log_likelihood(y, self(x, training=False)), tf.float64))
+            ell = self.expected_log_likelihood(y, self(x, training=False), x.get(response_lib.WEIGHTS))
+            return tf.reduce_sum(tf.cast(ell, tf.float64))
 
         ell = sum(float(batch_ell(x, y)) for x, y in streaming.batches(scan, self.family, self.compute_dtype,
                                                                          batch_size))
@@ -550,7 +560,7 @@ class GLMM(keras.Model):
             return "it runs under a distribution strategy with several replicas"
         return None
 
-    def _engine_solver(self, x, y, sample_weight, num_rows, batch_size, steps_per_epoch):
+    def _engine_solver(self, x, y, num_rows, batch_size, steps_per_epoch):
         """The engine's solver for this fit, or None for stochastic VI (see `engine_problem`)."""
         problem = self.engine_problem(num_rows, batch_size)
         if problem is not None:
@@ -563,8 +573,7 @@ class GLMM(keras.Model):
                 "`steps_per_epoch` does not apply to the engine (one quasi-Newton iteration per "
                 "epoch): pass `epochs`, or posterior='mean_field' for stochastic VI."
             )
-        y64 = np.asarray(y, "float64")
-        response, trials = (y64[:, 0], y64[:, 1]) if y64.ndim == 2 else (y64, None)
+        response, trials = response_lib.split(np.asarray(y, "float64"))
         terms = []
         for term in self.terms:
             z = np.ones((num_rows, 1)) if term.intercept else np.zeros((num_rows, 0))
@@ -574,7 +583,7 @@ class GLMM(keras.Model):
         try:
             return VariationalSolver(
                 np.asarray(x["x"], "float64"), terms, response, self.family, trials=trials,
-                weights=sample_weight, offset=x.get("offset"), reml=self.reml,
+                weights=response_lib.prior_weights(x), offset=x.get("offset"), reml=self.reml,
                 fixed_params=self.head.fixed_params, num_points=self.quadrature_points,
                 memory_budget=self.memory_budget, agq_points=self.agq_points,
             )
@@ -894,6 +903,8 @@ class GLMM(keras.Model):
             weights = getattr(self, "_weights", None)
         if design.na_action == "omit":
             complete = design.complete_rows(data, with_response=with_response)
+            if with_response and isinstance(weights, str) and weights in data.columns:
+                complete &= data[weights].notna().to_numpy()
             if not complete.all():
                 warnings.warn(
                     f"na_action='omit': dropped {int((~complete).sum())} of {len(data)} rows "
@@ -987,23 +998,42 @@ class GLMM(keras.Model):
         """An lme4-like summary (a string; `model.summary()` keeps its Keras meaning)."""
         return results_lib.report(self)
 
-    def _response_vector(self, y):
-        y = np.asarray(y, "float64")
-        if y.ndim == 2:  # binomial (successes, trials): the proportion
-            return y[:, 0] / y[:, 1]
-        return y
-
     def fitted(self):
         """Fitted response means of the training rows, random effects included."""
-        x, _ = self._require_fit()
-        return self.predict(x, verbose=0)["mean"]
+        return self.predict_response(None)
 
     def residuals(self):
         """Response residuals `y - fitted()` of the training rows (proportions for binomial)."""
         x, y = self._require_fit()
-        return self._response_vector(y) - self.fitted()
+        return response_lib.proportion(y) - self.fitted()
+
+    def _kept_terms(self, re_form):
+        """The terms a `re_form` keeps: all (None), none (`~0`, `NA`), or those it names."""
+        if re_form is None:
+            return set(self.terms)
+        text = str(re_form).strip()
+        if text.replace(" ", "") in ("~0", "NA", "~1-1"):
+            return set()
+        try:
+            groups = {t.group for t in parse_formula(text if text.startswith("~") else "~" + text).random}
+        except ValueError as err:
+            raise ValueError(f"`re_form` must be None, '~0' or a formula of random terms: {err}") from err
+        if not groups:
+            raise ValueError(
+                "`re_form` must be None (all random effects), '~0' (none) or random-effect terms such "
+                f"as '~(1|g)'. Received: re_form={re_form!r}"
+            )
+        by_group = {results_lib.term_group(self, t): t for t in self.terms}
+        unknown = sorted(groups - {results_lib.term_group(self, t) for t in self.terms})
+        if unknown:
+            raise ValueError(
+                f"`re_form` names grouping factor(s) {unknown} that the model does not have; its terms' "
+                f"groups are {sorted(by_group)}."
+            )
+        return {t for t in self.terms if results_lib.term_group(self, t) in groups}
 
     def _prediction_inputs(self, newdata, re_form, allow_new_levels):
+        """Inputs for prediction; terms left out by `re_form` get level -1 (the population)."""
         if newdata is None:
             x, _ = self._require_fit()
         elif isinstance(newdata, pd.DataFrame):
@@ -1012,19 +1042,15 @@ class GLMM(keras.Model):
             x, _ = self._frame_arrays(newdata, with_response=False)
         else:
             x = newdata
-        x = dict(x)
-        if re_form is not None:
-            text = str(re_form).replace(" ", "")
-            if text not in ("~0", "NA", "~1-1"):
-                raise ValueError(
-                    "`re_form` must be None (all random effects) or '~0' (none). "
-                    f"Received: re_form={re_form!r}"
-                )
-            for term in self.terms:
-                x[term.name] = np.full(len(next(iter(x.values()))), -1, "int64")
-            return x, True
-        if not allow_new_levels:
-            for term in self.terms:
+        x = {k: v for k, v in x.items() if k != response_lib.WEIGHTS}
+        if composition.is_network(self.fixed_effects):  # level names -> indices, strings -> tensors
+            x = composition.prediction_inputs(self, x)
+        kept = self._kept_terms(re_form)
+        rows = len(x["x"]) if "x" in x else len(next(iter(x.values())))
+        for term in self.terms:
+            if term not in kept:
+                x[term.name] = np.full(rows, -1, "int64")
+            elif not allow_new_levels:
                 new = np.flatnonzero(np.asarray(x[term.name]) < 0)
                 if new.size:
                     group = results_lib.term_group(self, term)
@@ -1033,7 +1059,7 @@ class GLMM(keras.Model):
                         f"({new.size} rows); pass allow_new_levels=True to predict them at "
                         "the population level."
                     )
-        return x, False
+        return x
 
     def predict_response(self, newdata=None, re_form=None, allow_new_levels=True, type="response"):
         """lme4's `predict`: the mean response (or linear predictor) for new data.
@@ -1042,7 +1068,8 @@ class GLMM(keras.Model):
             newdata: a DataFrame (formula models), a dict of arrays, or None for the
                 training rows.
             re_form: None to include every random effect; `"~0"` for the fixed
-                effects only (population level).
+                effects only (population level); random terms such as `"~(1|g)"` for
+                the terms of those grouping factors only.
             allow_new_levels: levels not seen in training get the population value
                 (random effect 0); False makes them an error.
             type: `"response"` (the mean) or `"link"` (the linear predictor).
@@ -1052,59 +1079,113 @@ class GLMM(keras.Model):
         """
         if type not in ("response", "link"):
             raise ValueError(f"`type` must be 'response' or 'link'. Received: type={type!r}")
-        x, _ = self._prediction_inputs(newdata, re_form, allow_new_levels)
-        out = self.predict(x, verbose=0)
+        x = self._prediction_inputs(newdata, re_form, allow_new_levels)
+        out = super().predict(x, verbose=0)
         return out["mean"] if type == "response" else out["eta"]
 
-    def posterior_predictive(self, newdata=None, num_draws=1000, seed=None, re_form=None):
+    def predict(self, x, *args, **kwargs):
+        """Keras's `predict`; a data frame (formula models) gives `predict_response`'s means."""
+        if isinstance(x, pd.DataFrame):
+            if args or set(kwargs) - {"verbose", "batch_size"}:
+                raise ValueError("predict(data_frame) takes no options beyond verbose and batch_size.")
+            return self.predict_response(x)
+        return super().predict(x, *args, **kwargs)
+
+    def _response_of(self, newdata, trials):
+        """`(trials, prior weights)` of the rows predicted: the training rows' own, or newdata's.
+
+        A binomial model with trials needs the new rows' trials (its cbind columns or
+        weights column in a data frame, else `trials=`), a gaussian model with prior
+        weights their weights: never the training rows'.
+        """
+        if newdata is None:
+            x, y = self._require_fit()
+            given = response_lib.split(y)[1]
+            return (given if trials is None else trials), response_lib.prior_weights(x)
+        with_trials = self._training_arrays is not None and response_lib.split(self._training_arrays[1])[1] is not None
+        design = self.design
+        if design is not None:
+            with_trials = design.response_kind in ("cbind", "proportion")
+        weights = None
+        if isinstance(newdata, pd.DataFrame) and design is not None:
+            column = getattr(self, "_weights", None)
+            if trials is None and design.response_kind == "cbind":
+                try:
+                    trials = design.response(newdata)[:, 1]
+                except ValueError as err:
+                    raise ValueError(
+                        f"Draws of {design.spec.response} need the new rows' trials: newdata must hold "
+                        f"the columns of the cbind() response (successes and failures), or pass trials=. {err}"
+                    ) from err
+            elif trials is None and design.response_kind == "proportion":
+                trials = design._weights_array(newdata, column)
+            if design.weights_kind == "prior" and self.family.name == "gaussian":
+                weights = design.prior_weights(newdata, column)
+        elif isinstance(newdata, dict):
+            weights = response_lib.prior_weights(newdata)
+        if with_trials and trials is None:
+            raise ValueError(
+                "This binomial model was fitted with trials: draws for new rows need theirs (trials=)."
+            )
+        return trials, weights
+
+    def posterior_predictive(self, newdata=None, num_draws=1000, seed=None, re_form=None, trials=None):
         """Posterior predictive draws of the response, `(num_draws, rows)`.
 
         Each draw takes the linear predictor from its posterior, `N(eta, eta_var +
         x' vcov x)` (random effects' uncertainty, a new level's prior variance and
         the fixed effects' standard errors included), then the response from the
-        family: quantiles of the draws are prediction intervals.
+        family: quantiles of the draws are prediction intervals. Binomial draws use
+        the rows' own trials (`trials=`, or newdata's columns); a gaussian model's
+        prior weights divide the rows' variance.
         """
-        x, _ = self._prediction_inputs(newdata, re_form, True)
-        out = self.predict(x, verbose=0)
+        x = self._prediction_inputs(newdata, re_form, True)
+        trials, weights = self._response_of(newdata, trials)
+        out = super().predict(x, verbose=0)
         eta_var = out["eta_var"].astype("float64")
-        if self._training_arrays is not None:
+        if self._training_arrays is not None or self._engine_fit is not None:
             vcov = self.vcov().values
             xx = np.asarray(x["x"], "float64")
             eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
         rng = np.random.default_rng(seed)
         eta = out["eta"][None, :] + np.sqrt(eta_var)[None, :] * rng.standard_normal((num_draws, len(eta_var)))
-        return self._sample_response(eta, x, seed=None if seed is None else seed + 1)
+        return self._sample_response(eta, trials, weights, seed=None if seed is None else seed + 1)
 
-    def _sample_response(self, eta, x, seed=None, trials=None):
+    def _sample_response(self, eta, trials, weights, seed=None):
+        """Responses drawn at linear predictors `eta` `(draws, rows)`."""
         shape = eta.shape
-        params = {k: tf.constant(v, tf.float64) for k, v in self.dispersion().items()}
-        if trials is None and self.family.name == "binomial" and self._training_arrays is not None:
-            y = self._training_arrays[1]
-            if np.ndim(y) == 2 and len(y) == shape[-1]:
-                trials = y[:, 1]
+        params = {k: np.full(shape, v) for k, v in self.dispersion().items()}
+        if weights is not None and self.family.name == "gaussian":
+            params["scale"] = params["scale"] / np.sqrt(np.maximum(weights, 1e-300))[None, :]
+        params = {k: tf.constant(v, tf.float64) for k, v in params.items()}
         trials_t = None if trials is None else tf.constant(np.broadcast_to(trials, shape), tf.float64)
-        dist = self.family.distribution(tf.constant(eta.reshape(shape), tf.float64), params, trials=trials_t)
+        dist = self.family.distribution(tf.constant(eta, tf.float64), params, trials=trials_t)
         return dist.sample(seed=seed).numpy()
 
     def simulate(self, nsim=1, seed=None):
         """lme4's `simulate`: new responses for the training rows, `(nsim, rows)`.
 
         Random effects are drawn afresh from their fitted prior `N(0, Sigma)` (lme4's
-        default `re.form = NA`), fixed effects and dispersion at their estimates.
+        default `re.form = NA`), fixed effects and dispersion at their estimates;
+        binomial trials and a gaussian model's prior weights are the training rows'.
         """
         x, _ = self._require_fit()
+        trials, weights = self._response_of(None, None)
         rng = np.random.default_rng(seed)
-        eta = np.asarray(self.predict_response(x, re_form="~0", type="link"), "float64")
+        eta = np.asarray(self.predict_response(None, re_form="~0", type="link"), "float64")
         eta = np.tile(eta, (nsim, 1))
         for term in self.terms:
-            chol = np.linalg.cholesky(term.prior_covariance())
-            b = rng.standard_normal((nsim, term.num_levels, term.num_effects)) @ chol.T
+            # A square root that a boundary fit's singular covariance also has.
+            values, vectors = np.linalg.eigh(term.prior_covariance())
+            root = vectors * np.sqrt(np.maximum(values, 0.0))
+            b = rng.standard_normal((nsim, term.num_levels, term.num_effects)) @ root.T
             n = len(x["x"])
             z = np.ones((n, 1)) if term.intercept else np.zeros((n, 0))
             if term.num_covariates:
                 z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
             eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
-        return self._sample_response(eta, x, seed=None if seed is None else seed + 1)
+        return self._sample_response(eta, trials, weights if self.family.name == "gaussian" else None,
+                                     seed=None if seed is None else seed + 1)
 
     def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).
@@ -1127,13 +1208,15 @@ class GLMM(keras.Model):
                 x is self._training_arrays[0] and y is self._training_arrays[1]):
             return dict(self._engine_fit["report"])
         x, y, num_rows = self.prepare(x, y, initialize=False)
+        weights = response_lib.prior_weights(x)
         # In chunks: the quadrature's (rows, nodes) intermediates of 10M rows at
         # once would take gigabytes.
         ell = 0.0
         for start in range(0, num_rows, ELBO_CHUNK_ROWS):
             rows = slice(start, start + ELBO_CHUNK_ROWS)
             y_pred = self({key: value[rows] for key, value in x.items()}, training=False)
-            ell += float(tf.reduce_sum(self.expected_log_likelihood(y[rows], y_pred)))
+            w = None if weights is None else tf.constant(weights[rows], self.compute_dtype)
+            ell += float(np.sum(self.expected_log_likelihood(y[rows], y_pred, w).numpy().astype("float64")))
         kl = self._total_kl()
         return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
 

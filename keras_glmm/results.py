@@ -13,6 +13,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 from scipy import stats
 
+from keras_glmm import response as response_lib
+
 
 # A standard deviation below this fraction of its effect's scale, or a correlation
 # within this distance of +-1, is a boundary ("singular") fit, as lme4's isSingular
@@ -135,10 +137,7 @@ def _boundary_components(model, boundary):
 # ---------------------------------------------------------------- vcov
 def _second_derivative(model, y, eta, params):
     """`-d^2 log p(y_i | eta_i) / d eta_i^2` at each row (observed information)."""
-    y = np.asarray(y, "float64")
-    trials = None
-    if y.ndim == 2:
-        y, trials = y[:, 0], y[:, 1]
+    y, trials = response_lib.split(np.asarray(y, "float64"))
     eta = np.asarray(eta, "float64")
     _, _, second, _ = model.family.log_prob_derivatives(y, eta, params, trials=trials)
     return -second
@@ -180,6 +179,9 @@ def fixed_vcov(model, x, y):
     params = model.dispersion()
     w = _second_derivative(model, y, pred["eta"].numpy(), params)
     w = np.maximum(w, 0.0)  # a row with negative curvature adds no information
+    prior = response_lib.prior_weights(x)
+    if prior is not None:
+        w = w * prior
     X = np.asarray(x["x"], "float64")
     Wd = sp.diags(w)
     xtwx = X.T @ (w[:, None] * X)

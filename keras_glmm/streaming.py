@@ -76,6 +76,7 @@ from keras_glmm.design import (
     _level_str,
     _unquote,
 )
+from keras_glmm import response as response_lib
 from keras_glmm.families import get_family
 from keras_glmm.formula import FormulaSpec, parse_formula
 from keras_glmm.levels import combine_keys, frame_codes, level_name
@@ -580,7 +581,7 @@ class _Reader:
                 return  # a two-level factor: its levels are checked by the design
         with _located(path, unit):
             y = stub.response(frame, self.weights)
-        response, trials = (y[:, 0], y[:, 1]) if y.ndim == 2 else (y, None)
+        response, trials = response_lib.split(y)
         with _located(path, unit, index=frame.index):
             family.check_response(response, trials, name=f"response '{spec.response}'")
 
@@ -765,7 +766,8 @@ def scan(
     if na_action not in ("raise", "omit"):
         raise ValueError(f"na_action must be 'raise' or 'omit', got {na_action!r}")
     if weights is not None and not isinstance(weights, str):
-        raise TypeError("with files, `weights` must be the name of a column (the binomial trials)")
+        raise TypeError(
+            "with files, `weights` must be the name of a column (binomial trials or prior weights)")
     family_obj = get_family(family) if isinstance(family, str) else family
     spec = parse_formula(formula) if isinstance(formula, str) else formula
     if not isinstance(spec, FormulaSpec):
@@ -915,7 +917,7 @@ def _chunk_arrays(design, family, dtype, reader, path, frame):
                 f"'{_unquote(r.term.group)}' is not among the model's levels (the data it was "
                 "built from): build the model from these files"
             )
-    response, trials = (y[:, 0], y[:, 1]) if y.ndim == 2 else (y, None)
+    response, trials = response_lib.split(y)
     with _located(path, unit, index=frame.index):
         family.check_response(response, trials, name=f"response '{design.spec.response}'")
     dtype = np.dtype(dtype)
@@ -1000,6 +1002,8 @@ def _signature(design, dtype):
         x[r.name] = tf.TensorSpec((None,), tf.int64)
         if r.n_covariates:
             x[r.name + "_z"] = tf.TensorSpec((None, r.n_covariates), dtype)
+    if design.weights_kind == "prior":
+        x["weights"] = tf.TensorSpec((None,), dtype)
     two = design.response_kind in ("cbind", "proportion")
     y = tf.TensorSpec((None, 2) if two else (None,), dtype)
     return x, y

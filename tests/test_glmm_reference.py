@@ -1,4 +1,4 @@
-"""`kg.glmm(formula, data)` on every lme4 reference case (numbers in `tests/references.py`).
+"""`kg.glmm(formula, data)` on every lme4 reference case (numbers in `tests/reference_data.py`).
 
 Gaussian models are fitted exactly by the engine: estimates, standard deviations,
 correlations and standard errors match lme4 to 1e-4 relative and the ELBO is lme4's
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import keras_glmm as kg
-from tests import references as refs
+import reference_data as refs
 
 _FITS = {}
 

@@ -104,8 +104,18 @@ class AdaptiveQuadrature:
         per term), `params` (by name); and the levels' posterior moments in `u`."""
         eta0 = self.offset + self.x @ beta
         if self.kind == "single":
-            return self._single(eta0, lambdas[0], params)
-        return self._nested(eta0, lambdas[0], lambdas[1], params)
+            value, grads = self._single(eta0, lambdas[0], params)
+        else:
+            value, grads = self._nested(eta0, lambdas[0], lambdas[1], params)
+        # What prior weights add beside w * log p (the gaussian's precisions) does
+        # not depend on the random effects: it leaves the integrals.
+        extra = self.family._weight_terms(self.weights, params, np)
+        if extra is not None:
+            value += float(np.sum(extra[0]))
+            grads["expected_log_likelihood"] += float(np.sum(extra[0]))
+            for k, g in extra[1].items():
+                grads["params"][k] = grads["params"].get(k, 0.0) + float(np.sum(g))
+        return value, grads
 
     def _single(self, eta0, lam, params):
         block = self.inner

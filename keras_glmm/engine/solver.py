@@ -366,7 +366,11 @@ class VariationalSolver:
         )
         w = self.weights
         h = np.where(var > 0, -2.0 * d_var, -second)
-        return w * value, w * first, w * h, pgrad
+        value = w * value
+        extra = self.family._weight_terms(w, params, np)  # e.g. gaussian precisions
+        if extra is not None:
+            value = value + extra[0]
+        return value, w * first, w * h, pgrad
 
     def _covariance_state(self, lambdas, h):
         """`q`'s covariance `V = A_uu(h)^-1` on the pattern, and what the ELBO needs of it."""

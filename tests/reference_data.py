@@ -11,7 +11,9 @@
   cases by adaptive Gauss-Hermite quadrature converged in the number of nodes, with
   lme4's Laplace answer beside them;
 - `glmmtmb_reference.json` (made by `make_reference_glmmtmb.R`): glmmTMB fits of
-  families lme4 lacks.
+  families lme4 lacks;
+- `weights_reference.json` (made by `make_reference_weights.R`): lme4 fits with
+  prior weights (gaussian precisions; Poisson likelihood weights at nAGQ = 25).
 
 Each case's data set is bundled with the package (`keras_glmm.datasets`).
 """
@@ -54,6 +56,7 @@ def _read(name):
 
 LME4 = {**_read("lme4_reference.json"), **_read("lme4_reference_more.json")}
 EXACT_ML = _read("exact_ml.json")
+WEIGHTS = _read("weights_reference.json")
 
 
 def cases(families=None):
