@@ -1,6 +1,7 @@
 """`GLMM`: a Keras model whose `fit` maximizes the evidence lower bound of a GLMM."""
 
 import contextlib
+import math
 import warnings
 
 import keras
@@ -348,14 +349,27 @@ class GLMM(keras.Model):
             steps_per_execution=steps_per_execution, **kwargs,
         )
 
+    def get_compile_config(self):
+        """Keras's compile config, and whether the optimizer was the default one."""
+        config = super().get_compile_config() or {}
+        config["default_optimizer"] = bool(getattr(self, "_default_optimizer", True))
+        return config
+
     def compile_from_config(self, config):
-        """Restores the compiled state of a loaded model (optimizer and its settings)."""
-        config = keras.saving.deserialize_keras_object(config)
+        """Restores the compiled state of a loaded model (optimizer and its settings).
+
+        A model compiled with the default optimizer stays so: a later fit may use the
+        engine, or switch between the full-batch and minibatch optimizers.
+        """
+        default = bool(config.get("default_optimizer", False))
+        config = keras.saving.deserialize_keras_object(
+            {k: v for k, v in config.items() if k != "default_optimizer"})
         self.compile(
             optimizer=config.get("optimizer"),
             jit_compile=config.get("jit_compile", False),
             steps_per_execution=config.get("steps_per_execution"),
         )
+        self._default_optimizer = self._default_optimizer or default
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
@@ -426,6 +440,7 @@ class GLMM(keras.Model):
         if not minibatch:
             dataset = tf.data.Dataset.from_tensors(data).repeat()
             steps_per_epoch = steps_per_epoch or 100
+            self.use_full_batch_optimizer()
         else:
             batch_size = batch_size or default_batch_size(num_rows)
             dataset = minibatches(data, batch_size)
@@ -780,6 +795,28 @@ class GLMM(keras.Model):
             )
         self._default_optimizer = True
 
+    def use_full_batch_optimizer(self):
+        """Undoes `use_minibatch_optimizer` for a full-batch stochastic-VI fit.
+
+        After minibatches the priors were moved by the M-step only (their weights
+        not trainable) and the random effects by natural-gradient steps; a
+        full-batch fit with the default optimizer gives every weight back to
+        `SparseAdam`, so that nothing stays frozen.
+        """
+        if not getattr(self, "_default_optimizer", False):
+            return
+        if getattr(self.optimizer, "natural_step", None) is None:
+            return
+        for term in self.terms:
+            if term.scale_prior is None:
+                term.log_scale.trainable = True
+                if term.num_correlations:
+                    term.correlation.trainable = True
+        with self.distribute_strategy.scope():
+            self.compile(optimizer=SparseAdam(learning_rate=0.05), steps_per_execution=self.steps_per_execution,
+                         jit_compile=False)
+        self._default_optimizer = True
+
     def prepare(self, x, y, initialize=True):
         """Checks in-memory data, counts levels and (optionally) initializes weights.
 
@@ -979,8 +1016,51 @@ class GLMM(keras.Model):
         return bool(results_lib.singular_components(self))
 
     def coef_table(self):
-        """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect."""
-        return results_lib.coef_table(self.fixef(), self.vcov().values)
+        """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect; for a gaussian
+        identity-link model Estimate, Std. Error and t value, as lme4's summary."""
+        gaussian = self.family.name == "gaussian" and self.family.link.name == "identity"
+        return results_lib.coef_table(self.fixef(), self.vcov().values, t_values=gaussian)
+
+    # lme4's generics -----------------------------------------------------
+    def _summary(self):
+        if self.fit_summary_ is None:
+            raise ValueError("The model has not been fitted: call `fit` first.")
+        return self.fit_summary_
+
+    def logLik(self):  # noqa: N802 - lme4's name
+        """lme4's `logLik`: the log-likelihood at the fit (the REML criterion for REML fits).
+
+        Exact for a gaussian model fitted by the engine, and for a GLMM the engine
+        finished by adaptive quadrature; otherwise the ELBO, a lower bound of it
+        (`fit_summary_["likelihood"]` says which).
+        """
+        return float(self._summary()["elbo"])
+
+    def nobs(self):
+        """lme4's `nobs`: the number of observations fitted."""
+        return int(self._summary()["nobs"])
+
+    def deviance(self):
+        """`-2 logLik`, lme4's `deviance` of a maximum-likelihood fit."""
+        return -2.0 * self.logLik()
+
+    def AIC(self):  # noqa: N802 - lme4's name
+        """`-2 logLik + 2 k`, `k` the fixed effects, variance parameters and dispersion."""
+        return self.deviance() + 2.0 * self._summary()["num_parameters"]
+
+    def BIC(self):  # noqa: N802 - lme4's name
+        """`-2 logLik + log(n) k`."""
+        return self.deviance() + math.log(self.nobs()) * self._summary()["num_parameters"]
+
+    def sigma(self):
+        """lme4's `sigma`: the residual sd of a gaussian model, `1 / sqrt(shape)` of a gamma
+        model (its coefficient of variation), 1 for the others."""
+        params = self.dispersion()
+        if self.family.name == "gaussian":
+            return float(params["scale"])
+        if "shape" in params:
+            return float(1.0 / math.sqrt(params["shape"]))
+        return 1.0
 
     def ranef(self, condvar=True):
         """Per grouping factor a DataFrame of conditional means (and posterior sds)."""

@@ -195,9 +195,14 @@ def fixed_vcov(model, x, y):
     return np.linalg.inv(schur)
 
 
-def coef_table(fixef, vcov):
+def coef_table(fixef, vcov, t_values=False):
+    """Estimate, Std. Error and z value with Pr(>|z|); or, as lme4 prints a linear mixed
+    model's (`t_values`), t value without p-values (their degrees of freedom are not
+    defined)."""
     se = np.sqrt(np.diag(vcov))
     z = fixef.values / se
+    if t_values:
+        return pd.DataFrame({"Estimate": fixef.values, "Std. Error": se, "t value": z}, index=fixef.index)
     return pd.DataFrame(
         {"Estimate": fixef.values, "Std. Error": se, "z value": z,
          "Pr(>|z|)": 2 * stats.norm.sf(np.abs(z))},
@@ -270,9 +275,8 @@ def report(model):
         }[fit.get("likelihood", "exact" if fit["exact"] else "bound")]
         lines.append(f"     ELBO {elbo:.4f}" + how)
         if not getattr(model, "reml", False):
-            nobs = fit["nobs"]
             lines.append(
-                f"      AIC {-2 * elbo + 2 * npar:.2f}   BIC {-2 * elbo + math.log(nobs) * npar:.2f}"
+                f"      AIC {model.AIC():.2f}   BIC {model.BIC():.2f}"
                 f"   (from the ELBO, {npar} parameters)"
             )
     lines.append("")
