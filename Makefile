@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install example test bench bench-fast clean
+.PHONY: install example test bench bench-fast bench-everyday clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench-fast: $(STAMP)
 	$(PY) benchmarks/bench_levels.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_crossed.py --no-glmer
+
+# Every open reference case (and a synthetic series of 10k to 1M rows) with keras_glmm,
+# lme4 (when Rscript and lme4 are installed) and GPBoost (the `bench` extra), in one run;
+# lme4 is skipped above 100k synthetic rows (`--max-lme4-rows`).
+bench-everyday: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) benchmarks/bench_everyday.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -59,6 +59,29 @@ EXACT_ML = _read("exact_ml.json")
 WEIGHTS = _read("weights_reference.json")
 
 
+# TFP's GLMM tutorial, its published VI estimates (3000 noisy Adam steps, sigma fixed at 1).
+TUTORIAL = {"intercept": 1.4353, "floor": -0.6702, "county_scale": 0.2873}
+
+
+def named(name):
+    """A gaussian or GLMM case's estimates by the package's names: `{"(Intercept)": ...,
+    "Days": ..., "Subject.(Intercept)": ..., "Subject.corr": ..., "Residual": ..., "logLik": ...}`."""
+    case = LME4[name]
+    out = dict(case["fixef"])
+    for (grp, var1, var2), value in sdcor(case).items():
+        key = "Residual" if grp == "Residual" else (f"{grp}.corr" if var2 else f"{grp}.{var1}")
+        out[key] = value
+    out["logLik"] = case["logLik"]
+    return out
+
+
+def radon_estimates():
+    """lme4's radon ML fit under the names of the distribution tests' workers."""
+    radon = named("radon")
+    return {"intercept": radon["(Intercept)"], "floor": radon["floor"],
+            "county_sd": radon["county.(Intercept)"], "residual_sd": radon["Residual"]}
+
+
 def cases(families=None):
     """Names of the lme4 cases, optionally of the given families only."""
     return [name for name, case in LME4.items() if families is None or case["family"] in families]

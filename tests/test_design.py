@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keras_glmm.datasets import (
+    load_gcsemv,
     load_cbpp,
     load_grouseticks,
     load_penicillin,
@@ -340,12 +342,7 @@ def test_random_factor_slope_drops_unused_categories():
 
 def test_gcsemv_factor_slope_design():
     """lme4's reference case `course ~ gender + (gender | school)` (na.omit: 1725 rows)."""
-    path = Path("/work/shared/data/gcsemv_factor_slope.csv")
-    if not path.exists():
-        path = Path(__file__).parents[1] / "keras_glmm/datasets/data/gcsemv_factor_slope.csv"
-    if not path.exists():
-        pytest.skip("gcsemv_factor_slope.csv is not available")
-    data = pd.read_csv(path)
+    data = load_gcsemv()
     complete = data.dropna(subset=["course", "gender", "school"])
     assert len(complete) == 1725 and len(data) == 1905
     d = Design.from_data("course ~ gender + (gender | school)", complete, "gaussian")

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+import reference_data as refs
+
 WORKER = Path(__file__).with_name("_distribute_worker.py")
 TIMEOUT = 300
 
 # lme4 maximum-likelihood fits.
-RADON_LME4 = {"intercept": 1.4612, "floor": -0.6926, "county_sd": 0.3245, "residual_sd": 0.7552}
-RADON_ELBO = -1081.825  # lme4's logLik: the ELBO of the exact posterior
+RADON_LME4 = refs.radon_estimates()
+RADON_ELBO = refs.LME4["radon"]["logLik"]  # the ELBO of the exact posterior
 
 
 def _start(*args):

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+import reference_data as refs
+
 WORKER = Path(__file__).with_name("_multiworker_worker.py")
 TIMEOUT = 240
 
-RADON_LME4 = {"intercept": 1.4612, "floor": -0.6926, "county_sd": 0.3245, "residual_sd": 0.7552}
-RADON_ELBO = -1081.825  # lme4's logLik
+RADON_LME4 = refs.radon_estimates()
+RADON_ELBO = refs.LME4["radon"]["logLik"]
 
 
 def _free_ports(n):

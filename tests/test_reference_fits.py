@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 
 import keras_glmm as kg
+import reference_data as refs
 
-RADON_ML = {"(Intercept)": 1.46115822, "floor": -0.69263647124, "county": 0.32446402067,
-            "Residual": 0.75515962093, "logLik": -1081.8252865969}
-SLEEPSTUDY_ML = {"(Intercept)": 251.4051048485, "Days": 10.4672859596,
-                 "Subject.(Intercept)": 23.7797595895, "Subject.Days": 5.7167985139,
-                 "corr": 0.081321093427, "Residual": 25.5919070365, "logLik": -875.9696722445}
-CBPP_FIXEF = np.array([-1.3983428645, -0.99192497498, -1.1282162159, -1.5797454136])
-CBPP_SE = np.array([0.2312140481, 0.30315064454, 0.32283015323, 0.42204915943])
-CBPP_HERD_SD = 0.64206992773
-# TFP's tutorial, its published VI estimates (3000 noisy Adam steps).
-TUTORIAL = {"intercept": 1.4353, "floor": -0.6702, "county_scale": 0.2873}
+RADON_ML = refs.named("radon") | {"county": refs.named("radon")["county.(Intercept)"]}
+SLEEPSTUDY_ML = refs.named("sleepstudy") | {"corr": refs.named("sleepstudy")["Subject.corr"]}
+CBPP_FIXEF = refs.fixef("cbpp")
+CBPP_SE = refs.se("cbpp")
+CBPP_HERD_SD = refs.named("cbpp")["herd.(Intercept)"]
+TUTORIAL = refs.TUTORIAL
 
 
 def relerr(a, b):
