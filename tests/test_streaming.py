@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 import keras_glmm as kg
+import reference_data as refs
 from keras_glmm import streaming
 from keras_glmm.design import Design
 
@@ -374,3 +375,25 @@ def test_streamed_pass_emits_every_row_once_per_epoch(sleep_fits):
         np.testing.assert_array_equal(subject[order], want_x["Subject"][want])
         np.testing.assert_array_equal(x[order], want_x["x"][want])
         np.testing.assert_allclose(y[order], want_y[want], rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:GLMM fit did not converge")
+def test_files_sorted_by_group_stream_to_the_same_fit(tmp_path):
+    """Exports are often sorted by group: with a shuffle buffer smaller than the data,
+    each window of the files holds few counties. The block shuffle still gives the fit
+    of randomly ordered files (measured at scale: benchmarks/bench_sorted_files.py)."""
+    radon = kg.datasets.load_radon()[["log_radon", "floor", "county"]]
+    fits = {}
+    for name, frame in (("shuffled", radon.sample(frac=1.0, random_state=0)),
+                        ("sorted", radon.sort_values("county", kind="stable"))):
+        folder = tmp_path / name
+        folder.mkdir()
+        for i, part in enumerate(np.array_split(np.arange(len(frame)), 2)):
+            frame.iloc[part].to_csv(folder / f"part-{i}.csv", index=False)
+        fits[name] = kg.glmm("log_radon ~ floor + (1|county)", kg.read_csv(str(folder / "*.csv")),
+                             batch_size=128, shuffle_buffer=256, seed=0, epochs=25)
+    lme4 = refs.named("radon")
+    se = refs.se("radon")
+    for name, fit in fits.items():
+        assert np.all(np.abs(fit.fixef().values - refs.fixef("radon")) < 0.25 * se), name
+        assert fit.random_effects[0].prior_stddev()[0] == pytest.approx(lme4["county.(Intercept)"], rel=0.1), name
