@@ -66,9 +66,11 @@ iterations; the model runs one per Keras `train_step`.
 The solver knows nothing of Keras: it takes arrays (`Structure`) and a family.
 """
 
+import contextlib
 import math
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from keras_glmm.engine.blocked import BlockedSystem
 from keras_glmm.engine.quadrature import AdaptiveQuadrature, design_of
@@ -77,6 +79,10 @@ from keras_glmm.engine.structure import Structure
 
 # lme4's isSingular: a diagonal entry of a (relative) covariance factor below this.
 SINGULAR_TOLERANCE = 1e-4
+# Below this many dense coefficients the engine's linear algebra runs on one BLAS
+# thread: splitting a 100 x 100 Cholesky across threads costs more than it saves,
+# and far more (milliseconds per call) when other processes hold the cores.
+SMALL_DENSE = 600
 # Adaptive quadrature's nodes per dimension: with 25 the exact log-likelihoods of
 # the reference cases are reproduced to 1e-4 nats or better (40: 1e-9).
 AGQ_POINTS = 25
@@ -523,6 +529,10 @@ class VariationalSolver:
             dispersion: dispersion parameters by name (other families).
             u: optional per-term `(L, k)` spherical posterior means (other families).
         """
+        with self._threads():
+            return self._start(lambdas, beta, dispersion, u)
+
+    def _start(self, lambdas, beta=None, dispersion=None, u=None):
         s = self.structure
         ordered = [np.asarray(lambdas[s.order.index(b)], dtype=np.float64) for b in range(s.num_random)]
         ordered = [np.where(np.tril(np.ones_like(l)) > 0, l, 0.0) for l in ordered]
@@ -575,12 +585,22 @@ class VariationalSolver:
             self._inner_start = dict(u=last["u"], beta=last["beta"], h=last["h"], lambdas=last["lambdas"])
         self.state = self._last
 
+    def _threads(self):
+        """One BLAS thread for small dense blocks (see `SMALL_DENSE`)."""
+        if self.system.num_dense < SMALL_DENSE:
+            return threadpool_limits(limits=1, user_api="blas")
+        return contextlib.nullcontext()
+
     def step(self):
         """One quasi-Newton iteration; returns `report()`.
 
         Variance parameters on the profiled ELBO first; once that converges, where
         the design allows, all parameters on the exact log-likelihood.
         """
+        with self._threads():
+            return self._step()
+
+    def _step(self):
         self.optimizer.step()
         if self.phase == "variational":
             self._accept()
@@ -717,6 +737,10 @@ class VariationalSolver:
         optimum, the Schur complement of the random effects in the observed
         information `A(-f''(E_q eta))`, conditional on the variance parameters.
         """
+        with self._threads():
+            return self._fixed_covariance()
+
+    def _fixed_covariance(self):
         st = self.state
         if self.conjugate:
             return st["sigma2"] * st["factor"].fixed_covariance()
