@@ -286,3 +286,14 @@ def test_numpy_kernels_are_the_tensorflow_maths(family, link, params, trials):
             np.testing.assert_allclose(numpy_out[3][5:], traced[3].numpy()[5:], rtol=1e-10, atol=1e-10)
         for name, g in zip(names, traced[4]):
             assert numpy_out[4][name] == pytest.approx(float(g), rel=1e-10, abs=1e-10)
+
+
+def test_a_posterior_beyond_the_budget_names_the_term_and_the_way_out():
+    import keras_glmm as kg
+
+    data = kg.datasets.load_penicillin()
+    with pytest.raises(TooLarge, match=r"term 'sample' alone has 6 .*posterior='mean_field'"):
+        kg.glmm("diameter ~ 1 + (1|plate) + (1|sample)", data, posterior="joint", memory_budget=100)
+    with pytest.warns(RuntimeWarning, match=r"Falling back to stochastic VI"):
+        fit = kg.glmm("diameter ~ 1 + (1|plate) + (1|sample)", data, memory_budget=100, epochs=5)
+    assert fit.posterior_kind == "mean-field"
