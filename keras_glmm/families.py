@@ -69,6 +69,13 @@ def _std_normal(dtype):
     return tfd.Normal(tf.zeros([], dtype), tf.ones([], dtype))
 
 
+def _cast(value, dtype):
+    """`value` as a `dtype` tensor; numbers go straight to `dtype`, not through float32."""
+    if isinstance(value, (int, float, list, tuple, np.ndarray, np.generic)):
+        return tf.constant(np.asarray(value, dtype.as_numpy_dtype))
+    return tf.cast(value, dtype)
+
+
 def _float_tensor(x, dtype=None):
     """Converts ``x`` to a floating tensor (float32 unless ``dtype`` given)."""
     if dtype is not None:
@@ -539,9 +546,9 @@ class Family:
         missing = [p for p in self.dispersion_params if p not in params]
         if missing:
             raise ValueError(f"Family {self.name!r} needs params {missing}; got {sorted(params)}.")
-        params = {k: tf.cast(params[k], eta.dtype) for k in self.dispersion_params}
+        params = {k: _cast(params[k], eta.dtype) for k in self.dispersion_params}
         if trials is not None:
-            trials = tf.cast(trials, eta.dtype)
+            trials = _cast(trials, eta.dtype)
         return eta, params, trials
 
     # -- numpy-side helpers ---------------------------------------------
@@ -1179,11 +1186,10 @@ class _ZeroInflated(Family):
         return tf.where(y > 0, positive, zero)
 
     def _numpy_count(self, y, eta, params):
-        """The count component's ``(log f(y), d/deta, d2/deta2, {param: d/dparam})`` in numpy."""
-        raise NotImplementedError
+        """The count component's ``(log f(y), d/deta, d2/deta2, {param: d/dparam})`` in numpy.
 
-    def _numpy_count_zero(self, eta, params):
-        """As `_numpy_count` at ``y = 0``."""
+        At ``y = 0`` it is ``log f(0)`` and its derivatives: one evaluation serves both branches.
+        """
         raise NotImplementedError
 
     def _numpy_log_prob(self, y, eta, params, trials):
@@ -1191,16 +1197,15 @@ class _ZeroInflated(Family):
         log_odds = math.log(odds)
         log_pi, log_rest = -np.logaddexp(0.0, -log_odds), -np.logaddexp(0.0, log_odds)
         pi = math.exp(log_pi)
-        f, d1, d2, dp = self._numpy_count(y, eta, params)
-        f0, z1, z2, zp = self._numpy_count_zero(eta, params)
-        zero = np.logaddexp(log_pi, log_rest + f0)
-        s = np.exp(log_rest + f0 - zero)        # P(count component | y = 0)
+        f, d1, d2, dp = self._numpy_count(y, eta, params)  # at y = 0: log f(0) and its derivatives
+        zero = np.logaddexp(log_pi, log_rest + f)
+        s = np.exp(log_rest + f - zero)         # P(count component | y = 0)
         not_s = np.exp(log_pi - zero)           # P(structural zero | y = 0) = 1 - s
         is_zero = y == 0
         out_f = np.where(is_zero, zero, log_rest + f)
-        out_d1 = np.where(is_zero, s * z1, d1)
-        out_d2 = np.where(is_zero, s * z2 + s * not_s * z1**2, d2)
-        grads = {k: np.where(is_zero, s * zp[k], g) for k, g in dp.items()}
+        out_d1 = np.where(is_zero, s * d1, d1)
+        out_d2 = np.where(is_zero, s * d2 + s * not_s * d1**2, d2)
+        grads = {k: np.where(is_zero, s * g, g) for k, g in dp.items()}
         # d/d log(odds): log pi' = 1 - pi, log(1 - pi)' = -pi.
         grads["zi_odds"] = np.where(is_zero, not_s * (1.0 - pi) - s * pi, -pi) / odds
         return out_f, out_d1, out_d2, grads
@@ -1274,10 +1279,6 @@ class ZeroInflatedPoisson(_ZeroInflated):
         mu = np.exp(eta)
         return y * eta - mu - special.gammaln(y + 1.0), y - mu, -mu, {}
 
-    def _numpy_count_zero(self, eta, params):
-        mu = np.exp(eta)
-        return -mu, -mu, -mu, {}
-
     def _numpy_quadrature(self, y, m, v, params, trials, num_points):
         value, first, second, d_var, grads = super()._numpy_quadrature(y, m, v, params, trials, num_points)
         if num_points:  # the closed form of `_expected_log_prob` for y > 0
@@ -1334,18 +1335,14 @@ class ZeroInflatedNegativeBinomial(_ZeroInflated):
     def _numpy_count(self, y, eta, params):
         theta = params["dispersion"]
         log_theta = math.log(theta)
-        q = special.expit(eta - log_theta)  # mu / (theta + mu)
-        soft = np.logaddexp(0.0, eta - log_theta)
+        x = eta - log_theta
+        q = special.expit(x)  # mu / (theta + mu)
+        soft = np.logaddexp(0.0, x)
+        # softplus(-x) = softplus(x) - x
         f = (special.gammaln(y + theta) - special.gammaln(theta) - special.gammaln(y + 1.0)
-             - theta * soft - y * np.logaddexp(0.0, log_theta - eta))
+             - theta * soft - y * (soft - x))
         d_theta = special.digamma(y + theta) - special.digamma(theta) - soft + q - y * (1.0 - q) / theta
         return f, y - (y + theta) * q, -(y + theta) * q * (1.0 - q), {"dispersion": d_theta}
-
-    def _numpy_count_zero(self, eta, params):
-        theta = params["dispersion"]
-        q = special.expit(eta - math.log(theta))
-        soft = np.logaddexp(0.0, eta - math.log(theta))
-        return -theta * soft, -theta * q, -theta * q * (1.0 - q), {"dispersion": q - soft}
 
     def default_params(self, y, trials=None):
         # Marginal mean m, variance s2 and zero fraction p0 against the ZINB's

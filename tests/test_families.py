@@ -45,6 +45,26 @@ def scipy_logp(family, link, y, eta, params, trials=None):
     if family == "gamma":
         a = params["shape"]
         return stats.gamma.logpdf(y, a=a, scale=mu / a)
+    if family == "beta":
+        # 1 - mu from its own tail formula; mu and 1 - mu floored at sqrt(tiny) as the
+        # family documents (cloglog's 1 - mu = exp(-e^eta) reaches it at eta = 5.9).
+        phi = params["precision"]
+        rest = {"logit": lambda e: special.expit(-e), "probit": lambda e: stats.norm.cdf(-e),
+                "cloglog": lambda e: np.exp(-np.exp(e))}[link](eta)
+        floor = np.sqrt(np.finfo(np.float64).tiny)
+        a, b = np.maximum(mu, floor) * phi, np.maximum(rest, floor) * phi
+        np.testing.assert_allclose(stats.beta.logpdf(y, a, b), special.gammaln(phi) - special.gammaln(a)
+                                   - special.gammaln(b) + (a - 1) * np.log(y) + (b - 1) * np.log1p(-y),
+                                   rtol=1e-9, atol=1e-9)
+        return stats.beta.logpdf(y, a, b)
+    if family in ("zero_inflated_poisson", "zero_inflated_negative_binomial"):
+        pi = params["zi_odds"] / (1.0 + params["zi_odds"])
+        if family == "zero_inflated_poisson":
+            count = stats.poisson.logpmf(y, mu)
+        else:
+            th = params["dispersion"]
+            count = stats.nbinom.logpmf(y, n=th, p=th / (th + mu))
+        return np.where(y == 0, np.log(pi + (1 - pi) * np.exp(count)), np.log1p(-pi) + count)
     raise AssertionError(family)
 
 
@@ -65,6 +85,12 @@ CASES = [
     ("gamma", "inverse", [0.5, 1.0, 2.0], [1.5, 0.7, 0.4], {"shape": 3.0}, None),
     ("gamma", "log", [-0.5, 0.4, 1.5], [0.3, 2.0, 5.0], {"shape": 1.7}, None),
     ("gamma", "identity", [0.5, 2.0, 6.0], [0.8, 1.5, 7.0], {"shape": 4.0}, None),
+    ("beta", "logit", [-2.0, 0.1, 3.0], [0.1, 0.6, 0.97], {"precision": 8.0}, None),
+    ("beta", "probit", [-1.5, 0.2, 1.0], [0.05, 0.5, 0.9], {"precision": 3.0}, None),
+    ("beta", "cloglog", [-2.0, -0.3, 0.8], [0.2, 0.45, 0.99], {"precision": 20.0}, None),
+    ("zero_inflated_poisson", "log", [-1.0, 0.5, 2.3], [0.0, 2.0, 12.0], {"zi_odds": 0.4}, None),
+    ("zero_inflated_negative_binomial", "log", [-0.5, 2.5, 1.0], [0.0, 0.0, 5.0],
+     {"dispersion": 2.5, "zi_odds": 1.5}, None),
 ]
 IDS = [f"{c[0]}-{c[1]}-{'trials' if c[5] else 'n1'}" for c in CASES]
 
@@ -167,6 +193,10 @@ def test_expected_log_prob_vs_numerical_integral(case):
     if link in ("inverse", "identity") and (name, link) != ("gaussian", "identity"):
         # eta must stay away from 0 (mean singular / non-positive): sd = m / 15
         v = (m / 15.0) ** 2
+    elif (name, link) == ("beta", "cloglog"):
+        # log p ~ -e^eta for y near 1 grows double-exponentially: at sd 0.9 the
+        # 32-node rule is good to 1e-6 relative only, at sd 0.55 to 1e-9.
+        v = np.array([0.05, 0.3, 0.3])
     else:
         v = np.array([0.05, 0.3, 0.8])
     tr = None if trials is None else _t(trials)
@@ -201,7 +231,8 @@ def test_expected_log_prob_zero_variance_and_gradients(case):
 @pytest.mark.parametrize(
     "name,link,params",
     [("gaussian", "identity", {"scale": 1.3}), ("gaussian", "log", {"scale": 1.3}),
-     ("poisson", "log", {}), ("gamma", "log", {"shape": 2.2})],
+     ("poisson", "log", {}), ("gamma", "log", {"shape": 2.2}),
+     ("zero_inflated_poisson", "log", {"zi_odds": 0.5})],
 )
 def test_closed_form_gradient_in_variance(name, link, params):
     # d/dv E[f] = 0.5 E[f''] (Price's theorem); compare to quadrature of f''
@@ -321,6 +352,13 @@ def test_unknown_family_and_link_message():
         ("binomial", [1.0, -1.0, 2.0], [3.0, 5.0, 4.0], 1),
         ("gamma", [1.0, 2.0, 0.0], None, 2),
         ("gamma", [-1.0, 2.0, 1.0], None, 0),
+        ("beta", [0.5, 0.0, 0.3], None, 1),
+        ("beta", [0.5, 0.2, 1.0], None, 2),
+        ("beta", [1.2, 0.2, 0.3], None, 0),
+        ("zero_inflated_poisson", [0.0, 2.0, -1.0], None, 2),
+        ("zip", [0.0, 2.5, 1.0], None, 1),
+        ("zero_inflated_negative_binomial", [0.0, 0.5, 1.0], None, 1),
+        ("zinb", [np.nan, 0.0, 1.0], None, 0),
     ],
 )
 def test_check_response_rejects(name, y, trials, row):
@@ -344,6 +382,9 @@ def test_check_response_bad_trials():
         ("poisson", [0, 3, 17], None),
         ("negative_binomial", np.array([0, 3, 17], dtype=np.int64), None),
         ("gamma", [0.1, 2.0, 30.0], None),
+        ("beta", [1e-6, 0.5, 1.0 - 1e-6], None),
+        ("zip", [0, 0, 3, 17], None),
+        ("zinb", np.array([0, 0, 3, 17], dtype=np.int64), None),
     ],
 )
 def test_check_response_accepts(name, y, trials):
@@ -361,3 +402,182 @@ def test_default_params():
     assert fam.get_family("nb").default_params(rng.poisson(3.0, 100) * 0 + 3)["dispersion"] == 1e3
     y = rng.gamma(3.0, 2.0 / 3.0, 20000)
     assert abs(fam.get_family("gamma").default_params(y)["shape"] - 3.0) < 0.15
+
+
+# ------------------------------------------- beta, zero-inflated, gamma near 0
+
+
+def test_new_families_by_name_and_alias():
+    assert isinstance(fam.get_family("beta"), fam.Beta)
+    assert isinstance(fam.get_family("zero_inflated_poisson"), fam.ZeroInflatedPoisson)
+    assert isinstance(fam.get_family("ZIP"), fam.ZeroInflatedPoisson)
+    assert isinstance(fam.get_family("zero_inflated_negative_binomial"), fam.ZeroInflatedNegativeBinomial)
+    assert isinstance(fam.get_family("zinb"), fam.ZeroInflatedNegativeBinomial)
+    assert fam.get_family("beta").link.name == "logit"
+    assert fam.get_family("zip").link.name == "log" and fam.get_family("zinb").link.name == "log"
+    assert fam.get_family("beta").dispersion_params == ("precision",)
+    assert fam.get_family("zip").dispersion_params == ("zi_odds",)
+    assert fam.get_family("zinb").dispersion_params == ("dispersion", "zi_odds")
+    with pytest.raises(ValueError, match="valid links"):
+        fam.get_family("zip", "identity")
+
+
+def test_beta_moments_and_tails():
+    f = fam.get_family("beta")
+    mu, phi = np.array([0.2, 0.5, 0.9]), 12.0
+    d = f.distribution(_t(special.logit(mu)), {"precision": _t(phi)})
+    np.testing.assert_allclose(d.mean().numpy(), mu, rtol=1e-12)
+    np.testing.assert_allclose(d.variance().numpy(), mu * (1 - mu) / (1 + phi), rtol=1e-12)
+    for link in ("logit", "probit", "cloglog"):
+        f = fam.get_family("beta", link)
+        eta = tf.Variable([-40.0, -8.0, 8.0, 40.0], dtype=tf.float64)
+        with tf.GradientTape() as tape:
+            lp = f.log_prob(_t([0.3, 0.3, 0.7, 0.7]), eta, {"precision": _t(5.0)})
+        assert np.all(np.isfinite(lp.numpy())) and np.all(lp.numpy() < 0), link
+        assert np.all(np.isfinite(tape.gradient(lp, eta).numpy())), link
+
+
+@pytest.mark.parametrize("name", ["zero_inflated_poisson", "zero_inflated_negative_binomial"])
+def test_zero_inflated_moments_and_response_mean(name):
+    f = fam.get_family(name)
+    odds, theta = 0.6, 2.0
+    pi = odds / (1 + odds)
+    params = {"zi_odds": _t(odds), "dispersion": _t(theta)} if "negative" in name else {"zi_odds": _t(odds)}
+    eta = np.log([0.5, 3.0, 20.0])
+    mu = np.exp(eta)
+    d = f.distribution(_t(eta), params)
+    np.testing.assert_allclose(d.mean().numpy(), (1 - pi) * mu, rtol=1e-12)
+    extra = pi + (1 / theta if "negative" in name else 0.0)
+    np.testing.assert_allclose(d.variance().numpy(), (1 - pi) * mu * (1 + mu * extra), rtol=1e-10)
+    np.testing.assert_allclose(f.response_mean(_t(eta), {"zi_odds": odds}).numpy(), (1 - pi) * mu, rtol=1e-12)
+    np.testing.assert_allclose(f.mean(_t(eta)).numpy(), mu, rtol=1e-12)  # the count component's
+    y = _t([0.0, 2.0, 15.0])
+    np.testing.assert_allclose(f.log_prob(y, _t(eta), params).numpy(), d.log_prob(y).numpy(), rtol=1e-10)
+
+
+def test_zero_inflated_limits_and_stability():
+    # zi_odds -> 0 is the count family; log(zi_odds) is glmmTMB's zi intercept (logit of pi).
+    eta, y = _t([-1.0, 0.5, 2.0]), _t([0.0, 1.0, 6.0])
+    zip_, zinb = fam.get_family("zip"), fam.get_family("zinb")
+    np.testing.assert_allclose(zip_.log_prob(y, eta, {"zi_odds": 1e-14}).numpy(),
+                               fam.get_family("poisson").log_prob(y, eta).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(zinb.log_prob(y, eta, {"zi_odds": _t(1e-14), "dispersion": _t(1.5)}).numpy(),
+                               fam.get_family("nb").log_prob(y, eta, {"dispersion": _t(1.5)}).numpy(), rtol=1e-10)
+    zi = 0.7  # glmmTMB's zi intercept: p(0) -> pi = plogis(zi) when mu is huge
+    np.testing.assert_allclose(zip_.log_prob(_t([0.0]), _t([40.0]), {"zi_odds": _t(np.exp(zi))}).numpy(),
+                               [special.log_expit(zi)], rtol=1e-12)
+    for f, params in ((zip_, {}), (zinb, {"dispersion": 0.8})):
+        for dtype in (tf.float32, tf.float64):
+            for odds in (1e-12, 1.0, 1e12):
+                eta = tf.Variable([-60.0, -5.0, 0.0, 5.0, 60.0], dtype=dtype)
+                p = {k: tf.constant(v, dtype) for k, v in dict(params, zi_odds=odds).items()}
+                with tf.GradientTape() as tape:
+                    lp = f.log_prob(tf.constant([0.0, 0.0, 3.0, 0.0, 0.0], dtype), eta, p)
+                assert lp.dtype == dtype
+                assert np.all(np.isfinite(lp.numpy())) and np.all(lp.numpy() <= 0), (f.name, dtype, odds)
+                assert np.all(np.isfinite(tape.gradient(lp, eta).numpy())), (f.name, dtype, odds)
+
+
+def test_gamma_inverse_link_at_and_below_zero():
+    # 1 / eta is infinite at eta = 0: the family works with rate = shape * eta and
+    # clamps eta at sqrt(tiny), so values and gradients stay finite and continuous.
+    f = fam.get_family("gamma")
+    floor = np.sqrt(np.finfo(np.float64).tiny)
+    eta = tf.Variable([0.5, 1e-3, floor * 2, 0.0, -0.5], dtype=tf.float64)
+    with tf.GradientTape() as tape:
+        lp = f.log_prob(_t([1.0] * 5), eta, {"shape": _t(3.0)})
+    grad = tape.gradient(lp, eta).numpy()
+    lp = lp.numpy()
+    assert np.all(np.isfinite(lp)) and np.all(np.isfinite(grad))
+    np.testing.assert_allclose(lp[:2], stats.gamma.logpdf(1.0, a=3.0, scale=1.0 / (3.0 * np.array([0.5, 1e-3]))))
+    np.testing.assert_allclose(lp[3:], f.log_prob(_t([1.0]), _t([floor]), {"shape": _t(3.0)}).numpy()[0])
+    np.testing.assert_allclose(lp[2], lp[3] + 3.0 * np.log(2.0), rtol=1e-12)  # continuous at the floor
+    assert grad[0] > 0 and grad[1] > 0 and grad[3] == 0 and grad[4] == 0
+    # Quadrature nodes on both sides of 0: finite value and derivatives, and the
+    # engine's derivative function too.
+    m, v = np.array([0.01, 0.3]), np.array([1e-4, 0.04])
+    value, d1, d2, dv, pg = f.expected_log_prob_derivatives(np.array([80.0, 2.0]), m, v, {"shape": 4.0})
+    for a in (value, d1, d2, dv, np.array(list(pg.values()))):
+        assert np.all(np.isfinite(a))
+    assert d1[0] > 0  # pushes the mean back into the domain
+
+
+def test_gamma_log_link_default_shape_and_elp():
+    rng = np.random.default_rng(1)
+    shape = 25.0  # coefficient of variation 0.2
+    y = rng.gamma(shape, 40.0 / shape, 20000)
+    assert abs(fam.get_family("gamma", "log").default_params(y)["shape"] - shape) < 1.0
+    # closed form at realistic scales (y ~ 40, eta ~ log 40) against quadrature
+    f = fam.get_family("gamma", "log")
+    args = (_t([31.0, 45.0, 52.0]), _t(np.log([38.0, 41.0, 45.0])), _t([1e-4, 0.01, 0.2]), {"shape": _t(shape)})
+    np.testing.assert_allclose(f.expected_log_prob(*args).numpy(), f._quadrature(*args, None, 32).numpy(),
+                               rtol=1e-10)
+
+
+def test_default_params_new_families():
+    rng = np.random.default_rng(2)
+    mu, phi = 0.3, 12.0
+    y = rng.beta(mu * phi, (1 - mu) * phi, 20000)
+    assert abs(fam.get_family("beta").default_params(y)["precision"] - phi) < 0.5
+    pi, lam = 0.3, 4.0
+    y = np.where(rng.random(50000) < pi, 0, rng.poisson(lam, 50000))
+    assert abs(fam.get_family("zip").default_params(y)["zi_odds"] - pi / (1 - pi)) < 0.03
+    theta, lam = 2.0, 5.0
+    y = np.where(rng.random(50000) < pi, 0, rng.negative_binomial(theta, theta / (theta + lam), 50000))
+    got = fam.get_family("zinb").default_params(y)
+    assert abs(got["zi_odds"] - pi / (1 - pi)) < 0.1 and abs(got["dispersion"] - theta) < 0.3
+    # no excess zeros: pi starts at its floor, 0.01
+    y = rng.poisson(3.0, 5000)
+    np.testing.assert_allclose(fam.get_family("zip").default_params(y)["zi_odds"], 0.01 / 0.99)
+    assert fam.get_family("zip").default_params(np.zeros(10))["zi_odds"] > 0
+    assert set(fam.get_family("zinb").default_params(np.zeros(10))) == {"dispersion", "zi_odds"}
+
+
+NEW_KERNEL_CASES = [
+    ("beta", "logit", {"precision": 6.0}), ("beta", "probit", {"precision": 2.5}),
+    ("beta", "cloglog", {"precision": 15.0}), ("zero_inflated_poisson", "log", {"zi_odds": 0.7}),
+    ("zero_inflated_poisson", "log", {"zi_odds": 1e-7}),
+    ("zero_inflated_negative_binomial", "log", {"dispersion": 1.8, "zi_odds": 0.4}),
+    ("zero_inflated_negative_binomial", "log", {"dispersion": 0.3, "zi_odds": 3.0}),
+]
+
+
+@pytest.mark.parametrize("name,link,params", NEW_KERNEL_CASES)
+def test_new_families_numpy_kernels_are_the_tensorflow_maths(name, link, params):
+    # The engine's numpy derivatives (value, d/dm, d2/dm2, d/dv, d/dparams) equal
+    # autodiff of the TF expected_log_prob, quadrature and zero-variance paths.
+    f = fam.get_family(name, link)
+    assert f._has_numpy_kernel()
+    rng = np.random.default_rng(0)
+    n = 120
+    if name == "beta":
+        y = rng.uniform(0.01, 0.99, n)
+        eta = rng.normal(0, 1.5, n)
+        if link == "cloglog":
+            eta[-3:] = [4.0, 6.5, 400.0]  # near and past the floor of 1 - mu, past the cap
+    else:
+        y = np.where(rng.random(n) < 0.4, 0.0, rng.poisson(3, n)).astype(float)
+        eta = rng.normal(0.5, 1.5, n)
+    v = rng.uniform(0, 1, n)
+    v[:5] = 0.0
+    for num_points in (f.quadrature_points, 0):
+        got = f.expected_log_prob_derivatives(y, eta, v, params, num_points=num_points)
+        # autodiff, eagerly (as the traced `_derivatives_function` does)
+        m, vv = tf.Variable(eta), tf.Variable(v)
+        pv = {k: tf.Variable(np.float64(p)) for k, p in params.items()}
+        with tf.GradientTape() as outer:
+            with tf.GradientTape(persistent=True) as inner:
+                value = f.expected_log_prob(_t(y), m, vv if num_points else tf.zeros_like(vv), pv,
+                                            num_points=num_points or None)
+                total = tf.reduce_sum(value)
+            first = inner.gradient(total, m)
+            first_sum = tf.reduce_sum(first)
+        second = outer.gradient(first_sum, m)
+        np.testing.assert_allclose(got[0], value.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(got[1], first.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(got[2], second.numpy(), rtol=1e-9, atol=1e-9)
+        if num_points:
+            d_var = inner.gradient(total, vv).numpy()
+            np.testing.assert_allclose(got[3][5:], d_var[5:], rtol=1e-9, atol=1e-9)
+        for k, p in pv.items():
+            assert got[4][k] == pytest.approx(float(inner.gradient(total, p)), rel=1e-9, abs=1e-9), k

@@ -203,6 +203,8 @@ class BlockedSystem:
         if self.has_diag:
             a00 = _transform(lam[0], cross[0, 0], lam[0]) + np.eye(k0)
             if k0 == 1:
+                if not np.all(a00 > 0):
+                    raise np.linalg.LinAlgError("A is not positive definite")
                 l00 = np.sqrt(a00)
                 l00_inv = 1.0 / l00
             else:

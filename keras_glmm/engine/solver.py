@@ -445,7 +445,10 @@ class VariationalSolver:
                     state = trial
                     break
                 rho *= 0.5
-            h_new = np.maximum(state["hh"], 0.0)
+            # Row curvatures may be negative (a zero-inflated likelihood is not
+            # log-concave at y = 0); the fixed point keeps them as long as `A` stays
+            # positive definite, otherwise the damping below backs off.
+            h_new = state["hh"]
             moved = float(np.max(np.abs(h_new - state["h"]) / (1.0 + np.abs(state["h"])))) if len(h_new) else 0.0
             rho = 1.0
             for _ in range(12):
@@ -460,6 +463,8 @@ class VariationalSolver:
                     state = trial
                     break
                 rho *= 0.5
+            else:
+                moved = 0.0  # no damped step improves the ELBO: the covariance is settled
             if (state["elbo"] - before <= tolerance and decrement <= 1e-9 * (1.0 + abs(state["elbo"]))
                     and moved < 1e-6):
                 break
@@ -565,6 +570,13 @@ class VariationalSolver:
             objective, vector, self.parameters.lower, curvature=curvature, refresh=self.conjugate,
             tolerance=1e-12 if self.conjugate else 1e-10,
         )
+        if not np.isfinite(self.optimizer.f):
+            raise ValueError(
+                f"The starting point has no finite ELBO: the linear predictor at `beta`="
+                f"{np.array2string(np.asarray(beta if beta is not None else np.zeros(self.num_fixed)), precision=4)} "
+                f"is outside the domain of the {self.family.name} family's {self.family.link.name} link "
+                f"(or of its `dispersion`={dispersion}) for some rows. Start `beta` inside it, "
+                "e.g. at least squares on the linked response.")
         self._accept()
         return self.report()
 
