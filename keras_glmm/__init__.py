@@ -6,6 +6,7 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from keras_glmm import datasets, distribute, families, layers, serving, streaming  # noqa: E402
+from keras_glmm import composition, losses  # noqa: E402
 from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
 from keras_glmm.layers import (  # noqa: E402
@@ -14,7 +15,7 @@ from keras_glmm.layers import (  # noqa: E402
     VariationalFixedEffects,
 )
 from keras_glmm.model import GLMM, glmm  # noqa: E402
-from keras_glmm.optimizers import SparseAdam  # noqa: E402
+from keras_glmm.optimizers import NaturalGradient, SparseAdam  # noqa: E402
 from keras_glmm.saving import load_model  # noqa: E402
 from keras_glmm.streaming import read_csv, read_parquet  # noqa: E402
 from keras_glmm.tensorboard import GLMMTensorBoard  # noqa: E402
@@ -27,9 +28,11 @@ __all__ = [
     "FamilyHead",
     "GLMM",
     "GLMMTensorBoard",
+    "NaturalGradient",
     "RandomEffects",
     "SparseAdam",
     "VariationalFixedEffects",
+    "composition",
     "datasets",
     "distribute",
     "families",
@@ -37,6 +40,7 @@ __all__ = [
     "glmm",
     "layers",
     "load_model",
+    "losses",
     "read_csv",
     "read_parquet",
     "serving",

@@ -3,6 +3,10 @@
 import keras
 import numpy as np
 
+from keras_glmm.layers.family_head import FamilyHead
+from keras_glmm.layers.fixed_effects import is_network
+from keras_glmm.layers.random_effects import RandomEffects
+from keras_glmm.optimizers import check_adapted
 
 
 @keras.saving.register_keras_serializable(package="keras_glmm")
@@ -100,7 +104,7 @@ class ELBOConvergence(keras.callbacks.Callback):
 
     def _sds_settled(self):
         """Whether every random-effect sd changed by less than `sd_tolerance` (relative)."""
-        terms = getattr(self.model, "terms", []) if self.sd_tolerance is not None else []
+        terms = random_effect_layers(self.model) if self.sd_tolerance is not None else []
         if not terms:
             return True
         sds = np.concatenate([np.ravel(t.prior_stddev()) for t in terms])
@@ -127,6 +131,87 @@ class ELBOConvergence(keras.callbacks.Callback):
             "monitor": self.monitor,
             "sd_tolerance": self.sd_tolerance,
         }
+
+
+# ---------------------------------------------------------------- recentring
+def random_effect_layers(model):
+    """Every `RandomEffects` layer of a model (a GLMM's terms, or those inside any Keras model)."""
+    terms = getattr(model, "terms", None)
+    if terms is not None:
+        return list(terms)
+    return [layer for layer in model._flatten_layers() if isinstance(layer, RandomEffects)]
+
+
+def output_bias(network):
+    """The bias of a network's output, when its output layer is a linear `Dense(1)` with a bias.
+
+    Adding `c` to it and subtracting `c` from every level's random intercept
+    leaves every linear predictor unchanged, which `recenter_into` uses.
+    """
+    layer = network
+    for _ in range(32):
+        if isinstance(layer, keras.Sequential):
+            layer = layer.layers[-1] if layer.layers else None
+        elif isinstance(layer, keras.Model) and getattr(layer, "outputs", None):
+            outputs = keras.tree.flatten(layer.outputs)
+            if len(outputs) != 1:
+                return None
+            layer = outputs[0]._keras_history.operation
+        else:
+            break
+    if (isinstance(layer, keras.layers.Dense) and layer.units == 1 and layer.use_bias
+            and layer.activation in (keras.activations.linear, None)):
+        return layer.bias
+    return None
+
+
+def head_bias(model):
+    """In a model of your own: the bias of a linear `Dense(1)` whose output is a part of a
+    `FamilyHead`'s linear predictor (the head adds its parts), or None."""
+    heads = [layer for layer in model._flatten_layers() if isinstance(layer, FamilyHead)]
+    for head in heads:
+        for node in getattr(head, "_inbound_nodes", []):
+            for tensor in node.input_tensors:
+                layer = tensor._keras_history.operation
+                if isinstance(layer, keras.Model):
+                    bias = output_bias(layer)
+                elif (isinstance(layer, keras.layers.Dense) and layer.units == 1 and layer.use_bias
+                        and layer.activation in (keras.activations.linear, None)):
+                    bias = layer.bias
+                else:
+                    bias = None
+                if bias is not None:
+                    return bias
+    return None
+
+
+def recenter_into(bias, terms):
+    """Moves each term's mean random intercept into `bias` (an exact step along the
+    direction the data do not identify; see `keras_glmm.callbacks.recenter`)."""
+    if bias is None:
+        return 0.0
+    total = 0.0
+    for term in terms:
+        if not term.intercept or term.scale_prior is not None:
+            continue
+        seen = term.level_counts.numpy() > 0
+        if not seen.any():
+            continue
+        scale = float(term.effect_scale[0])
+        mean = term.posterior_mean.numpy().astype("float64")
+        if term.num_effects == 1:
+            shift = float(mean[seen, 0].mean() * scale)
+        else:
+            # Slopes without a fixed counterpart: the conditional shift of the intercept.
+            precision = np.linalg.inv(term.prior_covariance().astype("float64"))
+            shift = float((precision @ (mean[seen].mean(axis=0) * np.asarray(term.effect_scale)))[0]
+                          / precision[0, 0])
+        mean[seen, 0] -= shift / scale
+        term.posterior_mean.assign(mean.astype(term.posterior_mean.dtype))
+        total += shift
+    if total:
+        bias.assign(bias.numpy() + np.asarray(total, bias.dtype))
+    return total
 
 
 def recenter(model):
@@ -204,20 +289,46 @@ class VarianceUpdate(keras.callbacks.Callback):
     relaxation doubles (up to `max_relaxation`), and it drops back to 1 when the
     direction turns. `GLMM.fit` adds this callback to minibatch fits.
 
+    It works on any Keras model holding `RandomEffects` layers. Recentring needs a
+    fixed part that takes up the levels' mean: a formula GLMM's intercept column, a
+    network's output bias (its last layer a linear `Dense(1)`), or in a model of
+    your own the bias of `intercept`, or of a linear `Dense(1)` layer that feeds a
+    `FamilyHead` directly (found automatically). At the start of training it checks
+    that every random-effects layer was adapted to its level counts.
+
     Args:
         max_relaxation: the largest over-relaxation factor.
+        intercept: optional; in a Keras model of your own, the `Dense(1)` layer (or its
+            bias variable) whose output adds to the linear predictor.
     """
 
-    def __init__(self, max_relaxation=8.0):
+    def __init__(self, max_relaxation=8.0, intercept=None):
         super().__init__()
         self.max_relaxation = float(max_relaxation)
+        self.intercept = intercept
 
     def on_train_begin(self, logs=None):
         self._state = {}
+        check_adapted(random_effect_layers(self.model))
+
+    def _recenter(self):
+        model = self.model
+        if hasattr(model, "terms"):  # a GLMM
+            if is_network(model.fixed_effects):
+                recenter_into(output_bias(model.fixed_effects), model.terms)
+            else:
+                recenter(model)
+            return
+        bias = self.intercept
+        if isinstance(bias, keras.layers.Dense):
+            bias = bias.bias
+        if bias is None:
+            bias = head_bias(model)
+        recenter_into(bias, random_effect_layers(model))
 
     def on_epoch_end(self, epoch, logs=None):
-        recenter(self.model)
-        for term in getattr(self.model, "terms", []):
+        self._recenter()
+        for term in random_effect_layers(self.model):
             relaxation, previous = self._state.get(term.name, (1.0, None))
             step = term.update_prior(relaxation)
             if previous is not None and np.all(np.sign(step) == np.sign(previous)):
@@ -228,3 +339,7 @@ class VarianceUpdate(keras.callbacks.Callback):
 
     def get_config(self):
         return {"max_relaxation": self.max_relaxation}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

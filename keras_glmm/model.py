@@ -123,7 +123,12 @@ class GLMM(keras.Model):
             covariates, when it has slopes).
         fixed_effects: a layer mapping `inputs["x"]` to `(batch, 1)` (point
             estimates) or `(batch, 2)` moments; default `Dense(1, use_bias=False)`,
-            so `x` carries an intercept column when the model has one.
+            so `x` carries an intercept column when the model has one. Or any
+            Keras network mapping features to `(batch, 1)`: the input dict's
+            entries other than the terms', their `_z` covariates and `offset` are
+            then its inputs (numbers, codes, strings for preprocessing layers), and
+            `fit` trains it by stochastic VI with `NaturalGradient` (see
+            `keras_glmm.composition`).
         family: a family name or `keras_glmm.families.Family`.
         link: optional link name (the family's canonical link by default).
         fixed_params: dispersion parameters held fixed, e.g. `{"scale": 1.0}`.

@@ -125,7 +125,9 @@ def _boundary_components(model, boundary):
         names = term_columns(model, term)
         group = term_group(model, term)
         for j in np.flatnonzero(flags):
-            if j == 0 or sd[j] <= SINGULAR_TOLERANCE * max(sd.max(), 1e-300):
+            # Lambda_jj = sd_j sqrt(1 - R_j^2): a small entry is a correlation at
+            # +-1 only when one is near it, else the sd itself is near 0.
+            if j == 0 or np.max(np.abs(corr[j, :j])) < 0.99:
                 out.append(f"the sd of {names[j]} in {group} is {sd[j]:.3g}, at zero")
             else:
                 partner = int(np.argmax(np.abs(corr[j, :j])))

@@ -719,11 +719,18 @@ class VariationalSolver:
             `b = Lambda u`); `dispersion` (with `scale` for a gaussian model);
             `boundary`, one boolean array per term: which diagonal entries of
             `Lambda_t` are below lme4's tolerance (a standard deviation at 0, or, for
-            an entry after the first, a correlation at +-1).
+            an entry after the first, a correlation at +-1). The tolerance is
+            lme4's 1e-4 in units of the linear predictor, whose unit is natural for
+            the log, logit, probit and cloglog links and, for a gaussian model with
+            the identity link, the residual sd; under another link (a gamma model's
+            inverse link, eta ~ 1e-3) the unit is the fitted `eta`'s root mean square.
         """
         st = self.state
         s = self.structure
         scale2 = self.scale**2
+        unit = 1.0
+        if not self.conjugate and self.family.link.name not in ("log", "logit", "probit", "cloglog"):
+            unit = float(np.sqrt(np.mean(np.square(st["eta"])))) if len(st["eta"]) else 1.0
         out = {"beta": np.asarray(st["beta"]).copy(), "covariances": [], "factors": [],
                "level_means": [], "level_covariances": [], "boundary": []}
         for j in range(s.num_random):
@@ -733,7 +740,7 @@ class VariationalSolver:
             out["covariances"].append(scale2 * lam @ lam.T)
             out["level_means"].append(st["u"][b] @ lam.T)
             out["level_covariances"].append(scale2 * np.einsum("ij,ljk,mk->lim", lam, st["cov"][b, b], lam))
-            out["boundary"].append(np.diag(lam) < SINGULAR_TOLERANCE)
+            out["boundary"].append(np.diag(lam) < SINGULAR_TOLERANCE * unit)
         if self.conjugate:
             out["dispersion"] = {"scale": self.scale}
         else:

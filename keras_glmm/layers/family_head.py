@@ -6,6 +6,8 @@ import tensorflow as tf
 
 from keras_glmm import families as families_lib
 
+OUTPUT_MODES = ("dict", "packed")
+
 
 @keras.saving.register_keras_serializable(package="keras_glmm")
 class FamilyHead(keras.layers.Layer):
@@ -17,27 +19,47 @@ class FamilyHead(keras.layers.Layer):
     It returns tensors, not a distribution: the loss builds the `tfp` distribution
     from them (`Family.expected_log_prob`), which keeps the layer saveable.
 
+    In a Keras model of your own, the head ends the model and a
+    `kg.losses.NegativeExpectedLogLikelihood` of the same family is its loss: the
+    compiled loss (a mean over rows of `-E_q[log p(y_i | eta_i)]`) plus the
+    random-effects layers' KL (their `add_loss`) is then the negative ELBO per
+    row, with the dispersion learned by the optimizer.
+
     Args:
         family: a family name (`"gaussian"`, `"binomial"`, `"poisson"`,
             `"negative_binomial"`, `"gamma"`) or a `keras_glmm.families.Family`.
         link: optional link name; the family's canonical link by default.
         fixed_params: dict of dispersion parameters held fixed, e.g. `{"scale": 1.0}`.
         initial_params: dict of initial values of the learned ones.
+        output_mode: `"dict"` (a dict of tensors; `GLMM` uses it) or `"packed"`
+            (one `(batch, 3 + d)` tensor: `mean`, `eta`, `eta_var` and the `d`
+            dispersion parameters, the form Keras's `compile(loss=...)` takes;
+            `unpack` turns it, or `model.predict`'s array, into the dict).
 
-    Input: `(batch, 2)`, the mean and variance of each row's linear predictor.
+    Input: `(batch, 2)`, the mean and variance of each row's linear predictor; or a
+    list of its additive parts, each `(batch,)` or `(batch, 1)` (a value: a
+    network's output, a `Dense` layer) or `(batch, 2)` (mean and variance:
+    `RandomEffects(output_mode="moments")`, `VariationalFixedEffects`), summed.
 
     Output: a dict of `(batch,)` tensors: `eta` (linear predictor), `eta_var` (its
     posterior variance), `mean` (the response mean at `eta`: a probability for the
-    binomial) and one entry per dispersion parameter.
+    binomial) and one entry per dispersion parameter; or the packed tensor.
 
     Example:
 
     >>> head = FamilyHead("gaussian")
     >>> out = head(np.zeros((3, 2), "float32"))   # out["scale"], out["mean"], ...
+    >>> packed = FamilyHead("gaussian", output_mode="packed")([network_out, re_moments])
     """
 
-    def __init__(self, family="gaussian", link=None, fixed_params=None, initial_params=None, **kwargs):
+    def __init__(self, family="gaussian", link=None, fixed_params=None, initial_params=None,
+                 output_mode="dict", **kwargs):
         super().__init__(**kwargs)
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(
+                f"`output_mode` must be one of {OUTPUT_MODES}. Received: output_mode={output_mode!r}"
+            )
+        self.output_mode = output_mode
         self.family = families_lib.get_family(family, link=link)
         self.link = self.family.link.name
         names = self.family.dispersion_params
@@ -80,16 +102,63 @@ class FamilyHead(keras.layers.Layer):
             if name in self.log_params:
                 self.log_params[name].assign(np.log(value))
 
-    def call(self, moments):
-        moments = tf.cast(moments, self.compute_dtype)
-        eta, eta_var = tf.unstack(moments, axis=-1)
+    def _moments(self, inputs):
+        """`(eta, eta_var)` from a `(batch, 2)` tensor or a list of additive parts."""
+        if not isinstance(inputs, (list, tuple)):
+            moments = tf.cast(inputs, self.compute_dtype)
+            return tuple(tf.unstack(moments, axis=-1))
+        eta, eta_var = None, None
+        for i, part in enumerate(inputs):
+            part = tf.cast(part, self.compute_dtype)
+            width = part.shape[-1] if part.shape.rank == 2 else None
+            if part.shape.rank == 1 or width == 1:
+                mean, var = tf.reshape(part, [-1]), None
+            elif width == 2:
+                mean, var = tf.unstack(part, axis=-1)
+            else:
+                raise ValueError(
+                    f"FamilyHead '{self.name}': part {i} of the linear predictor has shape "
+                    f"{tuple(part.shape)}; each part must be (batch,) or (batch, 1) (a value) or "
+                    "(batch, 2) (mean and variance, e.g. RandomEffects(output_mode='moments'))."
+                )
+            eta = mean if eta is None else eta + mean
+            if var is not None:
+                eta_var = var if eta_var is None else eta_var + var
+        if eta is None:
+            raise ValueError(f"FamilyHead '{self.name}' received an empty list of parts.")
+        return eta, tf.zeros_like(eta) if eta_var is None else eta_var
+
+    def call(self, inputs):
+        eta, eta_var = self._moments(inputs)
         out = {"eta": eta, "eta_var": eta_var, "mean": self.family.mean(eta)}
         for name, value in self.params().items():
             out[name] = tf.broadcast_to(value, tf.shape(eta))
-        return out
+        if self.output_mode == "dict":
+            return out
+        packed = tf.stack([out[k] for k in self.packed_columns()], axis=-1)
+        # The loss checks that it was built for this head's family (see kg.losses).
+        packed._keras_glmm_family = (self.family.name, self.family.link.name)
+        return packed
+
+    def packed_columns(self):
+        """The columns of the packed output, in order."""
+        return ["mean", "eta", "eta_var", *self.family.dispersion_params]
+
+    def unpack(self, packed):
+        """The dict of a packed output (a tensor, or `model.predict`'s numpy array)."""
+        columns = self.packed_columns()
+        if packed.shape[-1] != len(columns):
+            raise ValueError(
+                f"FamilyHead '{self.name}' ({self.family.name}) packs {len(columns)} columns "
+                f"{columns}; received shape {tuple(packed.shape)}."
+            )
+        return {name: packed[..., j] for j, name in enumerate(columns)}
 
     def compute_output_shape(self, input_shape):
-        shape = (input_shape[0],)
+        first = input_shape[0]
+        shape = (first[0] if isinstance(first, (list, tuple)) else first,)
+        if self.output_mode == "packed":
+            return shape + (len(self.packed_columns()),)
         keys = ["eta", "eta_var", "mean", *self.family.dispersion_params]
         return {k: shape for k in keys}
 
@@ -101,6 +170,7 @@ class FamilyHead(keras.layers.Layer):
                 "link": self.link,
                 "fixed_params": self.fixed_params,
                 "initial_params": self.initial_params,
+                "output_mode": self.output_mode,
             }
         )
         return config

@@ -135,3 +135,8 @@ class VariationalFixedEffects(keras.layers.Layer):
             }
         )
         return config
+
+
+def is_network(layer):
+    """Whether a GLMM's fixed part is a network (anything but `Dense` / `VariationalFixedEffects`)."""
+    return not isinstance(layer, (keras.layers.Dense, VariationalFixedEffects))

@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -145,6 +146,11 @@ class RandomEffects(keras.layers.Layer):
         validate_indices: check in training that every level index lies in
             `[0, num_levels)` and fail with a clear error otherwise.
         level_counts: optional training-row counts per level (else call `adapt`).
+        vocabulary: optional list of level names (strings): the layer then also
+            takes level names, looked up in the graph (a name not in it is a new
+            level, index -1), as a `keras.layers.StringLookup` would; a saved or
+            exported model keeps it. `num_levels` may then be None (its length).
+            `adapt` on strings learns it (sorted) when none was given.
 
     Input: the level index of each row, shape `(batch,)` (int; at inference `-1`
     marks a level never seen in training, whose effect is then 0 in the mean with
@@ -163,7 +169,7 @@ class RandomEffects(keras.layers.Layer):
 
     def __init__(
         self,
-        num_levels,
+        num_levels=None,
         num_effects=1,
         intercept=True,
         covariance="full",
@@ -173,8 +179,19 @@ class RandomEffects(keras.layers.Layer):
         num_scale_points=12,
         validate_indices=True,
         level_counts=None,
+        vocabulary=None,
         **kwargs,
     ):
+        if vocabulary is not None:
+            vocabulary = [str(v) for v in np.asarray(vocabulary, dtype=object).reshape(-1)]
+            if len(set(vocabulary)) != len(vocabulary):
+                raise ValueError("`vocabulary` holds a level name more than once.")
+            if num_levels is None:
+                num_levels = len(vocabulary)
+            elif len(vocabulary) > num_levels:
+                raise ValueError(
+                    f"`vocabulary` has {len(vocabulary)} names but num_levels={num_levels}."
+                )
         if not isinstance(num_levels, (int, np.integer)) or num_levels <= 0:
             raise ValueError(
                 "`num_levels` must be a positive integer. "
@@ -215,6 +232,9 @@ class RandomEffects(keras.layers.Layer):
         self.num_scale_points = int(num_scale_points)
         self.validate_indices = bool(validate_indices)
         self._initial_level_counts = level_counts
+        self.vocabulary = None
+        if vocabulary is not None:
+            self.set_vocabulary(vocabulary)
         self.num_covariates = self.num_effects - int(self.intercept)
         self.num_correlations = (
             self.num_effects * (self.num_effects - 1) // 2 if covariance == "full" else 0
@@ -333,15 +353,64 @@ class RandomEffects(keras.layers.Layer):
         self.effect_scale_weight.assign(new)
         self.effect_scale = [float(s) for s in new]
 
+    # ------------------------------------------------------------ vocabulary
+    def set_vocabulary(self, vocabulary):
+        """Sets the level names (index `i` is `vocabulary[i]`) and the graph's lookup table."""
+        vocabulary = [str(v) for v in vocabulary]
+        if len(vocabulary) > self.num_levels:
+            raise ValueError(
+                f"RandomEffects layer '{self.name}': {len(vocabulary)} level names for "
+                f"num_levels={self.num_levels}."
+            )
+        self.vocabulary = vocabulary
+        self._level_index = pd.Index(vocabulary)
+        with tf.init_scope():
+            self._lookup_table = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(vocabulary, tf.string), tf.range(len(vocabulary), dtype=tf.int64)
+                ),
+                default_value=-1,
+            )
+
+    def lookup(self, names):
+        """Level indices of level names (numpy; -1 for a name not in the vocabulary)."""
+        if self.vocabulary is None:
+            raise ValueError(f"RandomEffects layer '{self.name}' has no vocabulary.")
+        names = np.asarray(names).astype(str).reshape(-1)
+        return self._level_index.get_indexer(names).astype("int64")
+
+    def lookup_tensor(self, names):
+        """Level indices of a string tensor, in the graph (-1 for unknown names)."""
+        return self._lookup_table.lookup(tf.reshape(names, [-1]))
+
     # ------------------------------------------------------------ adaptation
     def adapt(self, level_index, sample_weight=None):
         """Counts each level's training rows, which scale the per-row KL.
 
         Args:
-            level_index: integer array of the training rows' level indices.
+            level_index: integer array of the training rows' level indices, or
+                their level names (strings): looked up in the vocabulary, which is
+                learned here (the sorted names) when the layer has none.
             sample_weight: optional per-row weights (counted as fractional rows).
         """
         index = np.asarray(level_index).reshape(-1)
+        if index.dtype.kind in "OUS":
+            names = index.astype(str)
+            if self.vocabulary is None:
+                learned = np.unique(names)
+                if len(learned) > self.num_levels:
+                    raise ValueError(
+                        f"RandomEffects layer '{self.name}': {len(learned)} level names for "
+                        f"num_levels={self.num_levels}."
+                    )
+                self.set_vocabulary(learned.tolist())
+            index = self.lookup(names)
+            unknown = np.flatnonzero(index < 0)
+            if unknown.size:
+                raise ValueError(
+                    f"RandomEffects layer '{self.name}': level {names[unknown[0]]!r} in row "
+                    f"{int(unknown[0])} is not in the vocabulary ({unknown.size} rows)."
+                )
         self._check_index_values(index)
         if not self.built:
             self.build()
@@ -489,6 +558,11 @@ class RandomEffects(keras.layers.Layer):
 
     # ------------------------------------------------------------------ call
     def call(self, inputs, training=None):
+        if self.vocabulary is not None:
+            levels = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+            if levels.dtype == tf.string:
+                index = self.lookup_tensor(levels)
+                inputs = [index, inputs[1]] if isinstance(inputs, (list, tuple)) and len(inputs) == 2 else index
         level_index, covariates = self._split_inputs(inputs)
         if self.validate_indices:
             level_index = self.validated_index(level_index, training)
@@ -781,5 +855,7 @@ class RandomEffects(keras.layers.Layer):
                 "validate_indices": self.validate_indices,
             }
         )
+        if self.vocabulary is not None:
+            config["vocabulary"] = list(self.vocabulary)
         return config
 
