@@ -92,6 +92,11 @@ class Link:
     """
 
     name = None
+    # Whether a change of 1 in eta is a sizeable change of the mean whatever the
+    # data's units (log, logit, probit, cloglog). The identity and inverse links
+    # carry the response's units (eta = 1/mu is 1e-3 for times in ms), so sds on
+    # their scale are judged and started relative to the fitted eta instead.
+    unit_scale = False
 
     def inverse(self, eta):
         """Mean ``mu = g^{-1}(eta)``."""
@@ -129,6 +134,7 @@ class LogLink(Link):
     """``g(mu) = log(mu)``, ``g^{-1}(eta) = exp(eta)``."""
 
     name = "log"
+    unit_scale = True
 
     def inverse(self, eta):
         return tf.exp(_float_tensor(eta))
@@ -142,6 +148,7 @@ class LogitLink(Link):
     """``g(mu) = log(mu / (1 - mu))``, ``g^{-1}(eta) = sigmoid(eta)``."""
 
     name = "logit"
+    unit_scale = True
 
     def inverse(self, eta):
         return tf.sigmoid(_float_tensor(eta))
@@ -157,6 +164,7 @@ class ProbitLink(Link):
     """``g(mu) = Phi^{-1}(mu)``, ``g^{-1}(eta) = Phi(eta)`` (standard normal cdf)."""
 
     name = "probit"
+    unit_scale = True
 
     def inverse(self, eta):
         eta = _float_tensor(eta)
@@ -171,6 +179,7 @@ class CloglogLink(Link):
     """``g(mu) = log(-log(1 - mu))``, ``g^{-1}(eta) = 1 - exp(-exp(eta))``."""
 
     name = "cloglog"
+    unit_scale = True
 
     def inverse(self, eta):
         # -expm1(-x) == 1 - exp(-x) without cancellation for small x.

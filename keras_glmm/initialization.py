@@ -252,14 +252,19 @@ def initialize(model, x, y, max_rows=GLM_SAMPLE_ROWS):
             layer.set_weights([w.astype(layer.variable_dtype) for w in weights])
 
     # The spread of the linear predictor that random effects explain: on the
-    # response scale for an identity link (the GLM's residual sd), else 1 on the
-    # link scale. Half of it starts every random intercept's sd.
+    # response scale for an identity link (the GLM's residual sd); 1 on the scale
+    # of the log, logit, probit and cloglog links; for an inverse link, whose eta
+    # is 1/mu (1e-3 for reaction times in ms), the GLM's eta in root mean square,
+    # so that a sd of half of it is a relative change of the mean of about half,
+    # as 0.5 is for a log link. Half of it starts every random intercept's sd.
     if family.link.name == "identity" and eta is not None:
         resid = response - eta
         w = response_lib.prior_weights(x)
         spread = float(np.sqrt(np.mean(resid**2 if w is None else w * resid**2)))
         if family.name == "gaussian":
             params["scale"] = spread
+    elif not family.link.unit_scale and eta is not None:
+        spread = float(np.sqrt(np.mean(np.square(eta))))
     else:
         spread = 1.0
     spread = spread if np.isfinite(spread) and spread > 0 else 1.0

@@ -33,6 +33,8 @@ FULL_BATCH_ROWS = 2**18
 # per-step overhead), and the Adam learning rate of the global weights (fixed
 # effects, variance parameters).
 MINIBATCH_ROWS = 2**16
+# Rows per step of `predict` (see `GLMM.predict`).
+PREDICT_BATCH_ROWS = 2**16
 # Rows per evaluation when the ELBO of a whole data set is computed.
 ELBO_CHUNK_ROWS = 2**20
 MINIBATCH_LEARNING_RATE = 0.05
@@ -1165,16 +1167,32 @@ class GLMM(keras.Model):
         if type not in ("response", "link"):
             raise ValueError(f"`type` must be 'response' or 'link'. Received: type={type!r}")
         x = self._prediction_inputs(newdata, re_form, allow_new_levels)
-        out = super().predict(x, verbose=0)
+        out = self.predict(x, verbose=0)
         return out["mean"] if type == "response" else out["eta"]
 
-    def predict(self, x, *args, **kwargs):
-        """Keras's `predict`; a data frame (formula models) gives `predict_response`'s means."""
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """Keras's `predict`; a data frame (formula models) gives `predict_response`'s means.
+
+        Arrays go in batches of `batch_size` rows (default 65,536: a row's
+        prediction is a few gathers, and Keras's default of 32 rows would make a
+        prediction of 100k rows thousands of steps), one step per execution: Keras
+        unrolls a predict execution's steps into one graph, so the fit's 100 steps
+        per execution would trace 100 copies of the model before the first row.
+        """
         if isinstance(x, pd.DataFrame):
-            if args or set(kwargs) - {"verbose", "batch_size"}:
+            if steps is not None or callbacks is not None:
                 raise ValueError("predict(data_frame) takes no options beyond verbose and batch_size.")
             return self.predict_response(x)
-        return super().predict(x, *args, **kwargs)
+        if batch_size is None and not isinstance(x, tf.data.Dataset):
+            batch_size = PREDICT_BATCH_ROWS
+        compiled = self.steps_per_execution
+        if compiled == 1:
+            return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+        self.steps_per_execution, self.predict_function = 1, None
+        try:
+            return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
+        finally:
+            self.steps_per_execution, self.predict_function = compiled, None
 
     def _response_of(self, newdata, trials):
         """`(trials, prior weights)` of the rows predicted: the training rows' own, or newdata's.
@@ -1226,7 +1244,7 @@ class GLMM(keras.Model):
         """
         x = self._prediction_inputs(newdata, re_form, True)
         trials, weights = self._response_of(newdata, trials)
-        out = super().predict(x, verbose=0)
+        out = self.predict(x, verbose=0)
         eta_var = out["eta_var"].astype("float64")
         if self._training_arrays is not None or self._engine_fit is not None:
             vcov = self.vcov().values

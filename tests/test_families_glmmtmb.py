@@ -158,3 +158,28 @@ def test_reference_file_is_complete():
             assert ref["dispersion"]["shape"] == pytest.approx(1.0 / ref["sigma"] ** 2)
         if ref["family"].startswith("zero_inflated"):
             assert ref["dispersion"]["zi_odds"] == pytest.approx(np.exp(ref["zi_intercept"]))
+
+
+@pytest.mark.parametrize("case", ["owls_zinb", "sleepstudy_gamma_inverse_slope", "ukhoc_beta"])
+def test_formula_front_end_matches_glmmtmb(case):
+    """What a user types, `kg.glmm(formula, data, family=...)`, reaches glmmTMB's fit.
+
+    sleepstudy with the inverse link has eta ~ 1e-3 (sds 4e-4 and 5e-5) and a boundary
+    local optimum (intercept sd 0, 23 nats lower) that the fit must not stop at."""
+    import warnings
+
+    import keras_glmm as kg
+
+    ref = REFERENCE[case]
+    data = pd.read_csv(HERE / "data" / ref["data"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no singular-fit or convergence warning
+        model = kg.glmm(ref["formula"], data, family=ref["family"], link=ref["link"])
+    fixef, se = np.array(list(ref["fixef"].values())), np.array(list(ref["se"].values()))
+    np.testing.assert_array_less(np.abs(model.fixef().to_numpy() - fixef), 0.1 * se)
+    vc = model.varcorr()
+    np.testing.assert_allclose(vc[vc.var2.isna()].sdcor.to_numpy(), _sds(ref), rtol=0.05)
+    for name, value in ref["dispersion"].items():
+        assert model.dispersion()[name] == pytest.approx(value, rel=0.05), name
+    assert not model.is_singular()
+    assert float(model.logLik()) == pytest.approx(ref["logLik"], abs=0.1)

@@ -92,6 +92,9 @@ class Parameters:
     """Packs the lower-triangular factors `Lambda_t` (and log-dispersions) into a vector."""
 
     def __init__(self, blocks, dispersion_names=()):
+        # `Lambda_t = unit * vector entries`: the optimizer sees entries of order 1
+        # whatever the link's units (see `VariationalSolver._start`).
+        self.unit = 1.0
         self.slices, self.positions, lower = [], [], []
         start = 0
         for block in blocks:
@@ -111,7 +114,7 @@ class Parameters:
         out = []
         for block, sl, (rows, cols) in zip(self.blocks, self.slices, self.positions):
             lam = np.zeros((block.num_effects, block.num_effects))
-            lam[rows, cols] = vector[sl]
+            lam[rows, cols] = self.unit * vector[sl]
             out.append(lam)
         return out
 
@@ -119,15 +122,28 @@ class Parameters:
         return {name: math.exp(v) for name, v in zip(self.dispersion_names, vector[self.num_theta:])}
 
     def pack(self, lambdas, dispersion=None):
-        parts = [lam[rows, cols] for lam, (rows, cols) in zip(lambdas, self.positions)]
+        parts = [lam[rows, cols] / self.unit for lam, (rows, cols) in zip(lambdas, self.positions)]
         parts.append([math.log(dispersion[name]) for name in self.dispersion_names])
         return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]) if parts else np.zeros(0)
 
     def gradient(self, lambda_gradients, dispersion_gradient=None):
         """Packs `d/d Lambda_t` matrices (and `d/d log dispersion`) like `pack`."""
-        parts = [grad[rows, cols] for grad, (rows, cols) in zip(lambda_gradients, self.positions)]
+        parts = [self.unit * grad[rows, cols] for grad, (rows, cols) in zip(lambda_gradients, self.positions)]
         parts.append([dispersion_gradient[name] for name in self.dispersion_names])
         return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
+
+
+def _semidefinite_cholesky(sigma):
+    """Lower-triangular `L` with `L L' = sigma`, a column of zeros at each zero pivot."""
+    k = len(sigma)
+    out = np.zeros_like(sigma)
+    for j in range(k):
+        pivot = sigma[j, j] - out[j, :j] @ out[j, :j]
+        if pivot <= 1e-14 * max(np.max(np.abs(np.diag(sigma))), 1e-300):
+            continue
+        out[j, j] = math.sqrt(pivot)
+        out[j + 1:, j] = (sigma[j + 1:, j] - out[j + 1:, :j] @ out[j, :j]) / out[j, j]
+    return out
 
 
 def _lambda_rows(z, lam):
@@ -470,6 +486,22 @@ class VariationalSolver:
                 break
         return state
 
+    def _canonical_vector(self, vector):
+        """The same covariances `Lambda_t Lambda_t'` with a zero column under each zero diagonal.
+
+        The objective depends on `Lambda_t` only through `Lambda_t Lambda_t'` (the
+        posterior of `u` turns with it), and at `Lambda_jj = 0` the entries below
+        it are not unique: the Cholesky factor of a semidefinite matrix that skips
+        zero pivots puts them in the later columns. The bounded optimizer probes
+        an sd at 0 from here (see `quasi_newton`).
+        """
+        lambdas = self.parameters.lambdas(vector)
+        out = []
+        for lam in lambdas:
+            out.append(_semidefinite_cholesky(lam @ lam.T) if np.any(np.diag(lam) == 0) else lam)
+        dispersion = self.parameters.dispersion(vector)
+        return self.parameters.pack(out, dispersion)
+
     def _warm_start(self, lambdas):
         """The accepted state, its posterior means kept fixed in `b = Lambda u` for new `lambdas`."""
         start = self._inner_start
@@ -494,7 +526,7 @@ class VariationalSolver:
         st = self._last
         d = self.parameters.num_theta
         out = np.zeros((len(vector), len(vector)))
-        out[:d, :d] = self._average_information(vector)
+        out[:d, :d] = self._average_information(vector) * self.parameters.unit**2
         for j, name in enumerate(self.parameters.dispersion_names):
             shifted = dict(st["dispersion"])
             step = 1e-4
@@ -548,6 +580,13 @@ class VariationalSolver:
         missing = [k for k in self.parameters.dispersion_names if k not in (dispersion or {})]
         if missing:
             raise ValueError(f"`dispersion` needs starting values for {missing}.")
+        if not self.conjugate and not self.family.link.unit_scale:
+            # sds in the link's own units (an inverse link's eta ~ 1e-3): the
+            # optimizer's steps, probes and boundary snaps assume entries of order 1.
+            start_beta = np.zeros(self.num_fixed) if beta is None else np.asarray(beta, np.float64)
+            eta = self.offset + self.structure.fixed_block.z @ start_beta
+            unit = float(np.sqrt(np.mean(np.square(eta)))) if len(eta) else 1.0
+            self.parameters.unit = unit if np.isfinite(unit) and unit > 0 else 1.0
         vector = self.parameters.pack(ordered, dispersion)
         curvature = None
         if self.conjugate:
@@ -568,7 +607,7 @@ class VariationalSolver:
         # its outer tolerance is looser, and its working-model curvature only starts BFGS.
         self.optimizer = BoundedBFGS(
             objective, vector, self.parameters.lower, curvature=curvature, refresh=self.conjugate,
-            tolerance=1e-12 if self.conjugate else 1e-10,
+            tolerance=1e-12 if self.conjugate else 1e-10, canonical=self._canonical_vector,
         )
         if not np.isfinite(self.optimizer.f):
             raise ValueError(
@@ -723,13 +762,14 @@ class VariationalSolver:
             lme4's 1e-4 in units of the linear predictor, whose unit is natural for
             the log, logit, probit and cloglog links and, for a gaussian model with
             the identity link, the residual sd; under another link (a gamma model's
-            inverse link, eta ~ 1e-3) the unit is the fitted `eta`'s root mean square.
+            inverse link, eta ~ 1e-3) the unit is the fitted `eta`'s root mean square
+            (`Link.unit_scale`).
         """
         st = self.state
         s = self.structure
         scale2 = self.scale**2
         unit = 1.0
-        if not self.conjugate and self.family.link.name not in ("log", "logit", "probit", "cloglog"):
+        if not self.conjugate and not self.family.link.unit_scale:
             unit = float(np.sqrt(np.mean(np.square(st["eta"])))) if len(st["eta"]) else 1.0
         out = {"beta": np.asarray(st["beta"]).copy(), "covariances": [], "factors": [],
                "level_means": [], "level_covariances": [], "boundary": []}
