@@ -57,6 +57,14 @@ Decisions worth knowing:
   numeric variable is named ``"service"`` in R, while ``C(service)`` gives
   ``"service1"`` here), so compare coefficients by position when in doubt.
   formulaic's names are kept in :attr:`Design.fixed_formulaic_columns`.
+* A zero-inflated family's ``ziformula`` (glmmTMB's) is a one-sided formula of
+  fixed effects, coded like the fixed part (formulaic: treatment contrasts,
+  ``C()``, ``I()``, ``0 +``) and frozen with it: :meth:`Design.arrays` returns
+  its columns as ``inputs["x_zi"]``. ``"~1"`` (the default) is a constant
+  zero-inflation probability, the family's ``zi_odds``, and adds no columns.
+  Random effects and offsets are refused there, and so is a zi design whose
+  columns are linearly dependent (the error names the columns), since its
+  coefficients would not be identified.
 * :meth:`Design.get_config` / :meth:`Design.from_config` round-trip a fitted
   design through plain JSON (for Keras ``safe_mode`` saving). formulaic
   ``ModelSpec`` objects are stored as formula text plus their learned
@@ -82,6 +90,7 @@ from formulaic import model_matrix
 from formulaic.errors import FactorEvaluationError
 
 from keras_glmm.formula import _NAME, FormulaSpec, RandomTerm, _tokenize, _unquote, parse_formula
+from keras_glmm import response as response_lib
 from keras_glmm.levels import (
     column_kind,
     combine_keys,
@@ -95,7 +104,7 @@ from keras_glmm.levels import (
 __all__ = ["Design", "RandomTermDesign", "lme4_name"]
 
 # Keys of the ``arrays()`` dict that are not random-effect terms.
-_RESERVED_KEYS = {"x", "offset", "y", "weights"}
+_RESERVED_KEYS = {"x", "x_zi", "offset", "y", "weights"}
 _MAX_LISTED_COLUMNS = 30
 _MAX_LISTED_ROWS = 10
 _INTEGER_TOL = 1e-8
@@ -904,6 +913,58 @@ def _unique_names(terms: tuple[RandomTerm, ...]) -> list[str]:
 
 
 # --------------------------------------------------------------------------
+# The zero-inflation part (glmmTMB's ziformula)
+# --------------------------------------------------------------------------
+
+_ZI_WHERE = "the zero-inflation formula (ziformula)"
+
+
+def _zi_rhs(ziformula: str) -> str:
+    """The right-hand side of a one-sided ``ziformula``, or an error saying what is wrong with it."""
+    if not isinstance(ziformula, str):
+        raise TypeError(f"ziformula must be a one-sided formula string such as '~ x'. Received: {ziformula!r}")
+    text = ziformula.strip()
+    spec = parse_formula(text if "~" in text else "~ " + text)
+    if spec.response is not None:
+        raise ValueError(f"ziformula must be one-sided ('~ x'); '{ziformula}' has a response, '{spec.response}'")
+    if spec.random:
+        terms = ", ".join(str(t) for t in spec.random)
+        raise ValueError(
+            f"ziformula '{ziformula}' has the random-effect term(s) {terms}: only fixed effects are "
+            "supported in the zero-inflation formula"
+        )
+    if spec.offsets:
+        raise ValueError(f"ziformula '{ziformula}' has offset(...), which the zero-inflation formula does not take")
+    return spec.fixed_rhs()
+
+
+def _dependent_columns(matrix: np.ndarray, names: list[str]) -> list[str]:
+    """Each column that is zero or a linear combination of the columns before it, described.
+
+    R's pivoting order (``lm`` reports the later of two collinear columns as
+    ``NA``): columns are taken left to right, and one whose least-squares
+    residual on the kept ones is below ``1e-7`` of its norm is dependent.
+    """
+    kept: list[int] = []
+    out = []
+    for j in range(matrix.shape[1]):
+        column = matrix[:, j]
+        norm = float(np.linalg.norm(column))
+        if norm == 0.0:
+            out.append(f"'{names[j]}' is all zeros")
+            continue
+        if kept:
+            coef = np.linalg.lstsq(matrix[:, kept], column, rcond=None)[0]
+            residual = float(np.linalg.norm(column - matrix[:, kept] @ coef))
+            if residual <= 1e-7 * norm:
+                parts = [names[kept[i]] for i in np.flatnonzero(np.abs(coef) > 1e-9)]
+                out.append(f"'{names[j]}' is a linear combination of {parts}")
+                continue
+        kept.append(j)
+    return out
+
+
+# --------------------------------------------------------------------------
 # The design
 # --------------------------------------------------------------------------
 
@@ -930,6 +991,11 @@ class Design:
             families; :meth:`arrays` returns them as ``inputs["weights"]``) or
             ``None`` (no weights).
         na_action: ``"raise"`` or ``"omit"`` (what :meth:`from_data` did).
+        ziformula: The zero-inflation formula as given (``None`` when none was).
+        zi_spec: formulaic ``ModelSpec`` of its right-hand side; ``None`` for a
+            constant zero-inflation probability (``"~1"``).
+        zi_columns: lme4-style names of its columns (``"(Intercept)"``, ``"minedyes"``).
+        zi_formulaic_columns: formulaic's names of the same columns.
     """
 
     spec: FormulaSpec
@@ -942,6 +1008,10 @@ class Design:
     response_levels: list[str] | None = None
     na_action: str = "raise"
     weights_kind: str | None = None
+    ziformula: str | None = None
+    zi_spec: Any = None
+    zi_columns: list[str] = field(default_factory=list)
+    zi_formulaic_columns: list[str] = field(default_factory=list)
     _response_columns: list[str] = field(default_factory=list, repr=False)
     _offset_columns: list[str] = field(default_factory=list, repr=False)
 
@@ -984,6 +1054,11 @@ class Design:
             "weights_kind": self.weights_kind,
             "response_columns": [str(c) for c in self._response_columns],
             "offset_columns": [str(c) for c in self._offset_columns],
+            "ziformula": self.ziformula,
+            "zi_spec": None if self.zi_spec is None else _model_spec_config(
+                self.zi_spec, _zi_rhs(self.ziformula)),
+            "zi_columns": [str(c) for c in self.zi_columns],
+            "zi_formulaic_columns": [str(c) for c in self.zi_formulaic_columns],
         }
 
     @classmethod
@@ -1017,6 +1092,11 @@ class Design:
             weights_kind=config.get("weights_kind"),
             _response_columns=list(config["response_columns"]),
             _offset_columns=list(config["offset_columns"]),
+            # Designs saved before ziformula existed have none of these keys.
+            ziformula=config.get("ziformula"),
+            zi_spec=None if config.get("zi_spec") is None else _model_spec_from_config(config["zi_spec"]),
+            zi_columns=list(config.get("zi_columns", [])),
+            zi_formulaic_columns=list(config.get("zi_formulaic_columns", [])),
         )
 
     # ---------------------------------------------------------------- build
@@ -1030,6 +1110,7 @@ class Design:
         weights: Any = None,
         na_action: str = "raise",
         group_levels: list[list[str]] | None = None,
+        ziformula: str | None = None,
     ) -> "Design":
         """Learn the design from training data.
 
@@ -1051,6 +1132,10 @@ class Design:
                 in ``data``. :mod:`keras_glmm.streaming` learns them from files
                 in one pass and passes a sample of rows as ``data``; the levels
                 must be in :func:`_group_levels` order.
+            ziformula: A zero-inflated family's one-sided zero-inflation formula
+                (glmmTMB's ``ziformula``, e.g. ``"~ mined"``), fixed effects only;
+                ``None`` or ``"~1"`` for a constant zero-inflation probability. The
+                caller checks that the family is zero-inflated.
         """
         spec = parse_formula(spec_or_formula) if isinstance(spec_or_formula, str) else spec_or_formula
         if not isinstance(spec, FormulaSpec):
@@ -1069,7 +1154,8 @@ class Design:
             raise ValueError(
                 f"group_levels has {len(group_levels)} entries for {len(spec.random)} random-effect terms"
             )
-        columns = cls._formula_columns(spec, data)
+        zi_rhs = None if ziformula is None else _zi_rhs(ziformula)
+        columns = cls._formula_columns(spec, data, zi_rhs)
         response_cols, offset_cols, used = columns["response"], columns["offset"], columns["used"]
 
         design = cls(
@@ -1112,6 +1198,9 @@ class Design:
         # Offsets are checked now so formula mistakes surface at fit time.
         design.offset(data)
 
+        if ziformula is not None:
+            design._learn_zero_inflation(ziformula, zi_rhs, data)
+
         # Response.
         if spec.response is not None:
             design._learn_response(data, weight_array)
@@ -1124,14 +1213,17 @@ class Design:
         return design
 
     @classmethod
-    def _formula_columns(cls, spec: FormulaSpec, data: pd.DataFrame) -> dict[str, list[str]]:
+    def _formula_columns(
+        cls, spec: FormulaSpec, data: pd.DataFrame, zi_rhs: str | None = None
+    ) -> dict[str, list[str]]:
         """The data columns each part of the formula uses, checked to exist in ``data``.
 
         Returns:
             A dict of column lists: ``"response"`` and ``"offset"`` (named in
             those expressions), ``"group"`` (grouping factors), ``"fixed"`` and
             ``"random"`` (variables of the fixed part and of the random-effect
-            terms' left-hand sides, as formulaic finds them), and ``"used"``
+            terms' left-hand sides, as formulaic finds them), ``"zi"`` (those of
+            the zero-inflation formula's right-hand side ``zi_rhs``) and ``"used"``
             (all of them, in ``data``'s column order).
         """
         # Columns named by the response and offsets (evaluated by us, not formulaic).
@@ -1158,7 +1250,8 @@ class Design:
         random_vars = [
             v for t in spec.random for v in cls._formula_vars(t.expr, data, f"random-effect term {t}")
         ]
-        used_set = {*response_cols, *offset_cols, *group_cols, *fixed_vars, *random_vars}
+        zi_vars = [] if zi_rhs is None else cls._formula_vars(zi_rhs, data, _ZI_WHERE)
+        used_set = {*response_cols, *offset_cols, *group_cols, *fixed_vars, *random_vars, *zi_vars}
         used = [c for c in data.columns if c in used_set or str(c) in used_set]
         return {
             "response": response_cols,
@@ -1166,6 +1259,7 @@ class Design:
             "group": group_cols,
             "fixed": fixed_vars,
             "random": list(dict.fromkeys(random_vars)),
+            "zi": zi_vars,
             "used": used,
         }
 
@@ -1184,6 +1278,49 @@ class Design:
             return _expr_columns(rhs, data.columns)
         found = mm.model_spec.variables_by_source.get("data", set())
         return [c for c in data.columns if str(c) in found]
+
+    # ------------------------------------------------------- zero inflation
+
+    def _learn_zero_inflation(self, ziformula: str, zi_rhs: str, data: pd.DataFrame) -> None:
+        """Freezes the zero-inflation columns (none for a constant probability)."""
+        self.ziformula = ziformula
+        mm = _model_matrix(zi_rhs, data, _ZI_WHERE)
+        columns = list(mm.model_spec.column_names)
+        if not columns:
+            raise ValueError(
+                f"ziformula '{ziformula}' has no columns (a zero-inflation probability of 0): "
+                "without zero inflation, use family='poisson' or 'negative_binomial'"
+            )
+        if columns == ["Intercept"]:
+            return  # a constant probability: the family's own `zi_odds`
+        self.zi_spec = mm.model_spec
+        self.zi_formulaic_columns = columns
+        self.zi_columns = [lme4_name(c) for c in columns]
+        matrix = self._finite_zi(np.asarray(mm, dtype=np.float64), data.index)
+        dependent = _dependent_columns(matrix, self.zi_columns)
+        if dependent:
+            raise ValueError(
+                f"the zero-inflation design of ziformula '{ziformula}' is rank deficient, so its "
+                f"coefficients are not identified: column {'; column '.join(dependent)}. "
+                f"Its columns: {self.zi_columns}; drop the dependent ones"
+            )
+
+    def _finite_zi(self, matrix: np.ndarray, index: pd.Index) -> np.ndarray:
+        bad = ~np.isfinite(matrix)
+        if bad.any():
+            col = int(np.flatnonzero(bad.any(axis=0))[0])
+            raise ValueError(
+                f"{_ZI_WHERE}: column '{self.zi_columns[col]}' is not finite at rows "
+                f"{_row_labels(index, bad[:, col])}"
+            )
+        return matrix
+
+    def zi_matrix(self, data: pd.DataFrame) -> np.ndarray:
+        """Zero-inflation design ``(n, q)`` float64, through the frozen ModelSpec."""
+        if self.zi_spec is None:
+            raise ValueError("this design has no zero-inflation columns (a constant zero-inflation, or none)")
+        data = _as_frame(data)
+        return self._finite_zi(_spec_matrix(self.zi_spec, data, _ZI_WHERE), data.index)
 
     # ------------------------------------------------------------ response
 
@@ -1330,6 +1467,8 @@ class Design:
     def used_columns(self, data: pd.DataFrame | None = None, with_response: bool = True) -> list[str]:
         """Data columns the formula uses (response ones only if ``with_response``)."""
         cols = list(self.fixed_spec.variables_by_source.get("data", set()))
+        if self.zi_spec is not None:
+            cols += list(self.zi_spec.variables_by_source.get("data", set()))
         for r in self.random:
             cols += list(r.model_spec.variables_by_source.get("data", set()))
             cols += list(r.group_columns)
@@ -1376,16 +1515,8 @@ class Design:
             raise ValueError(
                 "this model was fitted with prior weights: pass `weights` (a column name or array)"
             )
-        w = self._weights_array(data, weights)
         what = f"weights '{weights}'" if isinstance(weights, str) else "weights"
-        bad = ~np.isfinite(w) | (w < 0)
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{what} must be finite and non-negative: row {data.index[i]!r} has {float(w[i])!r} "
-                f"(rows {_row_labels(data.index, bad)})"
-            )
-        return w
+        return response_lib.check_weights(self._weights_array(data, weights), what, data.index)
 
     def arrays(
         self, data: pd.DataFrame, weights: Any = None, with_response: bool = True
@@ -1393,7 +1524,8 @@ class Design:
         """Model inputs and response for ``data``.
 
         Returns:
-            ``(inputs, y)``: ``inputs`` has ``"x"`` (fixed design), ``"offset"``
+            ``(inputs, y)``: ``inputs`` has ``"x"`` (fixed design), ``"x_zi"``
+            (the zero-inflation design, only if the design has one), ``"offset"``
             (only if the formula has offsets), ``term.name`` (int64 level
             indices, ``-1`` for new levels), ``term.name + "_z"`` (the term's
             non-intercept covariates, only if it has any) and, with the response,
@@ -1405,6 +1537,8 @@ class Design:
         with_response = with_response and self.spec.response is not None
         self.check_rows(data, with_response)
         inputs: dict[str, np.ndarray] = {"x": self.fixed_matrix(data)}
+        if self.zi_spec is not None:
+            inputs["x_zi"] = self.zi_matrix(data)
         if self.spec.offsets:
             inputs["offset"] = self.offset(data)
         for r in self.random:

@@ -129,14 +129,7 @@ def check_weights(weights, num_rows, name="sample_weight"):
     w = w.astype("float64").reshape(-1)
     if len(w) != num_rows:
         raise ValueError(f"`{name}` has {len(w)} values but the data have {num_rows} rows.")
-    bad = ~np.isfinite(w) | (w < 0)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"`{name}` must be finite and non-negative: row {row} has {w[row]!r} "
-            f"({int(bad.sum())} rows affected)."
-        )
-    return w
+    return response_lib.check_weights(w, f"`{name}`")
 
 
 def _glm_design(model, x):

@@ -789,18 +789,7 @@ class GLMM(keras.Model):
         # The priors' sds and correlations then move by the M-step of
         # `VarianceUpdate` only: Adam's steps between epochs would undo its
         # over-relaxation.
-        for term in self.terms:
-            if term.scale_prior is None:
-                term.log_scale.trainable = False
-                if term.num_correlations:
-                    term.correlation.trainable = False
-        with self.distribute_strategy.scope():
-            self.compile(
-                optimizer=SparseAdam(learning_rate=MINIBATCH_LEARNING_RATE, natural_step=1.0),
-                steps_per_execution=self.steps_per_execution,
-                jit_compile=False,
-            )
-        self._default_optimizer = True
+        self._compile_default_optimizer(minibatch=True)
 
     def use_full_batch_optimizer(self):
         """Undoes `use_minibatch_optimizer` for a full-batch stochastic-VI fit.
@@ -814,14 +803,20 @@ class GLMM(keras.Model):
             return
         if getattr(self.optimizer, "natural_step", None) is None:
             return
+        self._compile_default_optimizer(minibatch=False)
+
+    def _compile_default_optimizer(self, minibatch):
+        """`SparseAdam` for every weight (full batch), or with natural-gradient steps for the
+        posteriors and the priors left to `VarianceUpdate`'s M-step (minibatches)."""
         for term in self.terms:
             if term.scale_prior is None:
-                term.log_scale.trainable = True
+                term.log_scale.trainable = not minibatch
                 if term.num_correlations:
-                    term.correlation.trainable = True
+                    term.correlation.trainable = not minibatch
+        optimizer = (SparseAdam(learning_rate=MINIBATCH_LEARNING_RATE, natural_step=1.0) if minibatch
+                     else SparseAdam(learning_rate=0.05))
         with self.distribute_strategy.scope():
-            self.compile(optimizer=SparseAdam(learning_rate=0.05), steps_per_execution=self.steps_per_execution,
-                         jit_compile=False)
+            self.compile(optimizer=optimizer, steps_per_execution=self.steps_per_execution, jit_compile=False)
         self._default_optimizer = True
 
     def prepare(self, x, y, initialize=True):

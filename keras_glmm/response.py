@@ -44,3 +44,23 @@ def prior_weights(x, num_rows=None):
     """The prior weights of inputs `x`, or None."""
     w = x.get(WEIGHTS) if isinstance(x, dict) else None
     return None if w is None else np.asarray(w, np.float64).reshape(-1)
+
+
+def check_weights(weights, what="weights", labels=None):
+    """Prior weights as float64 `(n,)`, finite and non-negative.
+
+    Raises:
+        ValueError: naming `what`, the first offending row (its label in `labels`,
+            e.g. a data frame's index, else its position) and its value, and how
+            many rows are affected.
+    """
+    w = np.asarray(weights, np.float64).reshape(-1)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        row = repr(labels[i]) if labels is not None else str(i)
+        raise ValueError(
+            f"{what} must be finite and non-negative: row {row} has {float(w[i])!r} "
+            f"({int(bad.sum())} rows affected)."
+        )
+    return w
