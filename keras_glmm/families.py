@@ -379,16 +379,23 @@ class Family:
         (`_numpy_log_prob`) where it has one, else by a TensorFlow function traced
         once per family, link and quadrature size.
 
+        A parameter may also vary by row, an ``(rows,)`` array (a zero-inflation
+        probability with covariates, ``logit(pi_i) = x_zi,i' gamma``): families with
+        a numpy kernel take it, and its gradient is then per row,
+        ``w_i d E[f_i] / d param_i``, which the engine maps to ``gamma`` by the chain rule.
+
         Returns:
           ``(value, d_mean, d2_mean, d_var, params_gradient)``: four ``(rows,)``
-          arrays (unweighted) and a dict of floats: the gradient of the rows'
-          weighted sum (`weighted_expected_log_prob`, whose value is
-          ``w * value + weight_value(weights, params)``).
+          arrays (unweighted) and a dict: for each scalar parameter a float, the
+          gradient of the rows' weighted sum (`weighted_expected_log_prob`, whose
+          value is ``w * value + weight_value(weights, params)``); for each
+          per-row parameter the ``(rows,)`` array of its rows' weighted gradients.
         """
-        params = {k: float(v) for k, v in (params or {}).items()}
-        num_points = self.quadrature_points if num_points is None else num_points
         m = np.asarray(eta_mean, np.float64).reshape(-1)
         n = len(m)
+        params = {k: _scalar_or_rows(k, v, n) for k, v in (params or {}).items()}
+        per_row = {k for k, v in params.items() if np.ndim(v)}
+        num_points = self.quadrature_points if num_points is None else num_points
         y = np.broadcast_to(np.asarray(y, np.float64), (n,))
         v = np.broadcast_to(np.asarray(eta_var, np.float64), (n,))
         trials = None if trials is None else np.broadcast_to(np.asarray(trials, np.float64), (n,))
@@ -399,13 +406,18 @@ class Family:
                 out = self._numpy_expected(y, m, v, params, trials) if num_points else None
                 if out is None:
                     out = self._numpy_quadrature(y, m, v, params, trials, num_points)
-            value, first, second, d_var, per_row = out
-            grads = {k: float(np.sum(weights * g)) for k, g in per_row.items()}
+            value, first, second, d_var, row_grads = out
+            grads = {k: np.broadcast_to(weights * g, (n,)) if k in per_row else float(np.sum(weights * g))
+                     for k, g in row_grads.items()}
             extra = self._weight_terms(weights, params, np)
             if extra is not None:
                 for k, g in extra[1].items():
                     grads[k] = grads.get(k, 0.0) + float(np.sum(g))
             return value, first, second, d_var, grads
+        if per_row:
+            raise ValueError(
+                f"Family {self.name!r} takes parameters per row ({sorted(per_row)}) only with a numpy "
+                "kernel (`_numpy_log_prob`), which it does not have.")
         names = tuple(sorted(params))
         function = _derivatives_function(self, num_points, names, trials is not None)
         as_vector = lambda a: tf.constant(np.broadcast_to(np.asarray(a, np.float64), (n,)))  # noqa: E731
@@ -487,14 +499,25 @@ class Family:
         x, w = _hermite_rule(num_points)
         sd = np.sqrt(np.maximum(v, 0.0))
         nodes = m[:, None] + sd[:, None] * x[None, :]
+        node_params = {k: p[:, None] if np.ndim(p) else p for k, p in params.items()}  # per-row ones
         f, d1, d2, dp = self._numpy_log_prob(
-            y[:, None], nodes, params, None if trials is None else trials[:, None])
+            y[:, None], nodes, node_params, None if trials is None else trials[:, None])
         value, first, second = f @ w, d1 @ w, d2 @ w
         # d/dv of sum_k w_k f(m + sqrt(v) x_k) = sum_k w_k f'(.) x_k / (2 sqrt(v)); at
         # v = 0 its limit, E[f''] / 2.
         positive = sd > 0
         d_var = np.where(positive, ((d1 * x) @ w) / (2.0 * np.where(positive, sd, 1.0)), 0.5 * second)
         return value, first, second, d_var, {k: g @ w for k, g in dp.items()}
+
+    def response_mean(self, eta, params):
+        """The response's mean at ``eta``: ``mean(eta)``, except for a zero-inflated family.
+
+        Args:
+          eta: linear predictor.
+          params: the dispersion parameters (scalars, or per row).
+        """
+        del params
+        return self.mean(eta)
 
     def mean(self, eta, trials=None):
         """Response mean ``g^{-1}(eta)``.
@@ -634,6 +657,18 @@ def _derivatives_function(family, num_points, names, with_trials):
 
         _DERIVATIVE_FUNCTIONS[key] = derivatives
     return _DERIVATIVE_FUNCTIONS[key]
+
+
+def _scalar_or_rows(name, value, num_rows):
+    """A parameter as a float, or as a float64 ``(num_rows,)`` array when it varies by row."""
+    if np.ndim(value) == 0:
+        return float(value)
+    array = np.asarray(value, np.float64).reshape(-1)
+    if array.shape != (num_rows,):
+        raise ValueError(
+            f"Parameter '{name}' must be a number or one value per row ({num_rows}). "
+            f"Received shape {np.shape(value)}.")
+    return array
 
 
 def _hermite_rule(num_points, _cache={}):  # noqa: B006 - deliberate memo
@@ -1146,7 +1181,7 @@ def _logaddexp(a, b):
 
 
 class _ZeroInflated(Family):
-    """A count family with a constant zero-inflation probability ``pi``::
+    """A count family with a zero-inflation probability ``pi``::
 
         p(0) = pi + (1 - pi) f(0 | mu),    p(y) = (1 - pi) f(y | mu)  (y > 0)
 
@@ -1158,6 +1193,10 @@ class _ZeroInflated(Family):
     -softplus(-log zi_odds)``, ``log(1 - pi) = -softplus(log zi_odds)`` and a
     log-sum-exp for zeros, so neither ``pi`` near 0 or 1 nor ``f(0)`` near 0
     loses precision.
+
+    With covariates (glmmTMB's ``ziformula = ~ x``), ``zi_odds`` is one value per
+    row, ``log(zi_odds_i) = x_zi,i' gamma``: every method here takes it broadcast
+    against ``eta``, and the engine's numpy kernels return its gradient per row.
 
     ``mean(eta)`` is the count component's mean ``mu`` (what the link models):
     it cannot see ``zi_odds``. The response mean ``(1 - pi) mu`` is
@@ -1202,10 +1241,10 @@ class _ZeroInflated(Family):
         raise NotImplementedError
 
     def _numpy_log_prob(self, y, eta, params, trials):
-        odds = params["zi_odds"]
-        log_odds = math.log(odds)
+        odds = params["zi_odds"]  # a number, or one per row (broadcast against `eta`)
+        log_odds = np.log(odds)
         log_pi, log_rest = -np.logaddexp(0.0, -log_odds), -np.logaddexp(0.0, log_odds)
-        pi = math.exp(log_pi)
+        pi = np.exp(log_pi)
         f, d1, d2, dp = self._numpy_count(y, eta, params)  # at y = 0: log f(0) and its derivatives
         zero = np.logaddexp(log_pi, log_rest + f)
         s = np.exp(log_rest + f - zero)         # P(count component | y = 0)
@@ -1294,7 +1333,7 @@ class ZeroInflatedPoisson(_ZeroInflated):
             odds = params["zi_odds"]
             e = np.exp(m + 0.5 * v)
             positive = y > 0
-            value = np.where(positive, -np.logaddexp(0.0, math.log(odds)) + y * m - e - special.gammaln(y + 1.0),
+            value = np.where(positive, -np.logaddexp(0.0, np.log(odds)) + y * m - e - special.gammaln(y + 1.0),
                              value)
             first = np.where(positive, y - e, first)
             second = np.where(positive, -e, second)

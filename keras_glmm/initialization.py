@@ -63,6 +63,9 @@ def check_data(model, x, y):
     """
     dtype = model.compute_dtype
     expected = {"x", "offset", response_lib.WEIGHTS}
+    zero_inflation = getattr(model, "zero_inflation", None)
+    if zero_inflation is not None:
+        expected.add("x_zi")
     for layer in model.terms:
         expected.add(layer.name)
         if layer.num_covariates:
@@ -89,6 +92,11 @@ def check_data(model, x, y):
             if key not in x:
                 raise ValueError(f"Inputs need '{key}', the covariates of layer '{layer.name}'.")
             out[key] = _as_float_matrix(x[key], key, layer.num_covariates)
+    if zero_inflation is not None:
+        if "x_zi" not in x:
+            raise ValueError("Inputs need 'x_zi', the zero-inflation design (the model has a zero_inflation layer).")
+        out["x_zi"] = _as_float_matrix(
+            x["x_zi"], "x_zi", zero_inflation.kernel.shape[0] if zero_inflation.built else None)
     if "offset" in x:
         out["offset"] = _as_float_matrix(x["offset"], "offset", 1)[:, 0]
     if response_lib.WEIGHTS in x:
@@ -262,6 +270,13 @@ def initialize(model, x, y, max_rows=GLM_SAMPLE_ROWS):
         spread = 1.0
     spread = spread if np.isfinite(spread) and spread > 0 else 1.0
     model.head.set_params({k: v for k, v in params.items() if k not in model.head.fixed_params})
+    zero_inflation = getattr(model, "zero_inflation", None)
+    if zero_inflation is not None:
+        # Zero-inflation coefficients: the marginal moments' constant pi, projected on x_zi.
+        x_zi = np.asarray(x["x_zi"], dtype="float64")
+        constant = np.full(len(x_zi), np.log(params["zi_odds"]))
+        gamma = np.linalg.lstsq(x_zi, constant, rcond=None)[0]
+        zero_inflation.set_weights([gamma.reshape(zero_inflation.kernel.shape).astype(zero_inflation.variable_dtype)])
     for layer in model.terms:
         scales = []
         if layer.intercept:

@@ -55,6 +55,19 @@ def default_batch_size(num_rows):
     return int(min(MINIBATCH_ROWS, max(8192, num_rows // 100)))
 
 
+def _is_linear(layer):
+    """Whether `layer` is a `Dense(1, use_bias=False)` without activation (what the engine fits)."""
+    return (isinstance(layer, keras.layers.Dense) and not layer.use_bias and layer.units == 1
+            and layer.activation is keras.activations.linear)
+
+
+def _component(component):
+    """glmmTMB's model component: `"cond"` (conditional) or `"zi"` (zero-inflation)."""
+    if component not in ("cond", "zi"):
+        raise ValueError(f"`component` must be 'cond' or 'zi'. Received: component={component!r}")
+    return component
+
+
 @contextlib.contextmanager
 def aligned_steps_per_execution(model, steps_per_epoch):
     """Runs a fit with `steps_per_execution` dividing `steps_per_epoch`.
@@ -147,15 +160,24 @@ class GLMM(keras.Model):
             or two nested scalar terms, the engine goes on from the VI optimum to
             the exact maximum likelihood by adaptive Gauss-Hermite quadrature with
             this many nodes per dimension (None: 25); 0 keeps the VI estimates.
+        zero_inflation: for a zero-inflated family, None (a constant zero-inflation
+            probability, the head's `zi_odds`: glmmTMB's `ziformula = ~1`) or a
+            `keras.layers.Dense(1, use_bias=False)` mapping `inputs["x_zi"]` to each
+            row's `logit(pi_i) = x_zi,i' gamma` (glmmTMB's `ziformula` with
+            covariates; `from_formula(..., ziformula=...)` builds it). Such a model
+            is fitted in memory by the engine only (`fit`'s default): stochastic
+            VI, minibatches, files and `export` raise a ValueError saying so.
 
     Inputs: a dict with `"x"` `(batch, p)`, one entry per random-effects layer (its
-    level indices), `name + "_z"` covariates for layers with slopes, and optionally
-    `"offset"` `(batch,)`. Response `y`: `(batch,)`, or `(batch, 2)` holding
-    successes and trials for a binomial family.
+    level indices), `name + "_z"` covariates for layers with slopes, optionally
+    `"offset"` `(batch,)`, and `"x_zi"` `(batch, q)` with `zero_inflation`.
+    Response `y`: `(batch,)`, or `(batch, 2)` holding successes and trials for a
+    binomial family.
 
-    Outputs: a dict of `(batch,)` tensors: `mean` (response mean), `eta` (linear
-    predictor), `eta_var` (its posterior variance, each term's marginal posterior
-    summed) and the dispersion parameters.
+    Outputs: a dict of `(batch,)` tensors: `mean` (response mean: `(1 - pi) mu` for
+    a zero-inflated family), `eta` (linear predictor), `eta_var` (its posterior
+    variance, each term's marginal posterior summed) and the dispersion
+    parameters (a zero-inflated family's `zi_odds` per row).
 
     Example:
 
@@ -177,6 +199,7 @@ class GLMM(keras.Model):
         reml=False,
         memory_budget=MEMORY_BUDGET,
         agq_points=None,
+        zero_inflation=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -206,7 +229,7 @@ class GLMM(keras.Model):
         self.random_effects = random_effects
         names = [term.name for term in self.terms]
         for name in names:
-            if name in ("x", "offset") or name.endswith("_z"):
+            if name in ("x", "x_zi", "offset") or name.endswith("_z"):
                 raise ValueError(f"A random-effects term may not be named '{name}'.")
         if len(set(names)) != len(names):
             raise ValueError(f"Random-effects terms need distinct names. Received: {names}")
@@ -217,8 +240,16 @@ class GLMM(keras.Model):
         if isinstance(fixed_effects, VariationalFixedEffects):
             fixed_effects.output_mode = "moments"
         self.fixed_effects = fixed_effects
+        if zero_inflation is not None:
+            if not isinstance(zero_inflation, keras.layers.Layer):
+                raise TypeError(f"`zero_inflation` must be a Keras layer or None. Received: {zero_inflation!r}")
+            if "zi_odds" not in self.family.dispersion_params:
+                raise ValueError(f"`zero_inflation` needs a zero-inflated family. Received: "
+                                 f"family={self.family.name!r}")
+        self.zero_inflation = zero_inflation
         self.head = FamilyHead(
-            self.family, fixed_params=fixed_params, name="family_head", dtype=self.dtype_policy
+            self.family, fixed_params=fixed_params, name="family_head", dtype=self.dtype_policy,
+            zi_covariates=zero_inflation is not None,
         )
         self.elbo_tracker = keras.metrics.Mean(name="elbo")
         self.nll_tracker = keras.metrics.Mean(name="nll")
@@ -246,6 +277,8 @@ class GLMM(keras.Model):
         for layer in self.random_effects:
             if not layer.built:
                 layer.build()
+        if self.zero_inflation is not None and not self.zero_inflation.built and "x_zi" in input_shape:
+            self.zero_inflation.build(input_shape["x_zi"])
         if not self.head.built:
             self.head.build((None, 2))
         self.built = True
@@ -272,7 +305,10 @@ class GLMM(keras.Model):
             eta_var += var
         if "offset" in inputs:
             eta += tf.reshape(tf.cast(inputs["offset"], self.compute_dtype), [-1])
-        return self.head(tf.stack([eta, eta_var], axis=-1))
+        zi_logit = None
+        if self.zero_inflation is not None:  # glmmTMB's ziformula: logit(pi_i) = x_zi,i' gamma
+            zi_logit = tf.reshape(tf.cast(self.zero_inflation(inputs["x_zi"]), self.compute_dtype), [-1])
+        return self.head(tf.stack([eta, eta_var], axis=-1), zi_logit=zi_logit)
 
     def expected_log_likelihood(self, y, y_pred, weights=None):
         """Per-row `E_q[log p(y_i | eta_i)]`, under prior weights when given."""
@@ -427,6 +463,7 @@ class GLMM(keras.Model):
             return self._fit_files(x, y, batch_size, epochs, verbose, callbacks, steps_per_epoch, **kwargs)
         x, y = self._fit_inputs(x, y)
         if not isinstance(x, dict):
+            self._require_in_memory("a tf.data pipeline is fitted by stochastic VI")
             return super().fit(
                 x, y, batch_size=batch_size, epochs=epochs or 1, verbose=verbose,
                 callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs
@@ -465,6 +502,7 @@ class GLMM(keras.Model):
         in a buffer of `shuffle_buffer` rows (1,000,000; `seed` seeds it); an epoch is
         one pass over the files but at least `streaming.MIN_EPOCH_STEPS` steps.
         """
+        self._require_in_memory("files are fitted by stochastic VI")
         if y is not None:
             raise ValueError("With files the response comes from the formula: do not pass `y`.")
         if kwargs.pop("sample_weight", None) is not None:
@@ -562,6 +600,15 @@ class GLMM(keras.Model):
         return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
 
     # ------------------------------------------------------------- the engine
+    def _require_in_memory(self, problem):
+        """A ValueError for a zero-inflation with covariates outside the engine's fit."""
+        if self.zero_inflation is not None:
+            raise ValueError(
+                "A zero-inflation probability with covariates (ziformula) is fitted in memory by the "
+                f"engine, `fit(data)`'s default, only: {problem}. Fit a data frame or a dict of arrays "
+                "without batch_size, posterior='mean_field' or files; a constant zero-inflation "
+                "(ziformula='~1') works everywhere.")
+
     def engine_problem(self, num_rows=None, batch_size=None):
         """Why the engine cannot fit this model (a sentence), or None when it can."""
         if self.posterior == "mean_field":
@@ -570,9 +617,10 @@ class GLMM(keras.Model):
             return "fit(batch_size=...) asks for minibatches"
         if num_rows is not None and self.posterior == "auto" and num_rows > FULL_BATCH_ROWS:
             return f"{num_rows:,} rows are more than FULL_BATCH_ROWS={FULL_BATCH_ROWS:,}"
-        if not (isinstance(self.fixed_effects, keras.layers.Dense) and not self.fixed_effects.use_bias
-                and self.fixed_effects.units == 1 and self.fixed_effects.activation is keras.activations.linear):
+        if not _is_linear(self.fixed_effects):
             return "its fixed effects are not the default Dense(1, use_bias=False)"
+        if self.zero_inflation is not None and not _is_linear(self.zero_inflation):
+            return "its zero_inflation layer is not a Dense(1, use_bias=False)"
         for term in self.terms:
             if term.scale_prior is not None:
                 return f"term '{term.name}' has a `scale_prior` (the engine point-estimates variances)"
@@ -586,6 +634,7 @@ class GLMM(keras.Model):
         """The engine's solver for this fit, or None for stochastic VI (see `engine_problem`)."""
         problem = self.engine_problem(num_rows, batch_size)
         if problem is not None:
+            self._require_in_memory(f"the engine cannot fit this model: {problem}")
             if self.posterior == "joint" or self.reml:
                 what = "REML" if self.reml else "posterior='joint'"
                 raise ValueError(f"{what} needs the engine, which cannot fit this model: {problem}.")
@@ -608,8 +657,10 @@ class GLMM(keras.Model):
                 weights=response_lib.prior_weights(x), offset=x.get("offset"), reml=self.reml,
                 fixed_params=self.head.fixed_params, num_points=self.quadrature_points,
                 memory_budget=self.memory_budget, agq_points=self.agq_points,
+                zi_design=None if self.zero_inflation is None else np.asarray(x["x_zi"], "float64"),
             )
         except TooLarge as err:
+            self._require_in_memory(f"{err} (the memory_budget)")
             if self.posterior == "joint" or self.reml:
                 raise TooLarge(
                     f"{err} Raise `memory_budget`, or fit with posterior='mean_field' (stochastic VI, "
@@ -655,6 +706,7 @@ class GLMM(keras.Model):
         report = solver.report()
         self._engine_fit = {
             "vcov": solver.fixed_covariance(),
+            "zi_vcov": solver.zi_covariance(),
             "report": report,
             "boundary": results["boundary"],
             "likelihood": solver.likelihood,
@@ -699,7 +751,10 @@ class GLMM(keras.Model):
             mean = term.conditional_mean().astype("float64")
             u.append(np.linalg.lstsq(lam, mean.T, rcond=None)[0].T if np.any(lam) else np.zeros_like(mean))
         learned = {k: v for k, v in dispersion.items() if k not in self.head.fixed_params}
-        return {"lambdas": lambdas, "beta": self.coefficients(), "dispersion": learned, "u": u}
+        start = {"lambdas": lambdas, "beta": self.coefficients(), "dispersion": learned, "u": u}
+        if self.zero_inflation is not None:
+            start["zi"] = self.zi_coefficients()
+        return start
 
     def _write_engine_results(self, results):
         """Writes the solver's estimates into the layers (predict, ranef and serving read them)."""
@@ -714,6 +769,9 @@ class GLMM(keras.Model):
             term.set_prior(sd, corr)
             term.set_posterior(mean, level_cov)
         self.head.set_params({k: v for k, v in results["dispersion"].items() if k in self.head.log_params})
+        if "zi" in results:
+            zi = self.zero_inflation.kernel
+            zi.assign(results["zi"].reshape(zi.shape).astype(zi.dtype))
 
     # ------------------------------------------------------------ the fit's end
     def _finish_fit(self, x, y, history, converged, last_delta, callbacks, source=None, elbo=None):
@@ -856,6 +914,7 @@ class GLMM(keras.Model):
         posterior="auto",
         na_action="raise",
         sample_rows=None,
+        ziformula=None,
         **kwargs,
     ):
         """Builds a compiled, unfitted GLMM from an lme4 formula and its data.
@@ -878,6 +937,12 @@ class GLMM(keras.Model):
                 `"omit"` (rows with missing values are dropped, with a warning).
             sample_rows: files only: the size of the uniform sample of rows that
                 fixes the fixed-effects coding and the GLM starting point (100,000).
+            ziformula: a zero-inflated family's zero-inflation formula, glmmTMB's
+                `ziformula`: one-sided, fixed effects only, coded like the fixed
+                part (`"~ mined"`, `"~ C(spp) + I(cover**2)"`, `"~ 0 + f"`):
+                `logit(pi_i) = x_zi,i' gamma`. `"~1"` (the default for a
+                zero-inflated family) is a constant `pi`. With covariates the model
+                is fitted in memory by the engine only (see `GLMM`).
             **kwargs: passed to `GLMM(...)` (e.g. `quadrature_points`,
                 `memory_budget`, `name`).
 
@@ -885,8 +950,17 @@ class GLMM(keras.Model):
             A compiled `GLMM`; `model.fit(data)` fits it.
         """
         family_obj = families_lib.get_family(family, link=link)
+        if ziformula is not None and "zi_odds" not in family_obj.dispersion_params:
+            raise ValueError(
+                f"`ziformula` is for a zero-inflated family ('zero_inflated_poisson' or 'zip', "
+                f"'zero_inflated_negative_binomial' or 'zinb'). Received: family={family_obj.name!r}, "
+                f"ziformula={ziformula!r}")
         scan = None
         if streaming.is_source(data):
+            if ziformula is not None and str(ziformula).replace(" ", "") not in ("~1", "1"):
+                raise ValueError(
+                    "A zero-inflation probability with covariates (ziformula) is fitted in memory by the "
+                    "engine only, not from files: read them into a data frame.")
             if posterior == "joint" or reml:
                 raise ValueError(
                     "Files are fitted in minibatches by stochastic VI: posterior='joint' and REML need "
@@ -898,7 +972,8 @@ class GLMM(keras.Model):
             )
             design = scan.design
         else:
-            design = Design.from_data(formula, data, family_obj.name, weights=weights, na_action=na_action)
+            design = Design.from_data(formula, data, family_obj.name, weights=weights, na_action=na_action,
+                                      ziformula=ziformula)
         terms = [
             RandomEffects(
                 num_levels=r.n_levels,
@@ -909,7 +984,12 @@ class GLMM(keras.Model):
             )
             for r in design.random
         ]
-        model = cls(random_effects=terms, family=family_obj, posterior=posterior, reml=reml, **kwargs)
+        zero_inflation = None
+        if design.zi_spec is not None:
+            zero_inflation = keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros",
+                                                name="zero_inflation")
+        model = cls(random_effects=terms, family=family_obj, posterior=posterior, reml=reml,
+                    zero_inflation=zero_inflation, **kwargs)
         model.design = design
         model._weights = weights
         model.compile()
@@ -963,6 +1043,8 @@ class GLMM(keras.Model):
 
     def _record_fit_summary(self, elbo, nobs, history):
         num_parameters = len(self.coefficients()) + len(self.head.log_params)
+        if self.zero_inflation is not None:
+            num_parameters += len(self.zi_coefficients())
         for term in self.terms:
             num_parameters += term.num_effects + term.num_correlations
         if self._engine_fit is not None:
@@ -992,11 +1074,28 @@ class GLMM(keras.Model):
         return self._training_arrays
 
     # -------------------------------------------------------------- results
-    def fixef(self):
-        """Fixed-effect estimates as a pandas Series in design-column order (lme4's fixef)."""
+    def fixef(self, component="cond"):
+        """Fixed-effect estimates as a pandas Series in design-column order (lme4's fixef).
+
+        Args:
+            component: `"cond"` (the conditional model's, lme4's `fixef`) or `"zi"`
+                (a zero-inflated family's zero-inflation coefficients, on the logit
+                scale of `pi`: glmmTMB's `fixef(fit)$zi`; a constant zero-inflation
+                has one, `(Intercept)` = `log(zi_odds)`).
+        """
+        if _component(component) == "zi":
+            return pd.Series(self.zi_coefficients(), index=results_lib.zi_names(self), name="Estimate")
         return pd.Series(self.coefficients(), index=results_lib.fixed_names(self), name="Estimate")
 
-    def vcov(self):
+    def zi_coefficients(self):
+        """The zero-inflation coefficients `gamma` (logit of `pi`), `(q,)`; see `fixef(component="zi")`."""
+        if "zi_odds" not in self.family.dispersion_params:
+            raise ValueError(f"Family {self.family.name!r} has no zero-inflation: it is not zero-inflated.")
+        if self.zero_inflation is not None:
+            return self.zero_inflation.get_weights()[0].reshape(-1).astype("float64")
+        return np.array([math.log(self.dispersion()["zi_odds"])])
+
+    def vcov(self, component="cond"):
         """Covariance of the fixed-effect estimates (DataFrame).
 
         After a fit by the engine: for a gaussian model lme4's `vcov` (ML or REML),
@@ -1004,7 +1103,23 @@ class GLMM(keras.Model):
         inverse; for other families the Laplace covariance at the optimum (see
         `VariationalSolver.fixed_covariance`), computed once per fit. After
         stochastic VI: `results.fixed_vcov`, from the training rows.
+
+        `component="zi"`: that of the zero-inflation coefficients (glmmTMB's
+        `vcov(fit)$zi`), from a fit by the engine: the inverse of a
+        finite-difference Hessian of the objective it ended on, the exact
+        log-likelihood where adaptive quadrature applies (see
+        `VariationalSolver.zi_covariance`); NaN where that Hessian is not positive
+        definite.
         """
+        if _component(component) == "zi":
+            names = results_lib.zi_names(self)
+            cov = None if self._engine_fit is None else self._engine_fit.get("zi_vcov")
+            if cov is None:
+                if "zi_odds" in self.head.fixed_params:
+                    raise ValueError("`zi_odds` is held fixed: it has no standard error.")
+                raise ValueError("Standard errors of the zero-inflation coefficients come from a fit by the "
+                                 "engine (posterior='auto' or 'joint', in memory).")
+            return pd.DataFrame(cov, index=names, columns=names)
         names = results_lib.fixed_names(self)
         if self._engine_fit is not None:
             cov = self._engine_fit["vcov"]
@@ -1017,11 +1132,14 @@ class GLMM(keras.Model):
         """lme4's `isSingular`: whether a standard deviation is 0 or a correlation +-1."""
         return bool(results_lib.singular_components(self))
 
-    def coef_table(self):
+    def coef_table(self, component="cond"):
         """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect; for a gaussian
-        identity-link model Estimate, Std. Error and t value, as lme4's summary."""
+        identity-link model Estimate, Std. Error and t value, as lme4's summary.
+        `component="zi"`: the zero-inflation coefficients' (glmmTMB's zero-inflation model)."""
         gaussian = self.family.name == "gaussian" and self.family.link.name == "identity"
-        return results_lib.coef_table(self.fixef(), self.vcov().values, t_values=gaussian)
+        if _component(component) == "zi":
+            gaussian = False
+        return results_lib.coef_table(self.fixef(component), self.vcov(component).values, t_values=gaussian)
 
     # lme4's generics -----------------------------------------------------
     def _summary(self):
@@ -1247,12 +1365,21 @@ class GLMM(keras.Model):
             eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
         rng = np.random.default_rng(seed)
         eta = out["eta"][None, :] + np.sqrt(eta_var)[None, :] * rng.standard_normal((num_draws, len(eta_var)))
-        return self._sample_response(eta, trials, weights, seed=None if seed is None else seed + 1)
+        return self._sample_response(eta, trials, weights, seed=None if seed is None else seed + 1,
+                                     row_params=self._row_params(out))
 
-    def _sample_response(self, eta, trials, weights, seed=None):
-        """Responses drawn at linear predictors `eta` `(draws, rows)`."""
+    def _row_params(self, out):
+        """The parameters that vary by row (a zero-inflation with covariates), from `predict`'s output."""
+        return {"zi_odds": out["zi_odds"]} if self.zero_inflation is not None else {}
+
+    def _sample_response(self, eta, trials, weights, seed=None, row_params=None):
+        """Responses drawn at linear predictors `eta` `(draws, rows)`; `row_params` `(rows,)` each.
+
+        The zero-inflation probabilities are at their estimates (their uncertainty is not drawn).
+        """
         shape = eta.shape
         params = {k: np.full(shape, v) for k, v in self.dispersion().items()}
+        params.update({k: np.broadcast_to(np.asarray(v, "float64"), shape) for k, v in (row_params or {}).items()})
         if weights is not None and self.family.name == "gaussian":
             params["scale"] = params["scale"] / np.sqrt(np.maximum(weights, 1e-300))[None, :]
         params = {k: tf.constant(v, tf.float64) for k, v in params.items()}
@@ -1270,8 +1397,8 @@ class GLMM(keras.Model):
         x, _ = self._require_fit()
         trials, weights = self._response_of(None, None)
         rng = np.random.default_rng(seed)
-        eta = np.asarray(self.predict_response(None, re_form="~0", type="link"), "float64")
-        eta = np.tile(eta, (nsim, 1))
+        out = self.predict(self._prediction_inputs(None, "~0", True), verbose=0)
+        eta = np.tile(np.asarray(out["eta"], "float64"), (nsim, 1))
         for term in self.terms:
             # A square root that a boundary fit's singular covariance also has.
             values, vectors = np.linalg.eigh(term.prior_covariance())
@@ -1283,7 +1410,7 @@ class GLMM(keras.Model):
                 z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
             eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
         return self._sample_response(eta, trials, weights if self.family.name == "gaussian" else None,
-                                     seed=None if seed is None else seed + 1)
+                                     seed=None if seed is None else seed + 1, row_params=self._row_params(out))
 
     def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).
@@ -1345,7 +1472,12 @@ class GLMM(keras.Model):
         grouping column's raw levels as strings (looked up in the graph; unseen
         levels predict at the population level) and slope covariates, and returns
         `mean` and `eta`; see `keras_glmm.serving`. Other models use Keras's export.
+        A zero-inflation with covariates (ziformula) is not exported: a ValueError.
         """
+        if self.zero_inflation is not None:
+            raise ValueError(
+                "A model with a zero-inflation probability with covariates (ziformula) has no SavedModel "
+                "export: save it with model.save('model.keras') and predict with predict_response.")
         if self.design is not None and format == "tf_saved_model" and input_signature is None:
             return serving.export_saved_model(self, filepath)
         if composition.is_network(self.fixed_effects) and format == "tf_saved_model" and input_signature is None:
@@ -1371,6 +1503,8 @@ class GLMM(keras.Model):
                 "reml": self.reml,
                 "memory_budget": self.memory_budget,
                 "agq_points": self.agq_points,
+                "zero_inflation": None if self.zero_inflation is None else keras.saving.serialize_keras_object(
+                    self.zero_inflation),
                 "weights": getattr(self, "_weights", None) if isinstance(
                     getattr(self, "_weights", None), str) else None,
             }
@@ -1384,6 +1518,8 @@ class GLMM(keras.Model):
             keras.saving.deserialize_keras_object(c) for c in config["random_effects"]
         ]
         config["fixed_effects"] = keras.saving.deserialize_keras_object(config["fixed_effects"])
+        if config.get("zero_inflation") is not None:
+            config["zero_inflation"] = keras.saving.deserialize_keras_object(config["zero_inflation"])
         design = config.pop("design", None)
         weights = config.pop("weights", None)
         model = cls(**config)
@@ -1409,7 +1545,7 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
         family: a family name or `keras_glmm.families.Family`.
         weights: binomial trials for a proportion response.
         **options: `GLMM.from_formula` options (`link`, `reml`, `posterior`,
-            `na_action`, `sample_rows`, ...) and `fit` options (`epochs`, `callbacks`,
+            `na_action`, `sample_rows`, `ziformula`, ...) and `fit` options (`epochs`, `callbacks`,
             `verbose`, `batch_size`, `steps_per_epoch`; for files `shuffle_buffer`
             and `seed`).
 

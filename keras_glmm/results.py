@@ -29,6 +29,16 @@ def fixed_names(model):
     return [f"x{j}" for j in range(len(model.coefficients()))]
 
 
+def zi_names(model):
+    """Names of the zero-inflation coefficients: the ziformula's columns, lme4-style."""
+    design = getattr(model, "design", None)
+    if getattr(model, "zero_inflation", None) is None:
+        return ["(Intercept)"]  # a constant zero-inflation: its log-odds
+    if design is not None and design.zi_columns:
+        return list(design.zi_columns)
+    return [f"x_zi{j}" for j in range(len(model.zi_coefficients()))]
+
+
 def term_columns(model, term):
     design = getattr(model, "design", None)
     if design is not None:
@@ -306,6 +316,14 @@ def report(model):
         lines.append(_format_table(model.coef_table()))
     except Exception as err:  # noqa: BLE001 - the report must print even without SEs
         lines.append(model.fixef().to_string() + f"\n(standard errors unavailable: {err})")
+    if "zi_odds" in model.family.dispersion_params:
+        ziformula = getattr(design, "ziformula", None) or "~1"
+        lines.append("")
+        lines.append(f"Zero-inflation (logit of the zero-inflation probability, ziformula {ziformula}):")
+        try:
+            lines.append(_format_table(model.coef_table(component="zi")))
+        except Exception as err:  # noqa: BLE001
+            lines.append(model.fixef(component="zi").to_string() + f"\n(standard errors unavailable: {err})")
     lines.append("")
     if model.converged_:
         lines.append(f"Converged: the ELBO changed by less than its tolerance ({fit.get('epochs', '?')} epochs).")

@@ -620,6 +620,32 @@ def test_config_roundtrip_synthetic(formula, family, weights):
         assert (inputs[r.name][3:] >= 0).all()
 
 
+@pytest.mark.parametrize("ziformula,columns", [
+    ("~ C(f) + I(x**2)", ["(Intercept)", "fb", "fc", "I(x ** 2)"]),
+    ("~ 0 + f + center(x)", ["fa", "fb", "fc", "center(x)"]),
+])
+def test_ziformula_columns_and_config_roundtrip(ziformula, columns):
+    # glmmTMB's ziformula is coded like the fixed part and frozen with it: new data get
+    # the training categories and the training centre.
+    data = _synthetic().assign(count=np.arange(24) % 5)
+    d1 = Design.from_data("count ~ x + (1 | g)", data, "zero_inflated_poisson", ziformula=ziformula)
+    assert d1.zi_columns == columns and d1.ziformula == ziformula
+    d2 = _restore(d1)
+    assert d2.ziformula == ziformula and d2.zi_columns == columns
+    new = _new_frame(data, ["g"])
+    _assert_same_design(d1, d2, [data, new])
+    np.testing.assert_array_equal(d1.arrays(new)[0]["x_zi"], d2.zi_matrix(new))
+    assert "x_zi" in d1.arrays(data)[0] and "x_zi" not in Design.from_data(
+        "count ~ x + (1 | g)", data, "zero_inflated_poisson", ziformula="~1").arrays(data)[0]
+    # A design saved before ziformula existed loads as one without it.
+    config = Design.from_data("count ~ x + (1 | g)", data, "zero_inflated_poisson").get_config()
+    for key in ("ziformula", "zi_spec", "zi_columns", "zi_formulaic_columns"):
+        config.pop(key)
+    assert Design.from_config(config).zi_spec is None
+    with pytest.raises(ValueError, match="level\\(s\\) 'd' not seen"):
+        d2.arrays(new.assign(f="d"))
+
+
 def test_config_keeps_training_state_of_stateful_transforms():
     data = _synthetic()
     d2 = _restore(Design.from_data("y ~ center(x) + scale(x) + (1 | g)", data))

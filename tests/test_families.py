@@ -581,3 +581,41 @@ def test_new_families_numpy_kernels_are_the_tensorflow_maths(name, link, params)
             np.testing.assert_allclose(got[3][5:], d_var[5:], rtol=1e-9, atol=1e-9)
         for k, p in pv.items():
             assert got[4][k] == pytest.approx(float(inner.gradient(total, p)), rel=1e-9, abs=1e-9), k
+
+
+@pytest.mark.parametrize("name,params", [("zero_inflated_poisson", {}),
+                                         ("zero_inflated_negative_binomial", {"dispersion": 1.8})])
+def test_zero_inflation_per_row_is_the_tensorflow_maths(name, params):
+    # glmmTMB's ziformula with covariates: one zi_odds per row. The numpy kernels take the
+    # array and return each row's weighted gradient, which equals autodiff of the TF
+    # expected_log_prob in each row's odds, and the value is the scalar path's row by row.
+    f = fam.get_family(name)
+    rng = np.random.default_rng(1)
+    n = 60
+    y = np.where(rng.random(n) < 0.4, 0.0, rng.poisson(3, n)).astype(float)
+    eta, v = rng.normal(0.5, 1.0, n), rng.uniform(0, 1, n)
+    v[:4] = 0.0
+    odds = np.exp(rng.normal(-0.5, 1.5, n))
+    w = rng.uniform(0.5, 2.0, n)
+    for num_points in (f.quadrature_points, 0):
+        got = f.expected_log_prob_derivatives(y, eta, v, dict(params, zi_odds=odds), num_points=num_points,
+                                              weights=w)
+        assert got[4]["zi_odds"].shape == (n,)
+        for i in (0, 7, 31):
+            one = f.expected_log_prob_derivatives(y[i:i + 1], eta[i:i + 1], v[i:i + 1],
+                                                  dict(params, zi_odds=odds[i]), num_points=num_points)
+            assert got[0][i] == pytest.approx(one[0][0], rel=1e-12)
+            assert got[4]["zi_odds"][i] == pytest.approx(w[i] * one[4]["zi_odds"], rel=1e-12)
+        pv = tf.Variable(odds)
+        with tf.GradientTape() as tape:
+            value = f.expected_log_prob(_t(y), _t(eta), _t(v) if num_points else tf.zeros(n, tf.float64),
+                                        {**{k: _t(p) for k, p in params.items()}, "zi_odds": pv},
+                                        num_points=num_points or None)
+            total = tf.reduce_sum(_t(w) * value)
+        np.testing.assert_allclose(got[0], value.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(got[4]["zi_odds"], tape.gradient(total, pv).numpy(), rtol=1e-9, atol=1e-12)
+    # The response mean (1 - pi_i) mu_i, row by row.
+    np.testing.assert_allclose(f.response_mean(_t(eta), {"zi_odds": _t(odds)}).numpy(),
+                               np.exp(eta) / (1.0 + odds), rtol=1e-12)
+    with pytest.raises(ValueError, match="one value per row"):
+        f.expected_log_prob_derivatives(y, eta, v, dict(params, zi_odds=odds[:5]))

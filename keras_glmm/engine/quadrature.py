@@ -87,15 +87,24 @@ class AdaptiveQuadrature:
 
     # ------------------------------------------------------------ the family
     def _log_p(self, eta, rows, node_weights=None, params=None):
-        """`log p`, `d/d eta`, `d2/d eta2` at `eta` `(n, ...)` for the rows' responses."""
+        """`log p`, `d/d eta`, `d2/d eta2` at `eta` `(n, ...)` for the rows' responses.
+
+        A parameter given per row (a zero-inflation probability with covariates) is
+        repeated over each row's nodes, and its gradient comes back per row: the
+        sum over the row's nodes (with `node_weights`, the posterior expectation).
+        """
         shape = eta.shape
         reps = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         y = np.repeat(self.y[rows], reps)
         trials = None if self.trials is None else np.repeat(self.trials[rows], reps)
         w = np.repeat(self.weights[rows], reps)
         pw = w if node_weights is None else w * node_weights.reshape(-1)
+        per_row = {k for k, v in (params or {}).items() if np.ndim(v)}
+        if per_row:
+            params = {k: np.repeat(v[rows], reps) if k in per_row else v for k, v in params.items()}
         value, first, second, grads = self.family.log_prob_derivatives(
             y, eta.reshape(-1), params, trials=trials, weights=pw)
+        grads = {k: g.reshape(len(rows), reps).sum(1) if k in per_row else g for k, g in grads.items()}
         return (w * value).reshape(shape), (w * first).reshape(shape), (w * second).reshape(shape), grads
 
     # ------------------------------------------------------------ evaluation

@@ -58,6 +58,12 @@ by adaptive Gauss-Hermite quadrature, centred and scaled at each level's mode.
 VI's estimates are biased for binary data in small clusters (less than Laplace's,
 but biased); this removes the bias.
 
+**Zero-inflation with covariates** (glmmTMB's `ziformula`): a zero-inflated family's
+`logit(pi_i) = x_zi,i' gamma` adds `gamma` to the outer parameters, unbounded, with the
+gradient `X_zi' (odds_i d ell_i / d odds_i)` from the family's per-row kernels
+(`Parameters`); the exact-ML phase takes it the same way (its integrals still factorize:
+`pi_i` does not depend on the random effects).
+
 In all cases the variance parameters move by a bounded quasi-Newton method
 (`keras_glmm.engine.quasi_newton`): a standard deviation (a diagonal entry of
 `Lambda_t`) can reach exactly 0, lme4's boundary fit. A `step()` is one of its
@@ -89,9 +95,14 @@ AGQ_POINTS = 25
 
 
 class Parameters:
-    """Packs the lower-triangular factors `Lambda_t` (and log-dispersions) into a vector."""
+    """Packs the lower-triangular factors `Lambda_t` (and log-dispersions) into a vector.
 
-    def __init__(self, blocks, dispersion_names=()):
+    With a zero-inflation design `X_zi` (glmmTMB's `ziformula` with covariates) the
+    vector ends with its coefficients `gamma`, unbounded, and the family's `zi_odds`
+    is one value per row, `log(zi_odds_i) = logit(pi_i) = x_zi,i' gamma`.
+    """
+
+    def __init__(self, blocks, dispersion_names=(), zi_design=None):
         # `Lambda_t = unit * vector entries`: the optimizer sees entries of order 1
         # whatever the link's units (see `VariationalSolver._start`).
         self.unit = 1.0
@@ -106,7 +117,9 @@ class Parameters:
             start += len(rows)
         self.num_theta = start
         self.dispersion_names = list(dispersion_names)
-        lower.extend([-np.inf] * len(self.dispersion_names))
+        self.zi_design = zi_design
+        self.num_zi = 0 if zi_design is None else zi_design.shape[1]
+        lower.extend([-np.inf] * (len(self.dispersion_names) + self.num_zi))
         self.lower = np.asarray(lower)
         self.blocks = blocks
 
@@ -119,17 +132,34 @@ class Parameters:
         return out
 
     def dispersion(self, vector):
-        return {name: math.exp(v) for name, v in zip(self.dispersion_names, vector[self.num_theta:])}
+        """The dispersion parameters by name; with `X_zi`, `zi_odds` per row."""
+        out = {name: math.exp(v) for name, v in zip(self.dispersion_names, vector[self.num_theta:])}
+        if self.num_zi:
+            with np.errstate(over="ignore"):  # pi = 1 exactly: the line search steps back
+                out["zi_odds"] = np.exp(self.zi_design @ self.zi_coefficients(vector))
+        return out
 
-    def pack(self, lambdas, dispersion=None):
+    def zi_coefficients(self, vector):
+        """`gamma`, the last `num_zi` entries (of this vector, or of one with more before them)."""
+        return vector[len(vector) - self.num_zi:]
+
+    def pack(self, lambdas, dispersion=None, zi=None):
         parts = [lam[rows, cols] / self.unit for lam, (rows, cols) in zip(lambdas, self.positions)]
         parts.append([math.log(dispersion[name]) for name in self.dispersion_names])
+        if self.num_zi:
+            parts.append(np.asarray(zi, dtype=np.float64).reshape(self.num_zi))
         return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts]) if parts else np.zeros(0)
 
     def gradient(self, lambda_gradients, dispersion_gradient=None):
-        """Packs `d/d Lambda_t` matrices (and `d/d log dispersion`) like `pack`."""
+        """Packs `d/d Lambda_t` matrices (and `d/d log dispersion`) like `pack`.
+
+        With `X_zi`, `dispersion_gradient["zi_odds"]` is per row, in the rows' log-odds;
+        the chain rule gives `d/d gamma = X_zi' (odds_i d ell_i / d odds_i)`.
+        """
         parts = [self.unit * grad[rows, cols] for grad, (rows, cols) in zip(lambda_gradients, self.positions)]
         parts.append([dispersion_gradient[name] for name in self.dispersion_names])
+        if self.num_zi:
+            parts.append(self.zi_design.T @ dispersion_gradient["zi_odds"])
         return np.concatenate([np.asarray(p, dtype=np.float64) for p in parts])
 
 
@@ -171,10 +201,15 @@ class VariationalSolver:
         agq_points: nodes per dimension of the exact-ML phase by adaptive quadrature
             (see the module docstring); None for `AGQ_POINTS` where the design
             allows it, 0 to stop at the variational fit.
+        zi_design: `(n, q)` zero-inflation design of a zero-inflated family (glmmTMB's
+            `ziformula` with covariates), full column rank, or None for a constant
+            `zi_odds`: `logit(pi_i) = x_zi,i' gamma`, `gamma` among the outer
+            parameters (see `Parameters`); the exact-ML phase handles it too.
     """
 
     def __init__(self, x, terms, y, family, trials=None, weights=None, offset=None, reml=False,
-                 fixed_params=None, num_points=None, memory_budget=2 * 2**30, agq_points=None):
+                 fixed_params=None, num_points=None, memory_budget=2 * 2**30, agq_points=None,
+                 zi_design=None):
         self.structure = Structure(x, terms)
         self.system = BlockedSystem(self.structure, memory_budget=memory_budget)
         self.family = family
@@ -190,7 +225,10 @@ class VariationalSolver:
         self.fixed_params = dict(fixed_params or {})
         self.num_points = num_points
         names = [] if self.conjugate else [p for p in family.dispersion_params if p not in self.fixed_params]
-        self.parameters = Parameters(self.structure.random_blocks, names)
+        if zi_design is not None:
+            zi_design = self._check_zi_design(zi_design, n)
+            names.remove("zi_odds")
+        self.parameters = Parameters(self.structure.random_blocks, names, zi_design)
         self.num_rows = n
         self.num_fixed = self.structure.num_fixed
         if self.conjugate:
@@ -203,6 +241,21 @@ class VariationalSolver:
         self.phase = "variational"
         self.optimizer = None
         self.state = None
+
+    def _check_zi_design(self, zi_design, num_rows):
+        """`zi_design` as float64 `(n, q)`, or a ValueError saying what is wrong with it."""
+        if "zi_odds" not in self.family.dispersion_params:
+            raise ValueError(f"`zi_design` needs a zero-inflated family; {self.family.name!r} is not one.")
+        if "zi_odds" in self.fixed_params:
+            raise ValueError("`zi_design` and a fixed `zi_odds` exclude each other.")
+        zi = np.asarray(zi_design, dtype=np.float64)
+        if zi.ndim != 2 or len(zi) != num_rows or not zi.shape[1]:
+            raise ValueError(f"`zi_design` must be ({num_rows}, q) with q >= 1. Received shape {zi.shape}.")
+        rank = np.linalg.matrix_rank(zi)
+        if rank < zi.shape[1]:
+            raise ValueError(f"`zi_design` has rank {rank} with {zi.shape[1]} columns: its coefficients are not "
+                             "identified (drop the columns that are linear combinations of the others).")
+        return zi
 
     # ================================================================ conjugate
     def _prepare_conjugate(self):
@@ -500,7 +553,7 @@ class VariationalSolver:
         for lam in lambdas:
             out.append(_semidefinite_cholesky(lam @ lam.T) if np.any(np.diag(lam) == 0) else lam)
         dispersion = self.parameters.dispersion(vector)
-        return self.parameters.pack(out, dispersion)
+        return self.parameters.pack(out, dispersion, self.parameters.zi_coefficients(vector))
 
     def _warm_start(self, lambdas):
         """The accepted state, its posterior means kept fixed in `b = Lambda u` for new `lambdas`."""
@@ -534,6 +587,16 @@ class VariationalSolver:
             g1 = self._expected(st["eta"], st["var"], shifted)[3][name] * shifted[name]
             g0 = st["pgrad"][name] * st["dispersion"][name]
             out[d + j, d + j] = -(g1 - g0) / step
+        if self.parameters.num_zi:
+            # The rows' log-odds are independent: one shift of all of them gives each
+            # row's second derivative c_i, and the block of gamma is -X_zi' diag(c) X_zi.
+            step = 1e-4
+            shifted = dict(st["dispersion"], zi_odds=st["dispersion"]["zi_odds"] * math.exp(step))
+            g1 = self._expected(st["eta"], st["var"], shifted)[3]["zi_odds"] * shifted["zi_odds"]
+            g0 = st["pgrad"]["zi_odds"] * st["dispersion"]["zi_odds"]
+            zi = self.parameters.zi_design
+            j = d + len(self.parameters.dispersion_names)
+            out[j:, j:] = -zi.T @ (((g1 - g0) / step)[:, None] * zi)
         return out
 
     def _glmm_objective(self, vector):
@@ -555,7 +618,7 @@ class VariationalSolver:
         return -state["elbo"], -gradient
 
     # ================================================================ the fit
-    def start(self, lambdas, beta=None, dispersion=None, u=None):
+    def start(self, lambdas, beta=None, dispersion=None, u=None, zi=None):
         """Sets the starting point and evaluates it.
 
         Args:
@@ -565,11 +628,14 @@ class VariationalSolver:
             beta: fixed effects (other families: the start of the inner Newton).
             dispersion: dispersion parameters by name (other families).
             u: optional per-term `(L, k)` spherical posterior means (other families).
+            zi: the zero-inflation coefficients `gamma` `(q,)` (with `zi_design`); by
+                default the constant log-odds of `dispersion["zi_odds"]` (else 0),
+                projected on the columns of `zi_design`.
         """
         with self._threads():
-            return self._start(lambdas, beta, dispersion, u)
+            return self._start(lambdas, beta, dispersion, u, zi)
 
-    def _start(self, lambdas, beta=None, dispersion=None, u=None):
+    def _start(self, lambdas, beta=None, dispersion=None, u=None, zi=None):
         s = self.structure
         ordered = [np.asarray(lambdas[s.order.index(b)], dtype=np.float64) for b in range(s.num_random)]
         ordered = [np.where(np.tril(np.ones_like(l)) > 0, l, 0.0) for l in ordered]
@@ -587,7 +653,10 @@ class VariationalSolver:
             eta = self.offset + self.structure.fixed_block.z @ start_beta
             unit = float(np.sqrt(np.mean(np.square(eta)))) if len(eta) else 1.0
             self.parameters.unit = unit if np.isfinite(unit) and unit > 0 else 1.0
-        vector = self.parameters.pack(ordered, dispersion)
+        if self.parameters.num_zi and zi is None:
+            constant = math.log((dispersion or {}).get("zi_odds", 1.0))
+            zi = np.linalg.lstsq(self.parameters.zi_design, np.full(self.num_rows, constant), rcond=None)[0]
+        vector = self.parameters.pack(ordered, dispersion, zi)
         curvature = None
         if self.conjugate:
             objective = self._conjugate_objective
@@ -600,6 +669,8 @@ class VariationalSolver:
             beta = np.zeros(self.num_fixed) if beta is None else np.asarray(beta, dtype=np.float64)
             start_dispersion = {k: v for k, v in (dispersion or {}).items()
                                 if k in self.parameters.dispersion_names}
+            if self.parameters.num_zi:
+                start_dispersion["zi_odds"] = self.parameters.dispersion(vector)["zi_odds"]
             self._inner_start = dict(u=u, beta=beta, h=self._start_weights(beta, u, ordered, start_dispersion))
             objective = self._glmm_objective
             curvature = self._glmm_curvature
@@ -756,6 +827,7 @@ class VariationalSolver:
             `factors` (`Lambda_t`, relative for a conjugate model); `level_means`
             `(L, k)` and `level_covariances` `(L, k, k)` per term (the posterior of
             `b = Lambda u`); `dispersion` (with `scale` for a gaussian model);
+            `zi`, the zero-inflation coefficients `gamma` (with `zi_design`);
             `boundary`, one boolean array per term: which diagonal entries of
             `Lambda_t` are below lme4's tolerance (a standard deviation at 0, or, for
             an entry after the first, a correlation at +-1). The tolerance is
@@ -786,6 +858,9 @@ class VariationalSolver:
         else:
             out["dispersion"] = dict(self.fixed_params)
             out["dispersion"].update(st["dispersion"])
+        if self.parameters.num_zi:
+            del out["dispersion"]["zi_odds"]  # per row: `zi` holds its coefficients
+            out["zi"] = self.parameters.zi_coefficients(st["vector"]).copy()
         return out
 
     def fixed_covariance(self):
@@ -809,3 +884,55 @@ class VariationalSolver:
         h = np.maximum(-self.weights * second, 0.0)
         factor = self.system.factor(st["lambdas"], self.structure.cross_products(h))
         return factor.fixed_covariance()
+
+    def zi_covariance(self):
+        """Covariance of the zero-inflation coefficients on the logit scale, or None.
+
+        The coefficients are `gamma` (with `zi_design`) or the one intercept
+        `log(zi_odds)` (a constant zero-inflation); None when the family has none
+        to estimate. The covariance is the inverse of a finite-difference Hessian
+        (central differences of the exact gradient) of the objective the fit ended
+        on, in all its free parameters: after the exact-ML phase the negative
+        log-likelihood by adaptive quadrature in `(beta, theta, log dispersion,
+        gamma)`, glmmTMB's `vcov(fit)$zi` without Laplace's error; otherwise the
+        negative ELBO profiled over `q` and `beta`, whose inverse Hessian has the
+        joint one's block for `gamma` (profiling). Parameters on their bound (an
+        sd at 0) are held fixed. It costs two evaluations of the objective per
+        parameter; the solver's state is the current point's again afterwards.
+        """
+        with self._threads():
+            return self._zi_covariance()
+
+    def _zi_covariance(self):
+        par = self.parameters
+        x = self.optimizer.x.copy()
+        if par.num_zi:
+            wanted = np.arange(len(x) - par.num_zi, len(x))
+        elif "zi_odds" in par.dispersion_names:
+            before = self.num_fixed if self.phase == "quadrature" else 0
+            wanted = np.array([before + par.num_theta + par.dispersion_names.index("zi_odds")])
+        else:
+            return None
+        lower = self.optimizer.lower
+        free = np.flatnonzero(x > lower)
+        function = self.optimizer.function
+        hessian = np.empty((len(free), len(free)))
+        for a, j in enumerate(free):
+            h = 1e-4 * max(1.0, abs(x[j]))
+            up, down = x.copy(), x.copy()
+            up[j] += h
+            if x[j] - h > lower[j]:
+                down[j] -= h
+            g_up, g_down = function(up)[1], function(down)[1]
+            hessian[:, a] = (g_up - g_down)[free] / (up[j] - down[j])
+        function(x)  # back to the current point's state
+        nan = np.full((len(wanted), len(wanted)), np.nan)
+        if not np.isfinite(hessian).all():
+            return nan
+        try:
+            covariance = np.linalg.inv(0.5 * (hessian + hessian.T))
+        except np.linalg.LinAlgError:
+            return nan
+        position = np.searchsorted(free, wanted)
+        block = covariance[np.ix_(position, position)]
+        return block if np.all(np.diag(block) > 0) else nan

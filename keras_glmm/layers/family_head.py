@@ -16,6 +16,10 @@ class FamilyHead(keras.layers.Layer):
     The head owns the family's dispersion parameters (gaussian residual sd `scale`,
     negative binomial `dispersion`, gamma `shape`), learned on the log scale so they
     stay positive, or held fixed (the TFP tutorial fixes the gaussian scale at 1).
+    A zero-inflated family's `zi_odds` is one of them (a constant zero-inflation
+    probability), or, with `zi_covariates=True` (glmmTMB's `ziformula` with
+    covariates), comes per row from the model: `call(..., zi_logit=...)`,
+    `zi_odds_i = exp(zi_logit_i)`, the odds of `pi_i`.
     It returns tensors, not a distribution: the loss builds the `tfp` distribution
     from them (`Family.expected_log_prob`), which keeps the layer saveable.
 
@@ -35,6 +39,9 @@ class FamilyHead(keras.layers.Layer):
             (one `(batch, 3 + d)` tensor: `mean`, `eta`, `eta_var` and the `d`
             dispersion parameters, the form Keras's `compile(loss=...)` takes;
             `unpack` turns it, or `model.predict`'s array, into the dict).
+        zi_covariates: for a zero-inflated family, take the logit of each row's
+            zero-inflation probability as `call`'s `zi_logit` instead of learning
+            one constant `zi_odds`.
 
     Input: `(batch, 2)`, the mean and variance of each row's linear predictor; or a
     list of its additive parts, each `(batch,)` or `(batch, 1)` (a value: a
@@ -43,7 +50,8 @@ class FamilyHead(keras.layers.Layer):
 
     Output: a dict of `(batch,)` tensors: `eta` (linear predictor), `eta_var` (its
     posterior variance), `mean` (the response mean at `eta`: a probability for the
-    binomial) and one entry per dispersion parameter; or the packed tensor.
+    binomial, `(1 - pi) mu` for a zero-inflated family) and one entry per dispersion
+    parameter; or the packed tensor.
 
     Example:
 
@@ -53,7 +61,7 @@ class FamilyHead(keras.layers.Layer):
     """
 
     def __init__(self, family="gaussian", link=None, fixed_params=None, initial_params=None,
-                 output_mode="dict", **kwargs):
+                 output_mode="dict", zi_covariates=False, **kwargs):
         super().__init__(**kwargs)
         if output_mode not in OUTPUT_MODES:
             raise ValueError(
@@ -62,9 +70,17 @@ class FamilyHead(keras.layers.Layer):
         self.output_mode = output_mode
         self.family = families_lib.get_family(family, link=link)
         self.link = self.family.link.name
+        self.zi_covariates = bool(zi_covariates)
         names = self.family.dispersion_params
+        if self.zi_covariates:
+            if "zi_odds" not in names:
+                raise ValueError(
+                    f"`zi_covariates=True` needs a zero-inflated family. Received: family={self.family.name!r}")
+            names = tuple(n for n in names if n != "zi_odds")  # per row, from the model
         for arg, values in (("fixed_params", fixed_params), ("initial_params", initial_params)):
             for key, value in (values or {}).items():
+                if key == "zi_odds" and self.zi_covariates:
+                    raise ValueError(f"`{arg}` names 'zi_odds', which comes per row with zi_covariates=True.")
                 if key not in names:
                     raise ValueError(
                         f"`{arg}` names '{key}', which family '{self.family.name}' does not "
@@ -77,7 +93,7 @@ class FamilyHead(keras.layers.Layer):
 
     def build(self, input_shape=None):
         self.log_params = {}
-        for name in self.family.dispersion_params:
+        for name in self._scalar_params():
             if name in self.fixed_params:
                 continue
             self.log_params[name] = self.add_weight(
@@ -86,10 +102,14 @@ class FamilyHead(keras.layers.Layer):
                 initializer=keras.initializers.Constant(np.log(self.initial_params.get(name, 1.0))),
             )
 
+    def _scalar_params(self):
+        """The dispersion parameters the head holds (not those that come per row)."""
+        return tuple(n for n in self.family.dispersion_params if not (self.zi_covariates and n == "zi_odds"))
+
     def params(self):
-        """The dispersion parameters as scalar tensors, by name."""
+        """The dispersion parameters the head holds, as scalar tensors, by name."""
         out = {}
-        for name in self.family.dispersion_params:
+        for name in self._scalar_params():
             if name in self.fixed_params:
                 out[name] = tf.constant(self.fixed_params[name], self.compute_dtype)
             else:
@@ -128,11 +148,17 @@ class FamilyHead(keras.layers.Layer):
             raise ValueError(f"FamilyHead '{self.name}' received an empty list of parts.")
         return eta, tf.zeros_like(eta) if eta_var is None else eta_var
 
-    def call(self, inputs):
+    def call(self, inputs, zi_logit=None):
         eta, eta_var = self._moments(inputs)
-        out = {"eta": eta, "eta_var": eta_var, "mean": self.family.mean(eta)}
-        for name, value in self.params().items():
-            out[name] = tf.broadcast_to(value, tf.shape(eta))
+        params = self.params()
+        if self.zi_covariates:
+            if zi_logit is None:
+                raise ValueError(f"FamilyHead '{self.name}' has zi_covariates=True: pass `zi_logit`, each "
+                                 "row's logit of the zero-inflation probability.")
+            params["zi_odds"] = tf.exp(tf.reshape(tf.cast(zi_logit, self.compute_dtype), [-1]))
+        out = {"eta": eta, "eta_var": eta_var, "mean": self.family.response_mean(eta, params)}
+        for name in self.family.dispersion_params:
+            out[name] = tf.broadcast_to(params[name], tf.shape(eta))
         if self.output_mode == "dict":
             return out
         packed = tf.stack([out[k] for k in self.packed_columns()], axis=-1)
@@ -171,6 +197,7 @@ class FamilyHead(keras.layers.Layer):
                 "fixed_params": self.fixed_params,
                 "initial_params": self.initial_params,
                 "output_mode": self.output_mode,
+                "zi_covariates": self.zi_covariates,
             }
         )
         return config

@@ -44,7 +44,7 @@ read <- function(name, factors) {
 dispersion_of <- function(family, fit) {
   s <- sigma(fit)
   switch(family,
-    zero_inflated_poisson = list(),
+    zero_inflated_poisson = setNames(list(), character(0)),  # {} in JSON
     zero_inflated_negative_binomial = list(dispersion = s),
     beta = list(precision = s),
     gamma = list(shape = 1 / s^2))
@@ -95,9 +95,15 @@ record <- function(case, data, factors, formula_r, formula, family, glmmtmb_fami
     pdHess = fit$sdr$pdHess)
   if (length(fixef(fit)$zi)) {
     zi <- fixef(fit)$zi
+    zi_se <- unname(sqrt(diag(vcov(fit)$zi)))
     e$zi_intercept <- unname(zi[["(Intercept)"]])
-    e$zi_se <- unname(sqrt(diag(vcov(fit)$zi))[1])
-    e$dispersion$zi_odds <- exp(e$zi_intercept)   # pi / (1 - pi), pi = plogis(zi intercept)
+    e$zi_se <- zi_se[1]
+    if (length(zi) == 1) {
+      e$dispersion$zi_odds <- exp(e$zi_intercept)   # pi / (1 - pi), pi = plogis(zi intercept)
+    }
+    # Every zero-inflation coefficient (logit scale) and its standard error, by name.
+    e$zi_fixef <- as.list(zi)
+    e$zi_fixef_se <- setNames(as.list(zi_se), names(zi))
   }
   if (length(msgs)) notes <- c(notes, paste0("glmmTMB said: ", paste(unique(msgs), collapse = " | ")))
   if (!is.null(notes)) e$notes <- paste(notes, collapse = " ")
@@ -112,6 +118,18 @@ record("salamanders_zinb", "salamanders", c("site", "spp", "mined"),
   "count ~ spp + mined + (1|site)", "count ~ spp + mined + (1|site)",
   "zero_inflated_negative_binomial", nbinom2(), "log", ziformula = ~1,
   notes = "As salamanders_zip with an NB2 count component (glmmTMB nbinom2: variance mu + mu^2 / theta).")
+record("salamanders_zip_zimined", "salamanders", c("site", "spp", "mined"),
+  "count ~ spp + mined + (1|site)", "count ~ spp + mined + (1|site)",
+  "zero_inflated_poisson", poisson(), "log", ziformula = ~mined,
+  notes = "As salamanders_zip with a zero-inflation probability that depends on mining (ziformula = ~mined): logit(pi) = zi intercept + zi minedyes.")
+record("salamanders_zip_zispp", "salamanders", c("site", "spp", "mined"),
+  "count ~ spp + mined + (1|site)", "count ~ spp + mined + (1|site)",
+  "zero_inflated_poisson", poisson(), "log", ziformula = ~spp,
+  notes = "As salamanders_zip with a zero-inflation probability per species/stage (ziformula = ~spp, seven zi coefficients, treatment contrasts).")
+record("salamanders_zinb_zimined", "salamanders", c("site", "spp", "mined"),
+  "count ~ spp + mined + (1|site)", "count ~ spp + mined + (1|site)",
+  "zero_inflated_negative_binomial", nbinom2(), "log", ziformula = ~mined,
+  notes = "As salamanders_zinb with ziformula = ~mined: the zi coefficients are weakly identified (standard errors about 3 on the logit scale), the NB2 overdispersion explaining most zeros.")
 record("owls_zinb", "owls", c("Nest", "FoodTreatment", "SexParent"),
   "SiblingNegotiation ~ FoodTreatment + ArrivalTime + SexParent + offset(logBroodSize) + (1|Nest)",
   "SiblingNegotiation ~ FoodTreatment + ArrivalTime + SexParent + offset(logBroodSize) + (1|Nest)",
@@ -147,7 +165,8 @@ out[["_about"]] <- list(
   R = R.version.string, glmmTMB = as.character(packageVersion("glmmTMB")),
   TMB = as.character(packageVersion("TMB")),
   method = "maximum likelihood, glmmTMB's Laplace approximation (REML = FALSE)",
-  dispersion = "sigma is glmmTMB's sigma(fit); dispersion holds keras_glmm's parameters: beta precision = phi = sigma; negative binomial dispersion = theta = sigma; gamma shape = 1 / sigma^2 (glmmTMB's sigma is the coefficient of variation); zi_odds = exp(zi intercept) = pi / (1 - pi).",
+  dispersion = "sigma is glmmTMB's sigma(fit); dispersion holds keras_glmm's parameters: beta precision = phi = sigma; negative binomial dispersion = theta = sigma; gamma shape = 1 / sigma^2 (glmmTMB's sigma is the coefficient of variation); zi_odds = exp(zi intercept) = pi / (1 - pi) for a constant zero-inflation (ziformula = ~1).",
+  zero_inflation = "zi_fixef and zi_fixef_se: glmmTMB's fixef(fit)$zi and the square roots of diag(vcov(fit)$zi), by coefficient name (logit of the zero-inflation probability); zi_intercept and zi_se are the intercept's.",
   fixef_order = "design-column order, identical to formulaic's for these formulas")
 write(toJSON(out, auto_unbox = TRUE, digits = I(11), pretty = TRUE, null = "null", na = "null"),
       "glmmtmb_reference.json")
