@@ -236,7 +236,7 @@ class AdaptiveQuadrature:
         h_ii, h_io, h_oo = curvature(second)
         schur = h_oo - np.bincount(parent, h_io**2 / h_ii, minlength=Lo)
         s_nodes, s_logw = _rule(self.num_points, 1)
-        s_nodes, S = s_nodes[:, 0], len(s_nodes)
+        s_nodes = s_nodes[:, 0]
         uo_nodes = uo[:, None] + s_nodes[None, :] / np.sqrt(schur)[:, None]  # (Lo, S)
         # Inner modes given each outer node: Newton from the joint mode's linear prediction.
         ui_s = ui[:, None] - (h_io / h_ii)[:, None] * (uo_nodes[parent] - uo[parent][:, None])  # (Li, S)

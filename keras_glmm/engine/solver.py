@@ -476,7 +476,7 @@ class VariationalSolver:
         return du, dbeta, decrement
 
     def _rhs_from_blocks(self, per_block):
-        s, sys = self.structure, self.system
+        sys = self.system
         diag = per_block[0] if sys.has_diag else np.zeros((0, 1))
         dense = np.concatenate([np.asarray(per_block[b]).reshape(-1) for b in sys.dense_blocks])
         return diag, dense
