@@ -85,6 +85,11 @@ class AdaptiveQuadrature:
             self.parent = parent
         self.modes = None  # warm starts of the modes
 
+    def nodes_per_evaluation(self):
+        """Rows times nodes per row of one evaluation: what a log-likelihood costs."""
+        dims = 2 if self.kind == "nested" or self.inner.num_effects == 2 else 1
+        return self.structure.num_rows * self.num_points**dims
+
     # ------------------------------------------------------------ the family
     def _log_p(self, eta, rows, node_weights=None, params=None):
         """`log p`, `d/d eta`, `d2/d eta2` at `eta` `(n, ...)` for the rows' responses.
