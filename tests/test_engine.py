@@ -11,6 +11,7 @@ import pytest
 
 from keras_glmm import families
 from keras_glmm.engine import Structure, TooLarge, VariationalSolver
+from keras_glmm.engine import blocked
 from keras_glmm.engine.blocked import BlockedSystem
 from keras_glmm.engine.quasi_newton import BoundedBFGS
 
@@ -53,11 +54,15 @@ def _positions(structure, a, b):
     return np.broadcast_arrays(rows, cols)
 
 
-def test_blocked_factorization_and_selected_inverse_match_dense_algebra():
+@pytest.mark.parametrize("dense_g", [False, True])
+def test_blocked_factorization_and_selected_inverse_match_dense_algebra(dense_g, monkeypatch):
+    """Both ways to `G = F S^-1`: the triples, and the dense product (forced here)."""
+    monkeypatch.setattr(blocked, "DENSE_G_SPEEDUP", 1e12 if dense_g else 0.0)
     x, terms, rng = _design()
     structure = Structure(x, terms)
     assert [b.name for b in structure.blocks] == ["g", "h", "k", "(fixed)"]  # g has most coefficients
     system = BlockedSystem(structure)
+    assert system.dense_g is dense_g
     lambdas = [np.array([[0.8, 0.0], [0.3, 0.5]]), np.array([[1.3]]), np.array([[0.4]])]
     weights = rng.uniform(0.2, 2.0, structure.num_rows)
     factor = system.factor(lambdas, structure.cross_products(weights))

@@ -61,6 +61,21 @@ def test_families_recover_simulated_truth(family, link, truth):
     assert np.corrcoef(est, u)[0, 1] > 0.8
 
 
+def test_auto_keeps_the_engine_for_many_gaussian_rows(monkeypatch):
+    """Beyond FULL_BATCH_ROWS rows (lowered here) "auto" keeps the engine for a gaussian
+    model, whose rows it passes over once, and takes stochastic VI for the others."""
+    from keras_glmm import model as model_lib
+
+    monkeypatch.setattr(model_lib, "FULL_BATCH_ROWS", 100)
+    assert model_for("gaussian").engine_problem(num_rows=101) is None
+    assert "FULL_BATCH_ROWS=100" in model_for("poisson").engine_problem(num_rows=101)
+    assert model_for("poisson").engine_problem(num_rows=100) is None
+    x, y, _, _ = simulate("poisson", n=300, levels=10)
+    model = model_for("gaussian")
+    model.fit(x, np.log1p(y), verbose=0)
+    assert model._engine_fit is not None  # fitted by the engine, not stochastic VI
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.fixture
 def small():
