@@ -871,7 +871,9 @@ class Binomial(Family):
         if link == "logit":
             # y eta - n softplus(eta), with log(1 - mu) = log(mu) - eta.
             p = special.expit(eta)
-            log_mu = special.log_expit(eta)
+            # log(mu) as log(expit): scipy's log_expit costs four times expit. Below
+            # -30 it is eta to 1e-13 (and log(p) would meet p = 0 below -745).
+            log_mu = np.where(eta > -30.0, np.log(p), eta)
             f = n * log_mu - (n - y) * eta
             if trials is not None:
                 f = f + special.gammaln(n + 1.0) - special.gammaln(y + 1.0) - special.gammaln(n - y + 1.0)
