@@ -294,6 +294,13 @@ class Family:
         """Inverse of :meth:`get_config` (dispatches through the registry)."""
         return get_family(config["name"], link=config.get("link"))
 
+    @property
+    def is_gaussian_identity(self):
+        """Gaussian with the identity link: a linear mixed model (lme4's `lmer`), whose
+        posterior given the variance parameters is Gaussian and exact, and whose
+        GLM fit is least squares."""
+        return self.name == "gaussian" and self.link.name == "identity"
+
     def __eq__(self, other):
         return type(self) is type(other) and self.link == other.link
 

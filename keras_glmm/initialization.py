@@ -182,7 +182,7 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25, weights=No
     w = np.ones(len(y)) if weights is None else np.asarray(weights, "float64")
     root = np.sqrt(w)[:, None]
     beta = np.linalg.lstsq(root * design, root[:, 0] * eta_start, rcond=None)[0]
-    if family.name == "gaussian" and family.link.name == "identity":
+    if family.is_gaussian_identity:
         return beta, design @ beta + offset  # least squares is the GLM's ML fit
     params = {k: float(v) for k, v in (params or {}).items()}
 

@@ -116,21 +116,21 @@ class GLMM(keras.Model):
 
     - **The engine** (`posterior="joint"`; the default for in-memory data, up to
       `FULL_BATCH_ROWS` rows unless gaussian with the identity link):
-      `keras_glmm.engine.VariationalSolver`. One Gaussian
-      posterior over every random-effect coefficient, in the sparsity of lme4's and
-      MixedModels.jl's blocked Cholesky factor; the exact posterior of a gaussian
-      model (its ELBO is lme4's profiled log-likelihood, or REML criterion), Newton
-      fixed-point steps for other families; the variance parameters by a bounded
-      quasi-Newton method, so standard deviations can reach exactly 0. Each
-      `train_step` is one quasi-Newton iteration (one epoch of one step); the fit
-      stops when the solver has converged. It needs the default fixed effects,
-      point-estimated variances (`scale_prior=None`), the default optimizer and a
-      single replica, and a posterior within `memory_budget`.
+      `keras_glmm.engine.VariationalSolver`. One Gaussian posterior over every
+      random-effect coefficient, in the sparsity of lme4's and MixedModels.jl's
+      blocked Cholesky factor; the exact posterior of a gaussian model (its ELBO is
+      lme4's profiled log-likelihood, or REML criterion), Newton fixed-point steps for
+      other families; the variance parameters by a bounded quasi-Newton method, so
+      standard deviations can reach exactly 0. Each `train_step` is one quasi-Newton
+      iteration (one epoch of one step); the fit stops when the solver has converged.
+      It needs the default fixed effects, point-estimated variances
+      (`scale_prior=None`), the default optimizer and a single replica, and a
+      posterior within `memory_budget`.
     - **Stochastic VI** (`posterior="mean_field"`, non-gaussian data beyond
-      `FULL_BATCH_ROWS` rows, `fit(batch_size=...)`, files, or models the engine cannot fit, e.g. a
-      network as fixed effects): one Gaussian per level and term, moved by
-      gradient steps on minibatches of the ELBO (natural-gradient steps of the
-      levels' posteriors and an M-step of the priors each epoch for minibatches,
+      `FULL_BATCH_ROWS` rows, `fit(batch_size=...)`, files, or models the engine
+      cannot fit, e.g. a network as fixed effects): one Gaussian per level and term,
+      moved by gradient steps on minibatches of the ELBO (natural-gradient steps of
+      the levels' posteriors and an M-step of the priors each epoch for minibatches,
       `SparseAdam` full-batch), stopped by `ELBOConvergence`.
 
     Args:
@@ -208,7 +208,7 @@ class GLMM(keras.Model):
         self.quadrature_points = quadrature_points
         if posterior not in POSTERIORS:
             raise ValueError(f"`posterior` must be one of {POSTERIORS}. Received: posterior={posterior!r}")
-        if reml and not (self.family.name == "gaussian" and self.family.link.name == "identity"):
+        if reml and not self.family.is_gaussian_identity:
             raise ValueError(
                 "`reml=True` is defined for gaussian models with the identity link only. "
                 f"Received: family={self.family.name!r}, link={self.family.link.name!r}."
@@ -616,12 +616,13 @@ class GLMM(keras.Model):
             return "posterior='mean_field' asks for stochastic VI"
         if batch_size is not None:
             return "fit(batch_size=...) asks for minibatches"
-        # A gaussian model's engine passes over the rows once per fit (its sufficient
-        # statistics), any other's once per Newton step: beyond FULL_BATCH_ROWS rows
-        # those passes cost more than minibatch SVI's (1M binomial rows: 100 s
-        # against 56 s; 1M gaussian rows: 4 s against 87 s).
+        # A gaussian model's engine takes a few vector passes over the rows per
+        # iteration (closed-form posterior, no quadrature) and few iterations; any
+        # other's takes a quadrature over every row per Newton step, many per
+        # iteration: beyond FULL_BATCH_ROWS rows that costs more than minibatch
+        # SVI (1M binomial rows: 100 s against 56 s; 1M gaussian rows: 4 s against 87 s).
         if (num_rows is not None and self.posterior == "auto" and num_rows > FULL_BATCH_ROWS
-                and not (self.family.name == "gaussian" and self.family.link.name == "identity")):
+                and not self.family.is_gaussian_identity):
             return f"{num_rows:,} rows of a non-gaussian model are more than FULL_BATCH_ROWS={FULL_BATCH_ROWS:,}"
         if not _is_linear(self.fixed_effects):
             return "its fixed effects are not the default Dense(1, use_bias=False)"
@@ -746,8 +747,7 @@ class GLMM(keras.Model):
         """The solver's starting point: the model's current weights (a first fit's GLM start,
         a previous fit, or weights restored by `BackupAndRestore`)."""
         dispersion = self.dispersion()
-        scale = dispersion.get("scale", 1.0) if self.family.name == "gaussian" and \
-            self.family.link.name == "identity" else 1.0
+        scale = dispersion.get("scale", 1.0) if self.family.is_gaussian_identity else 1.0
         lambdas, u = [], []
         for term in self.terms:
             tau = np.asarray(term.prior_stddev(), "float64")
@@ -1058,7 +1058,7 @@ class GLMM(keras.Model):
             likelihood = self._engine_fit["likelihood"]
         else:
             # Mean-field VI holds the exact posterior of a single gaussian term only.
-            exact = (self.family.name == "gaussian" and self.family.link.name == "identity"
+            exact = (self.family.is_gaussian_identity
                      and len(self.terms) <= 1 and all(t.scale_prior is None for t in self.terms))
             likelihood = "exact" if exact else "bound"
         self.fit_summary_ = {
@@ -1143,7 +1143,7 @@ class GLMM(keras.Model):
         """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect; for a gaussian
         identity-link model Estimate, Std. Error and t value, as lme4's summary.
         `component="zi"`: the zero-inflation coefficients' (glmmTMB's zero-inflation model)."""
-        gaussian = self.family.name == "gaussian" and self.family.link.name == "identity"
+        gaussian = self.family.is_gaussian_identity
         if _component(component) == "zi":
             gaussian = False
         return results_lib.coef_table(self.fixef(component), self.vcov(component).values, t_values=gaussian)

@@ -63,7 +63,7 @@ def test_families_recover_simulated_truth(family, link, truth):
 
 def test_auto_keeps_the_engine_for_many_gaussian_rows(monkeypatch):
     """Beyond FULL_BATCH_ROWS rows (lowered here) "auto" keeps the engine for a gaussian
-    model, whose rows it passes over once, and takes stochastic VI for the others."""
+    model (no quadrature over the rows) and takes stochastic VI for the others."""
     from keras_glmm import model as model_lib
 
     monkeypatch.setattr(model_lib, "FULL_BATCH_ROWS", 100)

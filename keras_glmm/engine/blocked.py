@@ -37,8 +37,8 @@ of levels that occur in the same row (`Structure.pairs`). With `G = F S^-1`,
 and a row of `G` is needed only on the columns its level of block 0 meets: level
 `c` costs `n_c^2` products for its `n_c` columns (the *triples* below), not a
 dense `K0 x q` matrix, unless the levels meet so many columns that the dense
-product is the cheaper (`DENSE_G_SPEEDUP`). With `mode="random"` the same is done for the random part
-only, `(A_uu)^-1`, whose Schur complement is the leading block of `S` (the fixed
+product is the cheaper (`DENSE_G_SPEEDUP`). With `mode="random"` the same is
+done for the random part only, `(A_uu)^-1`, whose Schur complement is the leading block of `S` (the fixed
 effects come last): the posterior covariance of `u` when `beta` is a point
 estimate.
 """

@@ -73,6 +73,7 @@ The solver knows nothing of Keras: it takes arrays (`Structure`) and a family.
 """
 
 import contextlib
+import functools
 import math
 
 import numpy as np
@@ -95,16 +96,14 @@ SMALL_DENSE = 600
 # Adaptive quadrature's nodes per dimension: with 25 the exact log-likelihoods of
 # the reference cases are reproduced to 1e-4 nats or better (40: 1e-9).
 AGQ_POINTS = 25
-# The BLAS libraries loaded, found once: `threadpool_limits` lists them anew on
-# every call, which scans the process's memory map (3 ms each with TensorFlow
-# loaded, 60 ms of a 0.8 s fit).
-_BLAS = []
 
 
-def _one_blas_thread():
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    return _BLAS[0].limit(limits=1, user_api="blas")
+@functools.cache
+def _blas():
+    """The BLAS libraries loaded, found once: `threadpool_limits` lists them anew on
+    every call, which scans the process's memory map (3 ms each with TensorFlow
+    loaded, 60 ms of a 0.8 s fit)."""
+    return ThreadpoolController()
 
 
 class Parameters:
@@ -226,7 +225,7 @@ class VariationalSolver:
         self.structure = Structure(x, terms)
         self.system = BlockedSystem(self.structure, memory_budget=memory_budget)
         self.family = family
-        self.conjugate = family.name == "gaussian" and family.link.name == "identity"
+        self.conjugate = family.is_gaussian_identity
         if reml and not self.conjugate:
             raise ValueError("REML is defined for gaussian models with the identity link only.")
         self.reml = bool(reml)
@@ -723,7 +722,7 @@ class VariationalSolver:
     def _threads(self):
         """One BLAS thread for small dense blocks (see `SMALL_DENSE`)."""
         if self.system.num_dense < SMALL_DENSE:
-            return _one_blas_thread()
+            return _blas().limit(limits=1, user_api="blas")
         return contextlib.nullcontext()
 
     def step(self):
