@@ -717,8 +717,10 @@ class GLMM(keras.Model):
             "report": report,
             "boundary": results["boundary"],
             "likelihood": solver.likelihood,
+            "convergence": None if solver.check is None else solver.check.as_dict(),
         }
-        self._finish_fit(x, y, history, solver.converged, None, callbacks, elbo=report["elbo"])
+        failure = solver.check.message() if solver.check is not None and not solver.check.passed else None
+        self._finish_fit(x, y, history, solver.converged, None, callbacks, elbo=report["elbo"], failure=failure)
         return history
 
     def train_step(self, data):
@@ -732,7 +734,7 @@ class GLMM(keras.Model):
         else:
             report = solver.step()
         self._write_engine_results(solver.results())
-        if solver.converged:
+        if solver.finished:
             self.stop_training = True
         n = float(solver.num_rows)
         # The logs are the solver's values at this step, not running means of
@@ -780,7 +782,7 @@ class GLMM(keras.Model):
             zi.assign(results["zi"].reshape(zi.shape).astype(zi.dtype))
 
     # ------------------------------------------------------------ the fit's end
-    def _finish_fit(self, x, y, history, converged, last_delta, callbacks, source=None, elbo=None):
+    def _finish_fit(self, x, y, history, converged, last_delta, callbacks, source=None, elbo=None, failure=None):
         """Records a finished fit: convergence, summary, final reports, a warning.
 
         For a fit streamed from files (`source`; `x` and `y` are None) the final
@@ -797,7 +799,10 @@ class GLMM(keras.Model):
             # Callbacks that report the finished fit (GLMMTensorBoard) need the summary.
             if hasattr(callback, "write_final"):
                 callback.write_final(self)
-        if not self.converged_:
+        if failure is not None:
+            # The optimizer stopped, but the derivatives at its end point say it is no minimum.
+            warnings.warn(f"{failure}.", RuntimeWarning, stacklevel=3)
+        elif not self.converged_:
             change = "" if last_delta is None else (
                 f" (last change in the ELBO per observation: {last_delta:.3g})")
             warnings.warn(
@@ -1070,6 +1075,8 @@ class GLMM(keras.Model):
             "likelihood": likelihood,
             "exact": likelihood != "bound",
             "epochs": len(history.epoch),
+            # The engine's check of the end point (lme4's checkConv), or None.
+            "convergence": None if self._engine_fit is None else self._engine_fit.get("convergence"),
         }
         results_lib.warn_if_singular(self)
 

@@ -128,21 +128,35 @@ def singular_components(model):
 
 
 def _boundary_components(model, boundary):
+    """What each flagged diagonal entry of a covariance factor means, named.
+
+    `Lambda_jj` is the sd of effect `j` given the effects before it: near 0, either
+    the effect's own sd is near 0, or it is (almost) a linear combination of the
+    earlier effects, a correlation of +-1 with one of them or, in larger matrices,
+    with several at once (the covariance matrix then has a lower rank).
+    """
     out = []
     for term, flags in zip(model.terms, boundary):
         sd = term.prior_stddev()
         corr = term.prior_correlation()
         names = term_columns(model, term)
         group = term_group(model, term)
-        for j in np.flatnonzero(flags):
-            # Lambda_jj = sd_j sqrt(1 - R_j^2): a small entry is a correlation at
-            # +-1 only when one is near it, else the sd itself is near 0.
-            if j == 0 or np.max(np.abs(corr[j, :j])) < 0.99:
+        largest = max(float(np.max(sd)), 1e-300)
+        flagged = np.flatnonzero(flags)
+        singular_rank = None
+        for j in flagged:
+            if j == 0 or sd[j] < SINGULAR_TOLERANCE * largest:
                 out.append(f"the sd of {names[j]} in {group} is {sd[j]:.3g}, at zero")
-            else:
+            elif np.max(np.abs(corr[j, :j])) > 1 - 1e-3:
                 partner = int(np.argmax(np.abs(corr[j, :j])))
                 out.append(f"the correlation of {names[partner]} and {names[j]} in {group} is "
                            f"{corr[partner, j]:.4f}, at +-1")
+            else:
+                singular_rank = len(names) - len(flagged)
+                out.append(f"{names[j]} in {group} is a linear combination of the effects before it "
+                           f"({', '.join(names[:j])})")
+        if singular_rank is not None:
+            out.append(f"the covariance matrix of {group} has rank {singular_rank} of {len(names)}")
     return out
 
 
@@ -325,7 +339,18 @@ def report(model):
         except Exception as err:  # noqa: BLE001
             lines.append(model.fixef(component="zi").to_string() + f"\n(standard errors unavailable: {err})")
     lines.append("")
-    if model.converged_:
+    check = fit.get("convergence")
+    if check is not None:
+        # The engine's end point, checked by its derivatives (lme4's checkConv).
+        verdict = "Converged" if model.converged_ else "NOT CONVERGED"
+        lines.append(f"{verdict} ({fit.get('epochs', '?')} epochs): max|grad| {check['max_gradient']:.2g} "
+                     f"(tol {check['tolerance']:g}, deviance scale), Hessian on {check['num_free']} free "
+                     f"parameters with {check['negative_eigenvalues']} negative eigenvalue(s), smallest "
+                     f"{check['smallest_eigenvalue']:.3g}.")
+        if not model.converged_:
+            lines.append(f"Model failed to converge: a Newton step would still gain "
+                         f"{check['predicted_decrease']:.3g} in the log-likelihood (component {check['component']}).")
+    elif model.converged_:
         lines.append(f"Converged: the ELBO changed by less than its tolerance ({fit.get('epochs', '?')} epochs).")
     else:
         lines.append("NOT CONVERGED: the ELBO was still changing when fitting stopped; fit again.")

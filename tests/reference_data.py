@@ -7,6 +7,9 @@
   folder: estimates, standard errors, `as.data.frame(VarCorr(fit))`, logLik (the
   REML criterion for `reml` cases), glmer's Laplace approximation for GLMMs; each
   case's `formula` (Python syntax), `na_action` and `singular`;
+- `lme4_reference_maximal.json` (made by `make_reference_maximal.R`): kb07's
+  maximal, zero-correlation and final crossed models, lme4's best of bobyqa and
+  nloptwrap;
 - `exact_ml.json`: the exact maximum-likelihood fits of the binomial and Poisson
   cases by adaptive Gauss-Hermite quadrature converged in the number of nodes, with
   lme4's Laplace answer beside them;
@@ -47,6 +50,7 @@ LOADERS = {
     "cbpp_olre.csv": kg.datasets.load_cbpp_olre,
     "guimmun.csv": kg.datasets.load_guimmun,
     "fatalities_slope.csv": kg.datasets.load_fatalities,
+    "kb07.csv": kg.datasets.load_kb07,
 }
 
 def _read(name):
@@ -54,7 +58,13 @@ def _read(name):
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
 
-LME4 = {**_read("lme4_reference.json"), **_read("lme4_reference_more.json")}
+# kb07's maximal crossed models (`make_reference_maximal.R`): the `||` and final models
+# are gaussian cases like the others; the maximal one, whose sds have flat directions,
+# is judged by its logLik and fixed effects (`judge: loglik`), apart from them.
+_MAXIMAL = _read("lme4_reference_maximal.json")
+LME4 = {**_read("lme4_reference.json"), **_read("lme4_reference_more.json"),
+        **{k: v for k, v in _MAXIMAL.items() if k != "kb07_max"}}
+MAXIMAL = {"kb07_max": _MAXIMAL["kb07_max"]}
 EXACT_ML = _read("exact_ml.json")
 WEIGHTS = _read("weights_reference.json")
 

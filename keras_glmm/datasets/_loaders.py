@@ -633,3 +633,24 @@ def load_fatalities() -> pd.DataFrame:
             "yr": df["yr"].astype(np.int64),
         }
     )
+
+
+def load_kb07() -> pd.DataFrame:
+    """Loads ``kb07`` (Kronmueller & Barr, 2007), as used by MixedModels.jl and lme4's maximal-model studies.
+
+    Response times of 56 subjects to 32 items: 1,790 rows; three two-level
+    experimental factors coded -1/+1 (``S`` speaker, ``P`` precedence, ``C``
+    cognitive load) and their products, the design of the maximal crossed models
+    ``(1 + S + P + C + SP + SC + PC + SPC | subj) + (... | item)``.
+
+    Returns:
+        A DataFrame with columns ``subj`` and ``item`` (categories of strings),
+        ``RTtrunc`` (float, ms, truncated response time) and ``S``, ``P``, ``C``,
+        ``SP``, ``SC``, ``PC``, ``SPC`` (int, -1 or +1).
+    """
+    df = _read_csv("kb07.csv.gz")
+    out = {"subj": _categorical(df["subj"].astype(str)), "item": _categorical(df["item"].astype(str)),
+           "RTtrunc": df["RTtrunc"].astype(np.float64)}
+    for name in ("S", "P", "C", "SP", "SC", "PC", "SPC"):
+        out[name] = df[name].astype(np.int64)
+    return pd.DataFrame(out)
