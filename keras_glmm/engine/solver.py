@@ -201,6 +201,15 @@ def _semidefinite_cholesky(sigma):
     return out
 
 
+def _evaluate(function, vector):
+    """`function(vector)`, or `(inf, nan)` where a trial point far out overflows (a dispersion's
+    `exp`, a singular Schur complement): L-BFGS-B and the escapes step back from it."""
+    try:
+        return function(vector)
+    except (OverflowError, FloatingPointError, np.linalg.LinAlgError):
+        return math.inf, np.full(len(vector), np.nan)
+
+
 def _lambda_rows(z, lam):
     """`z Lambda`: each row's design in spherical coordinates, `(n, k)`."""
     return z * lam[0, 0] if lam.shape[0] == 1 else z @ lam
@@ -826,7 +835,7 @@ class VariationalSolver:
         best = [self.optimizer.f, x.copy()]
 
         def objective(v):
-            value, gradient = function(v)
+            value, gradient = _evaluate(function, v)
             if not np.isfinite(value) or not np.all(np.isfinite(gradient)):
                 return 1e300, np.zeros_like(v)  # the line search steps back
             if value < best[0]:
@@ -905,7 +914,7 @@ class VariationalSolver:
                 for length in (1.0, 0.3, 0.1, 0.03, 0.01):
                     trial = base.copy()
                     trial[column] = length * scale * direction
-                    value = function(trial)[0]
+                    value = _evaluate(function, trial)[0]
                     if np.isfinite(value) and value < f0 - 1e-10 * (1.0 + abs(f0)):
                         end = self._polish(trial)
                         end_f = function(end)[0]
@@ -934,7 +943,7 @@ class VariationalSolver:
         for length in (1.0, 0.3, 0.1, 0.03, 0.01, 0.001):
             for sign in (1.0, -1.0):
                 trial = np.maximum(x + sign * length * scale * direction, lower)
-                value = function(trial)[0]
+                value = _evaluate(function, trial)[0]
                 if np.isfinite(value) and value < f0 - 1e-10 * (1.0 + abs(f0)):
                     function(x)  # the state of the current point again
                     return trial
