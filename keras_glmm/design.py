@@ -1075,7 +1075,7 @@ class Design:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Design":
         """Rebuild a design from :meth:`get_config` (e.g. after ``json.loads``)."""
-        check_saved_design(config)  # every expression, before anything is rebuilt (keras_glmm.expressions)
+        check_saved_design(config, parse_formula)  # every expression, before anything is rebuilt (keras_glmm.expressions)
         fmt = config.get("format")
         if fmt != _CONFIG_FORMAT:
             raise ValueError(f"unsupported Design config format {fmt!r} (expected {_CONFIG_FORMAT})")

@@ -55,7 +55,7 @@ import functools
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -656,31 +656,43 @@ def _check_model_spec_config(spec_config: Any, where: str, columns: _Columns) ->
     check_terms(spec_config["rhs"], where, columns)
 
 
-def check_saved_design(config: dict[str, Any]) -> None:
+def check_saved_design(config: dict[str, Any], parse_formula: Callable[[str], Any]) -> None:
     """Refuses a saved design (``Design.get_config()``) any expression of which is
     not in the language, before anything is rebuilt or evaluated, unless the user
     turned Keras's safe mode off. Every name must be a column the design records.
+
+    Args:
+        config: The design's config, as read from ``config.json``.
+        parse_formula: :func:`keras_glmm.formula.parse_formula` (passed in: that
+            module imports this one), for the stored formula and ziformula.
     """
     if unsafe_deserialization_enabled():
         return
     try:
-        _check_saved_design(config)
+        _check_saved_design(config, parse_formula)
     except ExpressionError as e:
         raise ExpressionError(f"{_REFUSED} {e} {_TRUST}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ExpressionError(f"{_REFUSED} the design is malformed ({type(e).__name__}: {e}). {_TRUST}") from None
 
 
-def _check_saved_design(config: dict[str, Any]) -> None:
-    from keras_glmm.formula import FormulaError, parse_formula  # formula.py imports this module
+def _parsed(parse_formula: Callable[[str], Any], text: Any, what: str):
+    if not isinstance(text, str):
+        raise ExpressionError(f"{what} {text!r} is not a formula string")
+    try:
+        return parse_formula(text)  # checks its structure
+    except ExpressionError:
+        raise
+    except ValueError as e:
+        raise ExpressionError(f"{what} '{text}' does not parse: {e}") from None
 
+
+def _check_saved_design(config: dict[str, Any], parse_formula: Callable[[str], Any]) -> None:
     if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
         raise ExpressionError("the design has no formula spec")
     columns = _saved_columns(config)
     s = config["spec"]
-    try:
-        spec = parse_formula(s["formula"])  # checks its structure
-    except FormulaError as e:
-        raise ExpressionError(f"the formula does not parse: {e}") from None
-    check_formula(spec, columns)
+    check_formula(_parsed(parse_formula, s["formula"], "the formula"), columns)
     # The stored pieces are what is used, not a parse of the formula: each is checked.
     if s.get("response") is not None:
         _check_response(s["response"], f"the response {s['response']}", columns)
@@ -702,8 +714,7 @@ def _check_saved_design(config: dict[str, Any]) -> None:
     zi = config.get("ziformula")
     if zi is not None:
         text = zi.strip() if isinstance(zi, str) else zi
-        zi_spec = parse_formula(text if "~" in text else "~ " + text)
-        check_formula(zi_spec, columns)
+        check_formula(_parsed(parse_formula, text if "~" in text else "~ " + text, "the ziformula"), columns)
     _check_model_spec_config(config.get("zi_spec"), "the zero-inflation formula (ziformula)", columns)
 
 
@@ -717,6 +728,8 @@ def check_saved_random_term(config: dict[str, Any]) -> None:
         _check_saved_random_term(config, _saved_columns({"random": [config]}))
     except ExpressionError as e:
         raise ExpressionError(f"{_REFUSED} {e} {_TRUST}") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ExpressionError(f"{_REFUSED} the term is malformed ({type(e).__name__}: {e}). {_TRUST}") from None
 
 
 def _check_saved_random_term(config: dict[str, Any], columns: _Columns) -> None:

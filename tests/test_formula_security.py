@@ -187,6 +187,17 @@ def test_a_tampered_saved_design_is_refused(tmp_path, formula, kwargs, old):
         assert sentinel.exists()
 
 
+def test_a_malformed_saved_design_is_refused_with_a_message():
+    config = json.loads(design_config("y ~ x + (1 | g)", frame()))
+    del config["spec"]["formula"]
+    with pytest.raises(ExpressionError, match=r"refused under Keras's safe_mode: the design is malformed \(KeyError"):
+        Design.from_config(config)
+    config = json.loads(design_config("y ~ x + (1 | g)", frame()))
+    config["random"][0]["term"]["group"] = "g[0]"
+    with pytest.raises(ExpressionError, match=r"grouping factor 'g\[0\]': 'g\[0\]' is not a column name"):
+        Design.from_config(config)
+
+
 # ------------------------------------------------------------ the language users rely on
 
 
