@@ -89,6 +89,13 @@ import pandas as pd
 from formulaic import model_matrix
 from formulaic.errors import FactorEvaluationError
 
+from keras_glmm.expressions import (
+    FORMULA_CONTEXT,
+    ExpressionError,
+    check_formula,
+    check_saved_design,
+    check_saved_random_term,
+)
 from keras_glmm.formula import _NAME, FormulaSpec, RandomTerm, _tokenize, _unquote, parse_formula
 from keras_glmm import response as response_lib
 from keras_glmm.levels import (
@@ -373,7 +380,7 @@ def _formulaic_errors(data: pd.DataFrame, where: str):
 def _model_matrix(formula: str, data: pd.DataFrame, where: str):
     """formulaic model matrix with errors translated to clear ValueErrors."""
     with _formulaic_errors(data, where):
-        return model_matrix(formula, data, context={}, na_action="raise", output="pandas")
+        return model_matrix(formula, data, context=FORMULA_CONTEXT, na_action="raise", output="pandas")
 
 
 def _categorical_factors(model_spec) -> list[str]:
@@ -390,7 +397,7 @@ def _spec_matrix(model_spec, data: pd.DataFrame, where: str) -> np.ndarray:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _formulaic_errors(data, where):
-            mm = model_spec.get_model_matrix(data, context={})
+            mm = model_spec.get_model_matrix(data, context=FORMULA_CONTEXT)
     for w in caught:
         if type(w.message).__name__ == "DataMismatchWarning":
             raise ValueError(f"{where}: {w.message}")
@@ -797,6 +804,7 @@ class RandomTermDesign:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RandomTermDesign":
         """Inverse of :meth:`get_config`."""
+        check_saved_random_term(config)  # before formulaic parses anything of it (keras_glmm.expressions)
         t = config["term"]
         return cls(
             term=RandomTerm(expr=t["expr"], group=t["group"], correlated=bool(t["correlated"])),
@@ -924,7 +932,10 @@ def _zi_rhs(ziformula: str) -> str:
     if not isinstance(ziformula, str):
         raise TypeError(f"ziformula must be a one-sided formula string such as '~ x'. Received: {ziformula!r}")
     text = ziformula.strip()
-    spec = parse_formula(text if "~" in text else "~ " + text)
+    try:
+        spec = parse_formula(text if "~" in text else "~ " + text)
+    except ExpressionError as e:  # said of the ziformula, not of a formula's fixed effects
+        raise e.for_part(_ZI_WHERE, ziformula) from None
     if spec.response is not None:
         raise ValueError(f"ziformula must be one-sided ('~ x'); '{ziformula}' has a response, '{spec.response}'")
     if spec.random:
@@ -1064,6 +1075,7 @@ class Design:
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "Design":
         """Rebuild a design from :meth:`get_config` (e.g. after ``json.loads``)."""
+        check_saved_design(config, parse_formula)  # every expression, before anything is rebuilt (keras_glmm.expressions)
         fmt = config.get("format")
         if fmt != _CONFIG_FORMAT:
             raise ValueError(f"unsupported Design config format {fmt!r} (expected {_CONFIG_FORMAT})")
@@ -1226,6 +1238,7 @@ class Design:
             the zero-inflation formula's right-hand side ``zi_rhs``) and ``"used"``
             (all of them, in ``data``'s column order).
         """
+        check_formula(spec, data.columns, zi_rhs)  # in the language, names are columns: before any evaluation
         # Columns named by the response and offsets (evaluated by us, not formulaic).
         response_cols: list[str] = []
         if spec.response is not None:
@@ -1267,7 +1280,7 @@ class Design:
     def _formula_vars(rhs: str, data: pd.DataFrame, where: str) -> list[str]:
         """Data columns a formulaic rhs uses (without evaluating it on all rows)."""
         try:
-            mm = model_matrix(rhs, data, context={}, na_action="ignore")
+            mm = model_matrix(rhs, data, context=FORMULA_CONTEXT, na_action="ignore")
         except FactorEvaluationError as e:
             name = _missing_name(e)
             if name is not None:

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from keras_glmm.expressions import check_formula
+
 __all__ = ["FormulaError", "FormulaSpec", "RandomTerm", "parse_formula"]
 
 
@@ -397,6 +399,9 @@ def parse_formula(formula: str) -> FormulaSpec:
 
     Raises:
         FormulaError: On any syntax problem; ``.position`` locates it.
+        keras_glmm.expressions.ExpressionError: An expression outside the
+            formula language (a ``ValueError`` naming it; see
+            :mod:`keras_glmm.expressions`).
         TypeError: If ``formula`` is not a string.
     """
     if not isinstance(formula, str):
@@ -446,13 +451,17 @@ def parse_formula(formula: str) -> FormulaSpec:
     # in lme4 too (nobars(y ~ (1|g)) is y ~ 1).
     fixed_rhs = " ".join(fixed_parts) if fixed_parts else "1"
     fixed = f"{response} ~ {fixed_rhs}" if response is not None else f"~ {fixed_rhs}"
-    return FormulaSpec(
+    spec = FormulaSpec(
         formula=formula,
         response=response,
         fixed=fixed,
         random=tuple(random),
         offsets=tuple(offsets),
     )
+    # Every expression is data of the formula language (keras_glmm.expressions),
+    # checked here, before formulaic or the design evaluates any of it.
+    check_formula(spec)
+    return spec
 
 
 def _offset_expr(scan: _Scan, body: list[_Token]) -> str | None:

@@ -8,7 +8,7 @@ import keras
 from keras_glmm.model import GLMM
 
 
-def load_model(filepath, compile=True):
+def load_model(filepath, compile=True, safe_mode=True):
     """Loads a `GLMM` saved with `model.save("m.keras")`.
 
     Keras's own `keras.models.load_model` loads these files too (no
@@ -19,6 +19,10 @@ def load_model(filepath, compile=True):
     Args:
         filepath: path of a `.keras` file.
         compile: restore the compiled state (optimizer), to continue fitting.
+        safe_mode: Keras's `safe_mode`. True (the default) refuses a file whose
+            formula or design holds an expression outside the formula language
+            (`keras_glmm.expressions`: a file altered to run code); False loads
+            anything, for files from a source you trust.
 
     Returns:
         The `GLMM`, with its formula design when it was built from a formula.
@@ -31,7 +35,7 @@ def load_model(filepath, compile=True):
             f"'{filepath}' is not a Keras archive (.keras zip file); save a keras_glmm model "
             "with `model.save('name.keras')`."
         )
-    model = keras.models.load_model(filepath, compile=compile)
+    model = keras.models.load_model(filepath, compile=compile, safe_mode=safe_mode)
     if not isinstance(model, GLMM):
         raise ValueError(
             f"'{filepath}' holds a {type(model).__name__}, not a keras_glmm GLMM; load it "

@@ -86,7 +86,8 @@ CASES = [
     ("y ~ (1|g) + (0+x|g)", "y", "y ~ 1", (R("1", "g"), R("0 + x", "g")), ()),
     ("y ~ x + (1|g) + (1|h)", "y", "y ~ x", (R("1", "g"), R("1", "h")), ()),
     # nested parentheses and calls
-    ("y ~ (I(x^2) | g)", "y", "y ~ 1", (R("I(x^2)", "g"),), ()),
+    # (I(x^2) is refused: inside an expression '^' is Python's exclusive or; test_formula_security.py)
+    ("y ~ (I(x**2) | g)", "y", "y ~ 1", (R("I(x**2)", "g"),), ()),
     ("y ~ (log(x) | g)", "y", "y ~ 1", (R("log(x)", "g"),), ()),
     ("y ~ C(period) + (1|herd)", "y", "y ~ C(period)", (R("1", "herd"),), ()),
     ("y ~ C(period, Treatment(2)) + (1|herd)", "y", "y ~ C(period, Treatment(2))",
