@@ -528,8 +528,11 @@ class GLMM(keras.Model):
         data, steps = streaming.dataset(scan, self.family, self.compute_dtype, int(batch_size),
                                         int(shuffle_buffer), seed)
         steps_per_epoch = steps_per_epoch or max(steps, streaming.MIN_EPOCH_STEPS)
-        return self._fit_by_svi(data, steps_per_epoch, minibatch, epochs, verbose, callbacks,
-                                source=source, **kwargs)
+        # Files that change under the fit stop it with the file named (FilesChangedError).
+        callbacks = [*(callbacks or []), streaming.FilesCheck(scan)]
+        with streaming.raising_read_errors(scan):
+            return self._fit_by_svi(data, steps_per_epoch, minibatch, epochs, verbose, callbacks,
+                                    source=source, **kwargs)
 
     def _fit_by_svi(self, dataset, steps_per_epoch, minibatch, epochs, verbose, callbacks,
                     training=None, source=None, **kwargs):
