@@ -455,16 +455,22 @@ class GLMM(keras.Model):
         `prepare(x, y)` on in-memory data first). A file source (`kg.read_csv`,
         `kg.read_parquet`) for a formula model is streamed in batches
         (`keras_glmm.streaming.dataset`; `shuffle_buffer` and `seed` set its
-        shuffle) and fitted by stochastic VI, with the same loop.
+        shuffle) and fitted by stochastic VI, with the same loop. `seed` also
+        seeds the shuffle of in-memory minibatches: the same seed, the same
+        estimates.
 
         Returns:
             The Keras `History`.
         """
         if streaming.is_source(x):
             return self._fit_files(x, y, batch_size, epochs, verbose, callbacks, steps_per_epoch, **kwargs)
+        seed = kwargs.pop("seed", None)  # the minibatches' shuffle
         x, y = self._fit_inputs(x, y)
         if not isinstance(x, dict):
             self._require_in_memory("a tf.data pipeline is fitted by stochastic VI")
+            if seed is not None:
+                raise ValueError("`seed` seeds the shuffle of in-memory data and files; a tf.data "
+                                 f"pipeline is shuffled by its own ops. Received: seed={seed!r}")
             return super().fit(
                 x, y, batch_size=batch_size, epochs=epochs or 1, verbose=verbose,
                 callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs
@@ -488,7 +494,7 @@ class GLMM(keras.Model):
             self.use_full_batch_optimizer()
         else:
             batch_size = batch_size or default_batch_size(num_rows)
-            dataset = minibatches(data, batch_size)
+            dataset = minibatches(data, batch_size, seed=seed)
             steps_per_epoch = steps_per_epoch or -(-num_rows // batch_size)
             self.use_minibatch_optimizer(x, y)
         return self._fit_by_svi(dataset, steps_per_epoch, minibatch, epochs, verbose, callbacks,
@@ -1375,17 +1381,18 @@ class GLMM(keras.Model):
             eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
         rng = np.random.default_rng(seed)
         eta = out["eta"][None, :] + np.sqrt(eta_var)[None, :] * rng.standard_normal((num_draws, len(eta_var)))
-        return self._sample_response(eta, trials, weights, seed=None if seed is None else seed + 1,
-                                     row_params=self._row_params(out))
+        return self._sample_response(eta, trials, weights, rng, row_params=self._row_params(out))
 
     def _row_params(self, out):
         """The parameters that vary by row (a zero-inflation with covariates), from `predict`'s output."""
         return {"zi_odds": out["zi_odds"]} if self.zero_inflation is not None else {}
 
-    def _sample_response(self, eta, trials, weights, seed=None, row_params=None):
+    def _sample_response(self, eta, trials, weights, rng, row_params=None):
         """Responses drawn at linear predictors `eta` `(draws, rows)`; `row_params` `(rows,)` each.
 
         The zero-inflation probabilities are at their estimates (their uncertainty is not drawn).
+        The family's draws take a stateless seed from `rng` (a `numpy.random.Generator`):
+        an integer seed would be a stateful one, whose draws change from call to call.
         """
         shape = eta.shape
         params = {k: np.full(shape, v) for k, v in self.dispersion().items()}
@@ -1395,7 +1402,7 @@ class GLMM(keras.Model):
         params = {k: tf.constant(v, tf.float64) for k, v in params.items()}
         trials_t = None if trials is None else tf.constant(np.broadcast_to(trials, shape), tf.float64)
         dist = self.family.distribution(tf.constant(eta, tf.float64), params, trials=trials_t)
-        return dist.sample(seed=seed).numpy()
+        return dist.sample(seed=tf.constant(rng.integers(0, 2**31 - 1, size=2), tf.int32)).numpy()
 
     def simulate(self, nsim=1, seed=None):
         """lme4's `simulate`: new responses for the training rows, `(nsim, rows)`.
@@ -1420,7 +1427,7 @@ class GLMM(keras.Model):
                 z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
             eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
         return self._sample_response(eta, trials, weights if self.family.name == "gaussian" else None,
-                                     seed=None if seed is None else seed + 1, row_params=self._row_params(out))
+                                     rng, row_params=self._row_params(out))
 
     def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).

@@ -158,3 +158,60 @@ def test_files_cut_after_the_scan_are_refused_before_the_fit(tmp_path):
     radon.iloc[:229].to_parquet(path)
     with pytest.raises(kg.FilesChangedError, match="size: expected"):
         model.elbo(source)
+
+
+# ------------------------------------------------------------ seeds
+@pytest.fixture(scope="module")
+def sleep_fit():
+    sleep = kg.datasets.load_sleepstudy()
+    return kg.glmm("Reaction ~ Days + (Days | Subject)", sleep), sleep
+
+
+@pytest.mark.parametrize("family", ["gaussian", "poisson", "binomial", "zip"])
+def test_seeded_draws_repeat_and_other_seeds_differ(family, sleep_fit):
+    if family == "gaussian":
+        fit, data = sleep_fit
+    else:
+        rng = np.random.default_rng(3)
+        g = np.repeat(np.arange(12), 10)
+        eta = 0.3 + 0.5 * rng.standard_normal(12)[g]
+        data = pd.DataFrame({"g": g, "x": rng.standard_normal(120)})
+        data["y"] = rng.poisson(np.exp(eta)) if family != "binomial" else rng.binomial(1, 1 / (1 + np.exp(-eta)))
+        if family == "zip":
+            data.loc[rng.random(120) < 0.3, "y"] = 0
+        fit = kg.glmm("y ~ x + (1 | g)", data, family=family)
+    new = data.iloc[:7]
+    first = fit.posterior_predictive(new, num_draws=50, seed=11)
+    np.testing.assert_array_equal(fit.posterior_predictive(new, num_draws=50, seed=11), first)
+    assert not np.array_equal(fit.posterior_predictive(new, num_draws=50, seed=12), first)
+    assert not np.array_equal(fit.posterior_predictive(new, num_draws=50), fit.posterior_predictive(new, num_draws=50))
+    sims = fit.simulate(3, seed=5)
+    assert sims.shape == (3, len(data))
+    np.testing.assert_array_equal(fit.simulate(3, seed=5), sims)
+    assert not np.array_equal(fit.simulate(3, seed=6), sims)
+
+
+@pytest.mark.filterwarnings("ignore:.*did not converge:RuntimeWarning")
+def test_a_seeded_minibatch_fit_of_a_data_frame_repeats_its_estimates(sleep_fit):
+    # kg.glmm(..., seed=) used to be a TypeError on a data frame. Minibatches of 60 rows:
+    # the seed deals the batches, the same seed the same estimates to the last bit.
+    _, sleep = sleep_fit
+    options = dict(batch_size=60, epochs=8, seed=0)
+    one = kg.glmm("Reaction ~ Days + (Days | Subject)", sleep, **options)
+    two = kg.glmm("Reaction ~ Days + (Days | Subject)", sleep, **options)
+    other = kg.glmm("Reaction ~ Days + (Days | Subject)", sleep, **{**options, "seed": 1})
+    np.testing.assert_array_equal(one.fixef().values, two.fixef().values)
+    np.testing.assert_array_equal(one.varcorr()["sdcor"].values, two.varcorr()["sdcor"].values)
+    np.testing.assert_array_equal(one.ranef()["Subject"].values, two.ranef()["Subject"].values)
+    assert not np.array_equal(one.fixef().values, other.fixef().values)
+    # The batches themselves: the same seed deals the same rows, epoch after epoch.
+    from keras_glmm.batches import minibatches
+
+    def rows(seed):
+        data = minibatches(np.arange(1000.0), 100, seed=seed, block_rows=10)
+        return np.concatenate([b.numpy() for b in data.take(20)])
+
+    np.testing.assert_array_equal(rows(4), rows(4))
+    assert not np.array_equal(rows(4), rows(5))
+    assert sorted(rows(4)[:1000]) == list(range(1000))  # an epoch holds every row once
+    assert not np.array_equal(rows(4)[:1000], rows(4)[1000:])  # and the next deals them anew
