@@ -1314,6 +1314,10 @@ class GLMM(keras.Model):
             return self.predict_response(x)
         if batch_size is None and not isinstance(x, tf.data.Dataset):
             batch_size = PREDICT_BATCH_ROWS
+        if isinstance(x, dict) and x and all(np.shape(v)[:1] == (0,) for v in x.values()):
+            # No rows: Keras's predict loop would run no step and fail on its empty output.
+            return tf.nest.map_structure(np.asarray, self({k: tf.convert_to_tensor(v) for k, v in x.items()},
+                                                          training=False))
         compiled = self.steps_per_execution
         if compiled == 1:
             return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
@@ -1371,6 +1375,7 @@ class GLMM(keras.Model):
         the rows' own trials (`trials=`, or newdata's columns); a gaussian model's
         prior weights divide the rows' variance.
         """
+        _check_positive_integer(num_draws, "num_draws")
         x = self._prediction_inputs(newdata, re_form, True)
         trials, weights = self._response_of(newdata, trials)
         out = self.predict(x, verbose=0)
@@ -1411,6 +1416,7 @@ class GLMM(keras.Model):
         default `re.form = NA`), fixed effects and dispersion at their estimates;
         binomial trials and a gaussian model's prior weights are the training rows'.
         """
+        _check_positive_integer(nsim, "nsim")
         x, _ = self._require_fit()
         trials, weights = self._response_of(None, None)
         rng = np.random.default_rng(seed)
@@ -1544,6 +1550,11 @@ class GLMM(keras.Model):
             model.design = Design.from_config(design)
         model._weights = weights
         return model
+
+
+def _check_positive_integer(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
 def glmm(formula, data, family="gaussian", weights=None, **options):
