@@ -1501,14 +1501,22 @@ class GLMM(keras.Model):
             raise ValueError(
                 "A model with a zero-inflation probability with covariates (ziformula) has no SavedModel "
                 "export: save it with model.save('model.keras') and predict with predict_response.")
-        if self.design is not None and format == "tf_saved_model" and input_signature is None:
-            return serving.export_saved_model(self, filepath)
-        if composition.is_network(self.fixed_effects) and format == "tf_saved_model" and input_signature is None:
-            return composition.export(self, filepath)  # raw features, level names as strings
-        return super().export(filepath, format=format, verbose=verbose,
-                               input_signature=input_signature, **kwargs)
+        with serving.written_to(filepath):  # a full disk: an OSError naming the path
+            if self.design is not None and format == "tf_saved_model" and input_signature is None:
+                return serving.export_saved_model(self, filepath)
+            if composition.is_network(self.fixed_effects) and format == "tf_saved_model" and input_signature is None:
+                return composition.export(self, filepath)  # raw features, level names as strings
+            return super().export(filepath, format=format, verbose=verbose,
+                                   input_signature=input_signature, **kwargs)
 
     # ---------------------------------------------------------------- keras
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras's `load_weights`; a damaged file is a ValueError naming it (`saving.read_errors`)."""
+        from keras_glmm.saving import read_errors
+
+        with read_errors(filepath, "the weights"):
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
     def get_config(self):
         config = super().get_config()
         config.update(
