@@ -347,7 +347,8 @@ def _asserted(features, first, rows):
     """The request's inputs after graph assertions of their shapes and lengths, naming the key.
 
     The shape is checked as text (`"6, 1"`): the signature's `[None]` lets TensorFlow fold
-    `tf.rank` to 1 whatever comes, and a loaded SavedModel does not check shapes.
+    `tf.rank` to 1 whatever comes, and a loaded SavedModel does not check shapes. Keys
+    are in backticks: TensorFlow escapes quotes in an assertion's message.
     """
     checks = []
     for key in sorted(features):
@@ -358,10 +359,10 @@ def _asserted(features, first, rows):
         what = "(rows,): one value per row" if width is None else f"(rows, {width})"
         checks.append(tf.debugging.Assert(
             tf.strings.regex_full_match(shape, expected),
-            [f"serving input '{key}' must have shape {what}; received shape (", shape, ")"]))
+            [f"serving input `{key}` must have shape {what}; received shape (", shape, ")"]))
         checks.append(tf.debugging.Assert(
             tf.equal(tf.shape(value)[0], rows),
-            [f"serving input '{key}' has", tf.shape(value)[0], f"rows where '{first}' has", rows,
+            [f"serving input `{key}` has", tf.shape(value)[0], f"rows where `{first}` has", rows,
              ": every input needs one value per row"]))
     with tf.control_dependencies(checks):
         return {key: tf.identity(value) for key, value in features.items()}
@@ -407,11 +408,9 @@ def check_request(features, signature):
             raise ValueError(f"serving input '{key}' must have shape {what}; received shape {shape}")
         rows[key] = shape[0]
     if len(set(rows.values())) > 1:
-        first = next(iter(rows))
-        other = next(k for k, n in rows.items() if n != rows[first])
         raise ValueError(
-            f"serving input '{other}' has {rows[other]} rows where '{first}' has {rows[first]}: "
-            "every input needs one value per row"
+            f"serving inputs of different lengths, {dict(sorted(rows.items()))}: every input needs "
+            "one value per row"
         )
 
 

@@ -215,3 +215,122 @@ def test_a_seeded_minibatch_fit_of_a_data_frame_repeats_its_estimates(sleep_fit)
     assert not np.array_equal(rows(4), rows(5))
     assert sorted(rows(4)[:1000]) == list(range(1000))  # an epoch holds every row once
     assert not np.array_equal(rows(4)[:1000], rows(4)[1000:])  # and the next deals them anew
+
+
+# ------------------------------------------------------------ errors that name their culprit
+@pytest.fixture(scope="module")
+def served(sleep_fit, tmp_path_factory):
+    fit, sleep = sleep_fit
+    path = tmp_path_factory.mktemp("served") / "1"
+    fit.export(path)
+    return fit, sleep, path
+
+
+def test_bad_serving_requests_name_the_input(served):
+    fit, sleep, path = served
+    features = kg.serving.serving_features(fit, sleep.iloc[:6])
+    function = kg.serving.load(path)
+    np.testing.assert_allclose(function(features)["mean"], fit.predict_response(sleep.iloc[:6]), rtol=1e-6)
+    # The Python-side check: the key, what was expected and what came.
+    bad = {
+        "serving input 'Days' must be float32 (the signature's dtype); received int64": dict(
+            features, Days=np.arange(6)),
+        "serving input 'Days' must have shape (rows,): one value per row; received shape (6, 1)": dict(
+            features, Days=features["Days"][:, None]),
+        "serving inputs of different lengths, {'Days': 5, 'Subject': 6}": dict(features, Days=features["Days"][:5]),
+        "serving input(s) ['Subject'] missing": {"Days": features["Days"]},
+        "unknown serving input(s) ['days']": dict(features, days=features["Days"]),
+    }
+    for message, request in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            function(request)
+    # The graph's own asserts, for a client calling the SavedModel directly.
+    raw = tf.saved_model.load(str(path)).signatures["serving_default"]
+    tensors = {k: tf.constant(v) for k, v in features.items()}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"serving input `Days` must have shape \(rows,\): one value per row; received shape \(\] \[6, 2\]"):
+        raw(**dict(tensors, Days=tf.reshape(tf.concat([tensors["Days"]] * 2, 0), (6, 2))))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"serving input `Days` has\] \[5\] \[rows where `Subject` has\] \[6\]"):
+        raw(**dict(tensors, Days=tensors["Days"][:5]))
+
+
+def test_export_to_a_full_disk_is_an_oserror_naming_the_path(sleep_fit, tmp_path, monkeypatch):
+    from tensorflow.python.lib.io import file_io
+
+    def full(*args, **kwargs):
+        raise tf.errors.OutOfRangeError(None, None, "Write failed: No space left on device")
+
+    monkeypatch.setattr(file_io, "atomic_write_string_to_file", full)
+    fit, _ = sleep_fit
+    target = tmp_path / "full" / "1"
+    with pytest.raises(OSError, match=re.escape(f"Could not write the SavedModel to '{target}' (is the disk full?)")) as info:
+        fit.export(target)
+    assert info.value.filename == str(target)
+
+
+def test_damaged_saved_files_name_the_file(sleep_fit, tmp_path):
+    fit, _ = sleep_fit
+    archive = tmp_path / "m.keras"
+    fit.save(archive)
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0x10  # one bit flipped in the weights
+    archive.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(f"'{archive}': could not read the model; the file is damaged")):
+        kg.load_model(archive)
+    weights = tmp_path / "m.weights.h5"
+    fit.save_weights(weights)
+    data = bytearray(weights.read_bytes())
+    data[2000:4000] = bytes(2000)  # h5py's KeyError ("Unable to synchronously open object") named no file
+    weights.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(f"'{weights}': could not read the weights")):
+        fit.load_weights(weights)
+
+
+def test_covariates_that_overflow_or_are_dates_are_named(sleep_fit):
+    _, sleep = sleep_fit
+    huge = sleep.assign(Days=sleep["Days"].astype(float))
+    huge.loc[3, "Days"] = 1e300  # was LinAlgError: SVD did not converge
+    with pytest.raises(ValueError, match=r"Input 'x' holds 1e\+300 in row 3, column 1 \('Days'\).*Rescale"):
+        kg.glmm("Reaction ~ Days + (1 | Subject)", huge)
+    square = sleep.assign(Days=sleep["Days"].astype(float))
+    square.loc[5, "Days"] = 1e200  # finite in float64, its square is not
+    with pytest.raises(ValueError, match=r"holds 1e\+200 in row 5, column 1 \('Days'\)"):
+        kg.GLMM.from_formula("Reaction ~ Days + (1 | Subject)", square, dtype="float64")
+    dated = sleep.assign(date=pd.Timestamp("2020-01-01") + pd.to_timedelta(sleep["Days"], unit="D"))
+    with pytest.raises(ValueError, match=r"column 'date' \(used by the fixed effects\) holds date-times.*\.dt\.days"):
+        kg.glmm("Reaction ~ date + (1 | Subject)", dated)
+
+
+def test_date_time_grouping_columns_have_timestamps_as_levels(sleep_fit, tmp_path):
+    # Was "level index -1 in row 0 is outside [0, 5)". Each subject starts on one of 5 days.
+    _, sleep = sleep_fit
+    start = pd.Timestamp("2020-01-01") + pd.to_timedelta(sleep["Subject"].cat.codes % 5, unit="D")
+    dated = sleep.assign(start=start)
+    fit = kg.glmm("Reaction ~ Days + (1 | start)", dated)
+    levels = [f"2020-01-0{d} 00:00:00" for d in range(1, 6)]
+    assert list(fit.ranef()["start"].index) == levels
+    # The same model as with the timestamps' keys as strings.
+    keyed = kg.glmm("Reaction ~ Days + (1 | start)", dated.assign(start=[str(t) for t in start]))
+    np.testing.assert_allclose(fit.fixef().values, keyed.fixef().values, rtol=1e-6)
+    np.testing.assert_allclose(fit.varcorr()["sdcor"].values, keyed.varcorr()["sdcor"].values, rtol=1e-6)
+    # New data in another unit (seconds) find the same levels; the export serves them.
+    new = dated.iloc[:5].assign(start=dated["start"].iloc[:5].astype("datetime64[s]"))
+    np.testing.assert_allclose(fit.predict_response(new), fit.predict_response(dated.iloc[:5]), rtol=1e-6)
+    fit.export(tmp_path / "1")
+    out = kg.serving.load(tmp_path / "1")(kg.serving.serving_features(fit, new))
+    np.testing.assert_allclose(out["mean"], fit.predict_response(new), rtol=1e-6)
+
+
+def test_empty_inputs_give_empty_results_and_draws_need_a_positive_count(sleep_fit):
+    fit, sleep = sleep_fit
+    empty = sleep.iloc[:0]
+    assert fit.predict_response(empty).shape == (0,)  # was UnboundLocalError
+    assert fit.predict_response(empty, type="link").shape == (0,)
+    assert fit.predict(empty).shape == (0,)
+    assert fit.posterior_predictive(empty, num_draws=4, seed=0).shape == (4, 0)
+    x, _ = fit._frame_arrays(empty, with_response=False)
+    assert {k: v.shape for k, v in fit.predict(x).items()}["mean"] == (0,)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=re.escape(f"`num_draws` must be a positive integer. Received: num_draws={bad!r}")):
+            fit.posterior_predictive(sleep.iloc[:3], num_draws=bad)
+    with pytest.raises(ValueError, match=re.escape("`nsim` must be a positive integer. Received: nsim=0")):
+        fit.simulate(0)
