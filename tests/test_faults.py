@@ -298,6 +298,10 @@ def test_covariates_that_overflow_or_are_dates_are_named(sleep_fit):
     dated = sleep.assign(date=pd.Timestamp("2020-01-01") + pd.to_timedelta(sleep["Days"], unit="D"))
     with pytest.raises(ValueError, match=r"column 'date' \(used by the fixed effects\) holds date-times.*\.dt\.days"):
         kg.glmm("Reaction ~ date + (1 | Subject)", dated)
+    # As a factor a date-time is categorical: one column per day after the first.
+    from keras_glmm.design import Design
+
+    assert len(Design.from_data("Reaction ~ C(date) + (1 | Subject)", dated).fixed_columns) == 10
 
 
 def test_date_time_grouping_columns_have_timestamps_as_levels(sleep_fit, tmp_path):
