@@ -17,7 +17,7 @@ from keras_glmm.layers import (  # noqa: E402
 from keras_glmm.model import GLMM, glmm  # noqa: E402
 from keras_glmm.optimizers import NaturalGradient, SparseAdam  # noqa: E402
 from keras_glmm.saving import load_model  # noqa: E402
-from keras_glmm.streaming import read_csv, read_parquet  # noqa: E402
+from keras_glmm.streaming import FilesChangedError, read_csv, read_parquet  # noqa: E402
 from keras_glmm.tensorboard import GLMMTensorBoard  # noqa: E402
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "ELBOConvergence",
     "VarianceUpdate",
     "FamilyHead",
+    "FilesChangedError",
     "GLMM",
     "GLMMTensorBoard",
     "NaturalGradient",

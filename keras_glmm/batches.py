@@ -20,7 +20,9 @@ def minibatches(data, batch_size, shuffle=True, seed=None, block_rows=256):
         data: a nested structure of arrays with equal first dimensions.
         batch_size: rows per batch (the last batch of an epoch may be smaller).
         shuffle: a new random order each epoch; False keeps the rows' order.
-        seed: optional seed of the permutations.
+        seed: optional seed of the permutations: the same seed deals the same
+            batches, epoch by epoch (the epoch's block order is a stateless
+            shuffle of `(seed, epoch)`, whatever TensorFlow's global seed).
         block_rows: rows per block of the epoch's shuffle.
 
     Returns:
@@ -38,9 +40,14 @@ def minibatches(data, batch_size, shuffle=True, seed=None, block_rows=256):
     block_rows = max(1, min(int(block_rows), batch_size))
     num_blocks = -(-num_rows // block_rows)
 
-    def epoch(_):
+    def epoch(number):
         if shuffle:
-            blocks = tf.random.shuffle(tf.range(num_blocks, dtype="int64"), seed=seed)
+            blocks = tf.range(num_blocks, dtype="int64")
+            if seed is None:
+                blocks = tf.random.shuffle(blocks)
+            else:
+                pair = tf.stack([tf.constant(int(seed) % 2**63, tf.int64), number])
+                blocks = tf.random.experimental.stateless_shuffle(blocks, seed=pair)
             order = tf.reshape(blocks[:, None] * block_rows + tf.range(block_rows, dtype="int64"), [-1])
             # The last block may be short: drop the row numbers past the end.
             order = tf.boolean_mask(order, order < num_rows)
@@ -54,8 +61,7 @@ def minibatches(data, batch_size, shuffle=True, seed=None, block_rows=256):
         return tf.nest.map_structure(lambda t: tf.gather(t, rows), tensors)
 
     return (
-        tf.data.Dataset.range(1)
-        .repeat()
+        tf.data.Dataset.counter(dtype=tf.int64)  # the epoch's number
         .flat_map(epoch)
         .map(take_rows, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(2)

@@ -377,6 +377,31 @@ def _formulaic_errors(data: pd.DataFrame, where: str):
         raise ValueError(f"could not build the design of {where}: {e}") from e
 
 
+def _refuse_datetimes(data: pd.DataFrame, columns: dict, texts: dict) -> None:
+    """A ValueError naming a date-time column used as a number (formulaic fails on it with
+    a numpy error). As a factor, ``C(t)``, it is categorical, and grouping columns may be
+    date-times: their levels are the timestamps (see `keras_glmm.levels`)."""
+    parts = [("response", "the response"), ("offset", "an offset"), ("fixed", "the fixed effects"),
+             ("random", "a random-effect term's covariates"), ("zi", "the zero-inflation formula")]
+    for part, where in parts:
+        for c in columns.get(part, []):
+            if c not in data.columns or not (pd.api.types.is_datetime64_any_dtype(data[c].dtype)
+                                             or pd.api.types.is_timedelta64_dtype(data[c].dtype)):
+                continue
+            text = texts.get(part)
+            if text is not None:
+                # Only a use outside C(c, ...) is numeric.
+                text = re.sub(rf"\bC\(\s*{re.escape(c)}\s*(,[^()]*(\([^()]*\)[^()]*)*)?\)", "", text)
+                if not re.search(rf"(?<![\w.]){re.escape(c)}(?![\w.])", text):
+                    continue
+            raise ValueError(
+                f"column '{c}' (used by {where}) holds date-times ({data[c].dtype}), which a "
+                "design cannot use as numbers: convert it to a number, e.g. days since the "
+                f"first, (data['{c}'] - data['{c}'].min()).dt.days, or data['{c}'].dt.year; "
+                f"as a factor, C({c}); as a grouping factor, (1 | {c}), its timestamps are levels"
+            )
+
+
 def _model_matrix(formula: str, data: pd.DataFrame, where: str):
     """formulaic model matrix with errors translated to clear ValueErrors."""
     with _formulaic_errors(data, where):
@@ -1168,6 +1193,8 @@ class Design:
             )
         zi_rhs = None if ziformula is None else _zi_rhs(ziformula)
         columns = cls._formula_columns(spec, data, zi_rhs)
+        _refuse_datetimes(data, columns, {"fixed": spec.fixed_rhs(), "zi": zi_rhs or "",
+                                          "random": " + ".join(t.expr for t in spec.random)})
         response_cols, offset_cols, used = columns["response"], columns["offset"], columns["used"]
 
         design = cls(

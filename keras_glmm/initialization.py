@@ -27,7 +27,30 @@ MAX_GLM_COLUMNS = 500
 GLM_SAMPLE_ROWS = 200_000
 
 
-def _as_float_matrix(value, key, num_columns=None):
+# Beyond this a value's square overflows float64 (the GLM start's and the engine's
+# X'X): 1e300 in a covariate made the start fail with "SVD did not converge".
+_SQUARE_SAFE = float(np.sqrt(np.finfo(np.float64).max))
+
+
+def _column_names(model, key, width):
+    """The design's names of input ``key``'s columns (a formula model), else None."""
+    design = getattr(model, "design", None)
+    if design is None:
+        return None
+    names = None
+    if key == "x":
+        names = design.fixed_columns
+    elif key == "x_zi":
+        names = design.zi_columns
+    elif key.endswith("_z"):
+        term = next((r for r in design.random if r.name + "_z" == key), None)
+        names = None if term is None else list(term.columns)[int(term.intercept):]
+    return list(names) if names is not None and len(names) == width else None
+
+
+def _as_float_matrix(value, key, num_columns=None, model=None):
+    """An input as a float64 matrix, checked: numeric, the right width, every value finite
+    and small enough for the model's dtype and for its square (errors name the column)."""
     array = np.asarray(value)
     if array.dtype == object or not (
         np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)
@@ -42,12 +65,30 @@ def _as_float_matrix(value, key, num_columns=None):
         raise ValueError(
             f"Input '{key}' must have {num_columns} column(s). Received shape {array.shape}."
         )
+    names = None if model is None else _column_names(model, key, array.shape[1])
+
+    def column(col):
+        return f"column {col}" if names is None else f"column {col} ('{names[col]}')"
+
     bad = ~np.isfinite(array)
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise ValueError(
             f"Input '{key}' holds a non-finite value ({array[row, col]}) in row {row}, "
-            f"column {col} ({int(bad.any(axis=1).sum())} rows affected)."
+            f"{column(col)} ({int(bad.any(axis=1).sum())} rows affected)."
+        )
+    limit = _SQUARE_SAFE
+    if model is not None:
+        limit = min(limit, float(np.finfo(np.dtype(model.compute_dtype)).max))
+    big = np.abs(array) > limit
+    if big.any():
+        row, col = np.argwhere(big)[0]
+        raise ValueError(
+            f"Input '{key}' holds {array[row, col]:.6g} in row {row}, {column(col)} "
+            f"({int(big.any(axis=1).sum())} rows affected): the model computes in "
+            f"{model.compute_dtype if model is not None else 'float64'}, where values beyond "
+            f"{limit:.3g} overflow (a square overflows float64 beyond {_SQUARE_SAFE:.3g}). "
+            "Rescale the column (divide it by a power of ten, or take its log)."
         )
     return array
 
@@ -77,7 +118,7 @@ def check_data(model, x, y):
         )
     if "x" not in x:
         raise ValueError("Inputs need 'x', the fixed-effects design (a column of ones for an intercept).")
-    out = {"x": _as_float_matrix(x["x"], "x")}
+    out = {"x": _as_float_matrix(x["x"], "x", model=model)}
     num_rows = out["x"].shape[0]
     for layer in model.terms:
         if layer.name not in x:
@@ -91,14 +132,14 @@ def check_data(model, x, y):
             key = layer.name + "_z"
             if key not in x:
                 raise ValueError(f"Inputs need '{key}', the covariates of layer '{layer.name}'.")
-            out[key] = _as_float_matrix(x[key], key, layer.num_covariates)
+            out[key] = _as_float_matrix(x[key], key, layer.num_covariates, model=model)
     if zero_inflation is not None:
         if "x_zi" not in x:
             raise ValueError("Inputs need 'x_zi', the zero-inflation design (the model has a zero_inflation layer).")
         out["x_zi"] = _as_float_matrix(
-            x["x_zi"], "x_zi", zero_inflation.kernel.shape[0] if zero_inflation.built else None)
+            x["x_zi"], "x_zi", zero_inflation.kernel.shape[0] if zero_inflation.built else None, model=model)
     if "offset" in x:
-        out["offset"] = _as_float_matrix(x["offset"], "offset", 1)[:, 0]
+        out["offset"] = _as_float_matrix(x["offset"], "offset", 1, model=model)[:, 0]
     if response_lib.WEIGHTS in x:
         out[response_lib.WEIGHTS] = check_weights(x[response_lib.WEIGHTS], num_rows, name="weights")
     for key, value in out.items():

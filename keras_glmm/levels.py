@@ -11,8 +11,13 @@ The key of one value (:func:`level_key`) is a canonical string, the same whateve
 the column's type: ``308``, ``308.0``, ``np.int32(308)``, ``"308"`` and a
 categorical's category ``308`` are all ``"308"``; a float that is not a whole
 number is its shortest round-trip ``repr`` (``1.5 -> "1.5"``, ``0.1 -> "0.1"``);
-booleans are ``"True"``/``"False"``; anything else is ``str(value)``. So a level
-matches across the types a column may take between training and prediction.
+booleans are ``"True"``/``"False"``; a date-time is pandas' ``str(Timestamp)``
+(``"2020-01-31 00:00:00"``, ``"2020-01-31 12:00:00+01:00"`` with a time zone;
+``numpy.datetime64`` values, whatever their unit, are keyed as Timestamps) and a
+time difference ``str(Timedelta)`` (``"1 days 00:00:00"``); anything else is
+``str(value)``. So a level matches across the types a column may take between
+training and prediction, and a date-time grouping column (``(1 | day)``) has one
+level per timestamp, named by its key.
 
 A level of an interaction or nested term (``a:b``, the ``a:b`` of ``a/b``)
 combines its parts' keys without ambiguity (:func:`combine_keys`): each part is
@@ -80,6 +85,10 @@ def level_key(value: Any) -> str:
         if math.isfinite(v) and v == int(v):
             return str(int(v))
         return repr(v)
+    if isinstance(value, np.datetime64):  # str() of one depends on its unit: "2020-01-31T00:00:00.000000"
+        return str(pd.Timestamp(value))
+    if isinstance(value, np.timedelta64):
+        return str(pd.Timedelta(value))
     return str(value)
 
 
@@ -88,6 +97,8 @@ def level_keys(values: Any) -> list[str]:
     string arrays (a chunk of a large file can hold 50,000 levels)."""
     arr = np.asarray(values)
     kind = arr.dtype.kind
+    if kind in "mM":  # tolist() would give ints (ns) or datetime.datetime (us): key each as pandas does
+        return [level_key(v) for v in arr]
     if kind in "iub":
         return arr.astype(str).tolist()
     if kind == "f":

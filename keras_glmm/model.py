@@ -455,16 +455,22 @@ class GLMM(keras.Model):
         `prepare(x, y)` on in-memory data first). A file source (`kg.read_csv`,
         `kg.read_parquet`) for a formula model is streamed in batches
         (`keras_glmm.streaming.dataset`; `shuffle_buffer` and `seed` set its
-        shuffle) and fitted by stochastic VI, with the same loop.
+        shuffle) and fitted by stochastic VI, with the same loop. `seed` also
+        seeds the shuffle of in-memory minibatches: the same seed, the same
+        estimates.
 
         Returns:
             The Keras `History`.
         """
         if streaming.is_source(x):
             return self._fit_files(x, y, batch_size, epochs, verbose, callbacks, steps_per_epoch, **kwargs)
+        seed = kwargs.pop("seed", None)  # the minibatches' shuffle
         x, y = self._fit_inputs(x, y)
         if not isinstance(x, dict):
             self._require_in_memory("a tf.data pipeline is fitted by stochastic VI")
+            if seed is not None:
+                raise ValueError("`seed` seeds the shuffle of in-memory data and files; a tf.data "
+                                 f"pipeline is shuffled by its own ops. Received: seed={seed!r}")
             return super().fit(
                 x, y, batch_size=batch_size, epochs=epochs or 1, verbose=verbose,
                 callbacks=callbacks, steps_per_epoch=steps_per_epoch, **kwargs
@@ -488,7 +494,7 @@ class GLMM(keras.Model):
             self.use_full_batch_optimizer()
         else:
             batch_size = batch_size or default_batch_size(num_rows)
-            dataset = minibatches(data, batch_size)
+            dataset = minibatches(data, batch_size, seed=seed)
             steps_per_epoch = steps_per_epoch or -(-num_rows // batch_size)
             self.use_minibatch_optimizer(x, y)
         return self._fit_by_svi(dataset, steps_per_epoch, minibatch, epochs, verbose, callbacks,
@@ -528,8 +534,11 @@ class GLMM(keras.Model):
         data, steps = streaming.dataset(scan, self.family, self.compute_dtype, int(batch_size),
                                         int(shuffle_buffer), seed)
         steps_per_epoch = steps_per_epoch or max(steps, streaming.MIN_EPOCH_STEPS)
-        return self._fit_by_svi(data, steps_per_epoch, minibatch, epochs, verbose, callbacks,
-                                source=source, **kwargs)
+        # Files that change under the fit stop it with the file named (FilesChangedError).
+        callbacks = [*(callbacks or []), streaming.FilesCheck(scan)]
+        with streaming.raising_read_errors(scan):
+            return self._fit_by_svi(data, steps_per_epoch, minibatch, epochs, verbose, callbacks,
+                                    source=source, **kwargs)
 
     def _fit_by_svi(self, dataset, steps_per_epoch, minibatch, epochs, verbose, callbacks,
                     training=None, source=None, **kwargs):
@@ -1312,6 +1321,10 @@ class GLMM(keras.Model):
             return self.predict_response(x)
         if batch_size is None and not isinstance(x, tf.data.Dataset):
             batch_size = PREDICT_BATCH_ROWS
+        if isinstance(x, dict) and x and all(np.shape(v)[:1] == (0,) for v in x.values()):
+            # No rows: Keras's predict loop would run no step and fail on its empty output.
+            return tf.nest.map_structure(np.asarray, self({k: tf.convert_to_tensor(v) for k, v in x.items()},
+                                                          training=False))
         compiled = self.steps_per_execution
         if compiled == 1:
             return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
@@ -1369,6 +1382,7 @@ class GLMM(keras.Model):
         the rows' own trials (`trials=`, or newdata's columns); a gaussian model's
         prior weights divide the rows' variance.
         """
+        _check_positive_integer(num_draws, "num_draws")
         x = self._prediction_inputs(newdata, re_form, True)
         trials, weights = self._response_of(newdata, trials)
         out = self.predict(x, verbose=0)
@@ -1379,17 +1393,18 @@ class GLMM(keras.Model):
             eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
         rng = np.random.default_rng(seed)
         eta = out["eta"][None, :] + np.sqrt(eta_var)[None, :] * rng.standard_normal((num_draws, len(eta_var)))
-        return self._sample_response(eta, trials, weights, seed=None if seed is None else seed + 1,
-                                     row_params=self._row_params(out))
+        return self._sample_response(eta, trials, weights, rng, row_params=self._row_params(out))
 
     def _row_params(self, out):
         """The parameters that vary by row (a zero-inflation with covariates), from `predict`'s output."""
         return {"zi_odds": out["zi_odds"]} if self.zero_inflation is not None else {}
 
-    def _sample_response(self, eta, trials, weights, seed=None, row_params=None):
+    def _sample_response(self, eta, trials, weights, rng, row_params=None):
         """Responses drawn at linear predictors `eta` `(draws, rows)`; `row_params` `(rows,)` each.
 
         The zero-inflation probabilities are at their estimates (their uncertainty is not drawn).
+        The family's draws take a stateless seed from `rng` (a `numpy.random.Generator`):
+        an integer seed would be a stateful one, whose draws change from call to call.
         """
         shape = eta.shape
         params = {k: np.full(shape, v) for k, v in self.dispersion().items()}
@@ -1399,7 +1414,7 @@ class GLMM(keras.Model):
         params = {k: tf.constant(v, tf.float64) for k, v in params.items()}
         trials_t = None if trials is None else tf.constant(np.broadcast_to(trials, shape), tf.float64)
         dist = self.family.distribution(tf.constant(eta, tf.float64), params, trials=trials_t)
-        return dist.sample(seed=seed).numpy()
+        return dist.sample(seed=tf.constant(rng.integers(0, 2**31 - 1, size=2), tf.int32)).numpy()
 
     def simulate(self, nsim=1, seed=None):
         """lme4's `simulate`: new responses for the training rows, `(nsim, rows)`.
@@ -1408,6 +1423,7 @@ class GLMM(keras.Model):
         default `re.form = NA`), fixed effects and dispersion at their estimates;
         binomial trials and a gaussian model's prior weights are the training rows'.
         """
+        _check_positive_integer(nsim, "nsim")
         x, _ = self._require_fit()
         trials, weights = self._response_of(None, None)
         rng = np.random.default_rng(seed)
@@ -1424,7 +1440,7 @@ class GLMM(keras.Model):
                 z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
             eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
         return self._sample_response(eta, trials, weights if self.family.name == "gaussian" else None,
-                                     seed=None if seed is None else seed + 1, row_params=self._row_params(out))
+                                     rng, row_params=self._row_params(out))
 
     def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).
@@ -1492,14 +1508,22 @@ class GLMM(keras.Model):
             raise ValueError(
                 "A model with a zero-inflation probability with covariates (ziformula) has no SavedModel "
                 "export: save it with model.save('model.keras') and predict with predict_response.")
-        if self.design is not None and format == "tf_saved_model" and input_signature is None:
-            return serving.export_saved_model(self, filepath)
-        if composition.is_network(self.fixed_effects) and format == "tf_saved_model" and input_signature is None:
-            return composition.export(self, filepath)  # raw features, level names as strings
-        return super().export(filepath, format=format, verbose=verbose,
-                               input_signature=input_signature, **kwargs)
+        with serving.written_to(filepath):  # a full disk: an OSError naming the path
+            if self.design is not None and format == "tf_saved_model" and input_signature is None:
+                return serving.export_saved_model(self, filepath)
+            if composition.is_network(self.fixed_effects) and format == "tf_saved_model" and input_signature is None:
+                return composition.export(self, filepath)  # raw features, level names as strings
+            return super().export(filepath, format=format, verbose=verbose,
+                                   input_signature=input_signature, **kwargs)
 
     # ---------------------------------------------------------------- keras
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """Keras's `load_weights`; a damaged file is a ValueError naming it (`saving.read_errors`)."""
+        from keras_glmm.saving import read_errors
+
+        with read_errors(filepath, "the weights"):
+            return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -1541,6 +1565,11 @@ class GLMM(keras.Model):
             model.design = Design.from_config(design)
         model._weights = weights
         return model
+
+
+def _check_positive_integer(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
 
 
 def glmm(formula, data, family="gaussian", weights=None, **options):

@@ -1,11 +1,36 @@
-"""Loading saved GLMMs, with a clear error for files that hold something else."""
+"""Loading saved GLMMs, with a clear error for files that hold something else or are damaged."""
 
+import contextlib
 import os
 import zipfile
 
 import keras
 
+from keras_glmm.expressions import ExpressionError
 from keras_glmm.model import GLMM
+
+
+@contextlib.contextmanager
+def read_errors(filepath, what="the model"):
+    """Errors met while reading a saved model or weights file, as a ValueError naming the file.
+
+    A damaged file fails deep inside Keras, zipfile or h5py (`BadZipFile: Bad CRC-32 for file
+    'model.weights.h5'`, h5py's `KeyError: 'Unable to synchronously open object'`, ...), naming
+    no file or the archive's member; the message says which file and keeps the cause.
+    A file that is missing or unreadable (permissions) keeps its OSError.
+    """
+    try:
+        yield
+    except (FileNotFoundError, PermissionError, ExpressionError):
+        raise  # a missing file, or one refused by safe mode: said as it is
+    except Exception as err:  # noqa: BLE001 - zipfile, h5py and Keras raise many types
+        detail = err.args[0] if isinstance(err, KeyError) and err.args else err
+        # The cause without its traceback: the reader's frames hold the open file (h5py's),
+        # which HDF5 would hand back, damaged, to the next open of the same path.
+        raise ValueError(
+            f"'{os.fspath(filepath)}': could not read {what}; the file is damaged or was not "
+            f"written for this model ({type(err).__name__}: {detail})"
+        ) from err.with_traceback(None)
 
 
 def load_model(filepath, compile=True, safe_mode=True):
@@ -35,7 +60,8 @@ def load_model(filepath, compile=True, safe_mode=True):
             f"'{filepath}' is not a Keras archive (.keras zip file); save a keras_glmm model "
             "with `model.save('name.keras')`."
         )
-    model = keras.models.load_model(filepath, compile=compile, safe_mode=safe_mode)
+    with read_errors(filepath):
+        model = keras.models.load_model(filepath, compile=compile, safe_mode=safe_mode)
     if not isinstance(model, GLMM):
         raise ValueError(
             f"'{filepath}' holds a {type(model).__name__}, not a keras_glmm GLMM; load it "

@@ -31,9 +31,22 @@ A level of a factor not seen in training makes the request fail
 designs (`I(...)`, `np.log(x)`, splines, other contrasts) enter as their design
 matrix instead: `x` for the fixed part, `<term>_z` (the term's non-intercept
 columns) for a random-effect term. Offsets come as `offset`.
+
+Bad requests name the input: `load(path)` gives the served function behind a
+Python check of each request (`check_request`: every input present, in its dtype,
+1-D (or `(rows, width)` for a design matrix), all of one length; a `ValueError`
+naming the key, what was expected and what came), and the graph itself asserts the
+shapes and lengths (an `InvalidArgumentError` whose message names the key: a
+SavedModel's signature does not check shapes, so a client calling it directly
+gets that). A dtype other than the signature's is refused by TensorFlow before the
+graph runs; only `check_request` can name the key then. An export that cannot be
+written (a full disk) is an `OSError` naming the directory.
 """
 
+import contextlib
+import errno
 import itertools
+import os
 import re
 
 import numpy as np
@@ -313,6 +326,7 @@ class _ServingModule(tf.Module):
         plan = self.plan
         first = next(c for c in plan.kinds) if plan.kinds else None
         rows = tf.shape(features[first])[0] if first is not None else tf.shape(features["x"])[0]
+        features = _asserted(features, first or "x", rows)
         part_keys = plan.part_keys(features, self.key_tables)
         inputs = {"x": features["x"] if plan.fixed is None else plan.fixed(features, rows, part_keys)}
         if "offset" in features:
@@ -327,6 +341,118 @@ class _ServingModule(tf.Module):
                 )
         out = self.model(inputs, training=False)
         return {"mean": out["mean"], "eta": out["eta"]}
+
+
+def _asserted(features, first, rows):
+    """The request's inputs after graph assertions of their shapes and lengths, naming the key.
+
+    The shape is checked as text (`"6, 1"`): the signature's `[None]` lets TensorFlow fold
+    `tf.rank` to 1 whatever comes, and a loaded SavedModel does not check shapes. Keys
+    are in backticks: TensorFlow escapes quotes in an assertion's message.
+    """
+    checks = []
+    for key in sorted(features):
+        value = features[key]
+        width = value.shape[1] if value.shape.rank == 2 else None
+        shape = tf.strings.reduce_join(tf.strings.as_string(tf.shape(value)), separator=", ")
+        expected = r"\d+" if width is None else rf"\d+, {width}"
+        what = "(rows,): one value per row" if width is None else f"(rows, {width})"
+        checks.append(tf.debugging.Assert(
+            tf.strings.regex_full_match(shape, expected),
+            [f"serving input `{key}` must have shape {what}; received shape (", shape, ")"]))
+        checks.append(tf.debugging.Assert(
+            tf.equal(tf.shape(value)[0], rows),
+            [f"serving input `{key}` has", tf.shape(value)[0], f"rows where `{first}` has", rows,
+             ": every input needs one value per row"]))
+    with tf.control_dependencies(checks):
+        return {key: tf.identity(value) for key, value in features.items()}
+
+
+def check_request(features, signature):
+    """Checks a serving request against the signature's inputs, naming the key at fault.
+
+    Args:
+        features: the request, input name -> array or tensor.
+        signature: input name -> `tf.TensorSpec` (a loaded signature's
+            ``structured_input_signature[1]``, or `_Plan.signature`).
+
+    Raises:
+        ValueError: a missing or unknown input, a dtype other than the signature's,
+            a shape other than `(rows,)` (`(rows, width)` for a design matrix), or
+            inputs of different lengths.
+    """
+    missing = [k for k in signature if k not in features]
+    if missing:
+        raise ValueError(f"serving input(s) {missing} missing: the signature takes {sorted(signature)}")
+    unknown = [k for k in features if k not in signature]
+    if unknown:
+        raise ValueError(f"unknown serving input(s) {unknown}: the signature takes {sorted(signature)}")
+    rows = {}
+    for key, spec in signature.items():
+        value = features[key]
+        if isinstance(value, tf.Tensor):
+            dtype, shape = value.dtype, tuple(value.shape)
+        else:
+            value = np.asarray(value)
+            dtype = tf.string if value.dtype.kind in "OUS" else tf.as_dtype(value.dtype)
+            shape = value.shape
+        if dtype != spec.dtype:
+            hint = "strings, the levels' keys" if spec.dtype == tf.string else f"np.asarray(values, '{spec.dtype.name}')"
+            raise ValueError(
+                f"serving input '{key}' must be {spec.dtype.name} (the signature's dtype); "
+                f"received {dtype.name}: send {hint}"
+            )
+        expected = tuple(spec.shape)
+        if len(shape) != len(expected) or any(e is not None and e != g for e, g in zip(expected, shape)):
+            what = "(rows,): one value per row" if len(expected) == 1 else f"(rows, {expected[1]})"
+            raise ValueError(f"serving input '{key}' must have shape {what}; received shape {shape}")
+        rows[key] = shape[0]
+    if len(set(rows.values())) > 1:
+        raise ValueError(
+            f"serving inputs of different lengths, {dict(sorted(rows.items()))}: every input needs "
+            "one value per row"
+        )
+
+
+class ServingFunction:
+    """A SavedModel's `serving_default` behind `check_request` (see `load`).
+
+    Calling it with the request's inputs (keywords or a dict) returns `mean` and `eta`
+    as numpy arrays.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.function = tf.saved_model.load(self.path).signatures["serving_default"]
+        self.signature = dict(self.function.structured_input_signature[1])
+
+    def __call__(self, features=None, **kwargs):
+        features = {**(features or {}), **kwargs}
+        check_request(features, self.signature)
+        out = self.function(**{k: tf.convert_to_tensor(v, self.signature[k].dtype) for k, v in features.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+
+def load(path):
+    """The exported model at `path` as a `ServingFunction`: requests checked, naming the key."""
+    return ServingFunction(path)
+
+
+@contextlib.contextmanager
+def written_to(filepath):
+    """TensorFlow's write errors of an export (a full disk: `OutOfRangeError`) as an OSError
+    naming the directory."""
+    try:
+        yield
+    except (tf.errors.OutOfRangeError, tf.errors.ResourceExhaustedError, tf.errors.DataLossError,
+            tf.errors.PermissionDeniedError, tf.errors.UnknownError) as err:
+        full = isinstance(err, (tf.errors.OutOfRangeError, tf.errors.ResourceExhaustedError))
+        raise OSError(
+            errno.ENOSPC if full else errno.EIO,
+            f"Could not write the SavedModel to '{os.fspath(filepath)}'"
+            + (" (is the disk full?)" if full else "") + f": {err.message}",
+            os.fspath(filepath),
+        ) from err
 
 
 def export_saved_model(model, filepath):
@@ -347,7 +473,8 @@ def export_saved_model(model, filepath):
     if model.compute_dtype != "float32":
         raise ValueError(f"Serving exports float32 models. This model computes in {model.compute_dtype}.")
     module = _ServingModule(model)
-    tf.saved_model.save(module, str(filepath), signatures={"serving_default": module.serve})
+    with written_to(filepath):
+        tf.saved_model.save(module, str(filepath), signatures={"serving_default": module.serve})
     return sorted(module.serve.input_signature[0])
 
 
@@ -366,4 +493,5 @@ def serving_features(model, data):
             features["offset"] = np.asarray(x["offset"], "float32")
         for name in dropped:
             features[name + "_z"] = np.asarray(x[name + "_z"], "float32")
+    check_request(features, plan.signature())
     return features

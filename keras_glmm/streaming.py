@@ -37,6 +37,17 @@ line 2; one line per row, as pandas' chunks count rows: blank lines and quoted
 fields holding line breaks shift the numbers, except in pandas' own parser errors,
 which count lines) or the 1-based row number in a Parquet file.
 
+Files must not change while a model is built and fitted from them: the scan
+records each file's size, modification time (ns) and row count (`FileStamp`), and
+every later pass (each epoch, the final ELBO, a streamed prediction pass) checks
+them before it reads a file and the row count after; the fit also checks them at the
+start of every epoch. A file that changed, was truncated or vanished stops the fit
+with a `FilesChangedError` naming the file and what changed (size, mtime, rows:
+expected and found), never a TensorFlow error from inside the `tf.data` pipeline
+(errors raised while the pipeline reads are re-raised as themselves, see
+`raising_read_errors`). A file rewritten with the same size within the file
+system's clock tick is the one change these checks cannot see.
+
 Column types are fixed by the first chunk that holds the column, as a reader
 infers them from the first rows: a column read as numbers there must hold numbers
 everywhere (the error names the file, line and value; pass `dtype={"col": str}`
@@ -60,6 +71,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
@@ -83,6 +95,9 @@ from keras_glmm.levels import combine_keys, frame_codes, level_name
 
 __all__ = [
     "CSVSource",
+    "FileStamp",
+    "FilesChangedError",
+    "FilesCheck",
     "ParquetSource",
     "Scan",
     "Source",
@@ -90,6 +105,7 @@ __all__ = [
     "block_shuffle",
     "dataset",
     "read_csv",
+    "raising_read_errors",
     "read_parquet",
     "recount",
     "scan",
@@ -370,6 +386,106 @@ def is_source(data) -> bool:
 
 
 # --------------------------------------------------------------------------
+# Files that change under a fit
+# --------------------------------------------------------------------------
+
+
+class FilesChangedError(RuntimeError):
+    """A file changed, was truncated or vanished after the scan that a model was built from.
+
+    Attributes:
+        path: the file.
+        changes: what changed, ``{"size" | "mtime" | "rows": (expected, found)}``;
+            ``{"exists": (True, False)}`` for a file that vanished.
+    """
+
+    def __init__(self, path, changes, when="since the scan"):
+        self.path = path
+        self.changes = dict(changes)
+        if "exists" in self.changes:
+            what = f"vanished {when}"
+        else:
+            units = {"size": " bytes", "mtime": " ns", "rows": ""}
+            what = f"changed {when} (" + "; ".join(
+                f"{k}: expected {e}{units[k]}, found {f}{units[k]}" for k, (e, f) in self.changes.items()
+            ) + ")"
+        super().__init__(
+            f"{path}: the file {what}. A model is built from a scan of its files (levels, counts, "
+            "coding) and fitted on the same rows: build it again from the files as they are now "
+            "(kg.glmm(formula, source) or GLMM.from_formula)."
+        )
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What the scan saw of one file: size (bytes), modification time (ns) and rows read."""
+
+    size: int
+    mtime_ns: int
+    rows: int
+
+
+def _stat(path):
+    """``(size, mtime_ns)`` of a file, or None when it is gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _changes(stamp: FileStamp, stat, rows=None) -> dict:
+    """What differs between a stamp and a file's `_stat` (and rows read, when given)."""
+    if stat is None:
+        return {"exists": (True, False)}
+    out = {}
+    if stat[0] != stamp.size:
+        out["size"] = (stamp.size, stat[0])
+    if stat[1] != stamp.mtime_ns:
+        out["mtime"] = (stamp.mtime_ns, stat[1])
+    if rows is not None and rows != stamp.rows:
+        out["rows"] = (stamp.rows, rows)
+    return out
+
+
+class FilesCheck(keras.callbacks.Callback):
+    """Stops a fit from files when one of them changed since the scan (`FilesChangedError`).
+
+    At the start of every epoch each file's size and modification time are compared
+    with the scan's (a `stat` per file), and an error that the `tf.data` pipeline met
+    while reading ahead (prefetching the next batches) is raised here as itself.
+    """
+
+    def __init__(self, scan_result):
+        super().__init__()
+        self.scan_result = scan_result
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.scan_result.check_files()
+
+    def on_train_end(self, logs=None):
+        self.scan_result.check_files()
+
+
+@contextlib.contextmanager
+def raising_read_errors(scan_result):
+    """Re-raises an error of the files' reader that reached Keras as a TensorFlow error.
+
+    A Python exception inside `tf.data.Dataset.from_generator` comes out of the
+    iterator as an `InvalidArgumentError` (a ValueError), an `UnknownError` (an
+    OSError) ...: the generator records it on the scan (`_failures`), and this
+    context raises the recorded exception in place of the TensorFlow one.
+    """
+    try:
+        yield
+    except tf.errors.OpError as err:
+        failure = scan_result._take_failure()
+        if failure is None:
+            raise
+        raise failure from None
+
+
+# --------------------------------------------------------------------------
 # Error messages that name the file and line
 # --------------------------------------------------------------------------
 
@@ -443,6 +559,8 @@ class _Reader:
         self.final_dtypes: dict[str, Any] = {}
         self.frozen = False
         self.omitted = 0
+        # What the first pass saw of each file; the later passes must see the same.
+        self.stamps: dict[str, FileStamp] = {}
 
     # ------------------------------------------------------------- types
     def _kind(self, column, series):
@@ -588,13 +706,54 @@ class _Reader:
     def chunks(self, family=None, order=None):
         """Yields ``(path, frame)``: typed, complete (or raising), the response
         checked against ``family`` (when given: the passes after the scan leave it
-        to `_chunk_arrays`)."""
-        for path, frame in self.source.chunks(self.columns, order=order):
-            frame = self._typed(frame, path)
-            frame = self._complete(frame, path)
-            if family is not None:
-                self._check_response(frame, path, family)
-            yield path, frame
+        to `_chunk_arrays`).
+
+        The first pass stamps each file (`FileStamp`: its size and modification
+        time before and after reading must agree, and its rows); every later pass
+        checks the stamp before reading a file and its row count after, and an
+        error met while reading a file that changed is a `FilesChangedError`
+        (the row that broke is a symptom of the change).
+        """
+        paths = self.source.paths
+        for i in range(len(paths)) if order is None else order:
+            path = paths[i]
+            stamp = self.stamps.get(path)
+            before = _stat(path)
+            if stamp is not None:
+                self._check_file(path, stamp, before)
+            rows = 0
+            try:
+                for _, frame in self.source.chunks(self.columns, order=[i]):
+                    rows += len(frame)
+                    frame = self._typed(frame, path)
+                    frame = self._complete(frame, path)
+                    if family is not None:
+                        self._check_response(frame, path, family)
+                    yield path, frame
+            except (ValueError, OSError) as err:
+                if stamp is not None and _changes(stamp, _stat(path)):
+                    raise FilesChangedError(path, _changes(stamp, _stat(path)), "while it was read") from err
+                raise
+            after = _stat(path)
+            if stamp is None:
+                if before is None or after != before:
+                    raise FilesChangedError(
+                        path, _changes(FileStamp(*before, rows), after) if before else {"exists": (True, False)},
+                        "while it was scanned")
+                self.stamps[path] = FileStamp(*after, rows)
+            else:
+                self._check_file(path, stamp, after, rows)
+
+    def _check_file(self, path, stamp, stat, rows=None):
+        changes = _changes(stamp, stat, rows)
+        if changes:
+            raise FilesChangedError(path, changes)
+
+    def check_files(self):
+        """Raises a `FilesChangedError` for the first stamped file whose size or
+        modification time is not the scan's (or that is gone)."""
+        for path, stamp in self.stamps.items():
+            self._check_file(path, stamp, _stat(path))
 
 
 # --------------------------------------------------------------------------
@@ -627,6 +786,25 @@ class Scan:
     sample: pd.DataFrame
     weights: str | None = None
     _reader: _Reader | None = field(default=None, repr=False)
+    # Errors the tf.data generator met (see `raising_read_errors`).
+    _failures: list = field(default_factory=list, repr=False)
+
+    @property
+    def stamps(self) -> dict[str, FileStamp]:
+        """Per file, what the scan saw: size, modification time (ns), rows."""
+        return dict(self._reader.stamps) if self._reader is not None else {}
+
+    def check_files(self):
+        """Raises a `FilesChangedError` if a file changed since the scan, or the error
+        that a pass reading the files in the `tf.data` pipeline met."""
+        failure = self._take_failure()
+        if failure is not None:
+            raise failure
+        if self._reader is not None:
+            self._reader.check_files()
+
+    def _take_failure(self):
+        return self._failures.pop(0) if self._failures else None
 
 
 def _count_levels(frame, cols, counter):
@@ -1011,9 +1189,18 @@ def _signature(design, dtype):
 
 def _blocks(scan_result, family, dtype, order=None):
     reader = scan_result._reader
+    reader.check_files()
     for path, frame in reader.chunks(order=order):
         if len(frame):
-            x, y = _chunk_arrays(scan_result.design, family, dtype, reader, path, frame)
+            try:
+                x, y = _chunk_arrays(scan_result.design, family, dtype, reader, path, frame)
+            except ValueError as err:
+                # A level or value the scan never saw: a symptom, if the file changed.
+                try:
+                    reader.check_files()
+                except FilesChangedError as changed:
+                    raise changed from err
+                raise
             yield {**x, _Y: y}
 
 
@@ -1040,6 +1227,10 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
     from memory as in-memory fits' do (the whole data as one batch when it fits in
     one, else `keras_glmm.batches.minibatches`), with no Python in the loop.
 
+    Every pass checks the files against the scan's stamps (see the module
+    docstring); an error of a pass in the generator is recorded on the scan, for
+    `raising_read_errors` and `FilesCheck` to raise as itself.
+
     Returns:
         ``(dataset, steps_per_pass)``: the repeated dataset of ``(inputs, y)``
         batches and the number of batches in one pass over the data.
@@ -1049,6 +1240,7 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
             f"`shuffle_buffer` ({shuffle_buffer}) must hold at least one batch (batch_size={batch_size})"
         )
     steps = -(-scan_result.num_rows // batch_size)
+    scan_result._failures.clear()
     if scan_result.num_rows <= shuffle_buffer:
         x = _concat(list(_blocks(scan_result, family, dtype)))
         y = x.pop(_Y)
@@ -1060,9 +1252,15 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
     def one_pass():
         order = rng.permutation(len(scan_result.source.paths))
         blocks = _blocks(scan_result, family, dtype, order)
-        for batch in block_shuffle(blocks, shuffle_buffer, batch_size, rng):
-            y = batch.pop(_Y)
-            yield batch, y
+        try:
+            for batch in block_shuffle(blocks, shuffle_buffer, batch_size, rng):
+                y = batch.pop(_Y)
+                yield batch, y
+        except Exception as err:
+            # tf.data turns it into a TensorFlow error: keep it for `raising_read_errors`
+            # and `FilesCheck`, which raise it as itself.
+            scan_result._failures.append(err)
+            raise
 
     data = tf.data.Dataset.from_generator(one_pass, output_signature=_signature(scan_result.design, dtype))
     return data.repeat().prefetch(2), steps
