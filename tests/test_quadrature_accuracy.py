@@ -121,8 +121,8 @@ def test_cost_guard_keeps_the_variational_answer_and_says_so():
     x = rng.normal(size=n)
     eta = -0.5 + x + rng.normal(size=groups)[g] + 0.5 * rng.normal(size=groups)[g] * x
     df = pd.DataFrame({"y": rng.binomial(1, 1 / (1 + np.exp(-eta))), "x": x, "g": g.astype(str)})
-    # One evaluation needs 1,200 x 625 x 112 bytes = 80 MiB; the largest group, ~35 rows,
-    # at the check's 51^2 nodes 10 MiB.
+    # One evaluation needs 1,200 x 625 x 80 bytes = 57 MiB; the largest group, ~35 rows,
+    # at the check's 51^2 nodes 7 MiB.
     budget = 16 * 2**20
     fit = kg.glmm("y ~ x + (x | g)", df, family="binomial", memory_budget=budget)
     summary = fit.fit_summary_

@@ -104,14 +104,17 @@ SMALL_DENSE = 600
 AGQ_POINTS = 25
 # The exact-ML phase's cost guard and node check (see `_plan_quadrature` and
 # `_check_nodes`). By default the phase runs where its estimated time is at most
-# AGQ_COST_RATIO times the variational fit's (or AGQ_FREE_SECONDS, below which no
-# one waits) and one evaluation's arrays fit `memory_budget` at once; `agq_points=N`
-# runs it whatever it costs, in chunks within `memory_budget`.
+# AGQ_COST_RATIO times the variational fit's, or than the time of AGQ_FREE_NODES
+# row-nodes (a few seconds here: a sub-second VI fit makes a ratio meaningless;
+# counted in nodes so the rule does not depend on the machine's load), and one
+# evaluation's arrays fit `memory_budget` at once; `agq_points=N` runs it whatever
+# it costs, in chunks within `memory_budget`.
 AGQ_COST_RATIO = 3.0
-AGQ_FREE_SECONDS = 2.0
+AGQ_FREE_NODES = 50_000_000
 # Evaluations of the log-likelihood the phase takes from the VI optimum (BFGS with
-# the VI curvature; the reference cases take 8 to 30), for the time estimate.
-AGQ_EVALUATIONS = 20
+# the VI curvature; the reference cases take 5 to 9 and the check 1 or 2 more), for
+# the time estimate.
+AGQ_EVALUATIONS = 12
 # The node check: the rule is exact when one more rung (`next_points`) moves the
 # log-likelihood, and the gain of re-optimizing with the new gradient, by less than
 # this (nats); it stops raising nodes beyond AGQ_MAX_NODES per row.
@@ -858,8 +861,8 @@ class VariationalSolver:
         """Whether the exact-ML phase runs: its cost model, and a status saying why.
 
         Time: `AGQ_EVALUATIONS` evaluations at the measured cost of one, against
-        `AGQ_COST_RATIO` times the variational fit's own time (at least
-        `AGQ_FREE_SECONDS`). Memory: one evaluation's `rows x nodes` arrays
+        `AGQ_COST_RATIO` times the variational fit's own time (at least the time of
+        `AGQ_FREE_NODES` row-nodes). Memory: one evaluation's `rows x nodes` arrays
         (`AdaptiveQuadrature.bytes_per_evaluation`) against `memory_budget`. By
         default both must hold; with `agq_points=N` it runs in chunks of clusters
         within `memory_budget` whatever the time, unless one cluster alone exceeds it.
@@ -870,9 +873,12 @@ class VariationalSolver:
         least = q.largest_cluster_bytes()
         per_evaluation = self._seconds_per_evaluation()
         estimate = AGQ_EVALUATIONS * per_evaluation
-        allowance = max(AGQ_COST_RATIO * vi_seconds, AGQ_FREE_SECONDS)
+        allowance = max(AGQ_COST_RATIO * vi_seconds, AGQ_FREE_NODES * per_evaluation / q.nodes_per_evaluation())
+        per_node = per_evaluation / max(q.nodes_per_evaluation(), 1)
         plan = {"vi_seconds": vi_seconds, "estimate_seconds": estimate, "estimate_bytes": need,
                 "allowance_seconds": math.inf if self.agq_forced else allowance,
+                # The same allowance in row-nodes, for the node check: robust to the load changing.
+                "allowance_nodes": math.inf if self.agq_forced else allowance / max(per_node, 1e-15),
                 "points": list(q.points), "exact": False}
         problems = []
         if self.memory_budget is not None and least > self.memory_budget:
@@ -969,18 +975,19 @@ class VariationalSolver:
             old_points = list(q.points)
             trial = list(q.points)
             trial[d] = next_points(trial[d])
+            # Row-nodes this rung would take (its check, and re-optimizing if it moves).
+            rung = q.nodes_per_evaluation(trial) * (1 + AGQ_EVALUATIONS / 2)
+            remaining = status["allowance_nodes"] - self._quadrature_clock[1]
             seconds_per_node = self._quadrature_clock[0] / max(self._quadrature_clock[1], 1)
-            check_seconds = seconds_per_node * q.nodes_per_evaluation(trial)
-            spent = time.perf_counter() - self._quadrature_began
-            remaining = status["allowance_seconds"] - spent
             limit = None
             if q.nodes_per_row(trial) > AGQ_MAX_NODES:
                 limit = f"{q.nodes_per_row(trial):,} nodes per row are more than AGQ_MAX_NODES={AGQ_MAX_NODES:,}"
             elif self.memory_budget is not None and q.largest_cluster_bytes(trial) > self.memory_budget:
                 limit = "its largest cluster alone would need more than memory_budget"
-            elif check_seconds * (1 + AGQ_EVALUATIONS / 2) > remaining:
-                limit = (f"checking and re-optimizing would take ~{check_seconds * (1 + AGQ_EVALUATIONS / 2):.1f} s "
-                         f"more, beyond the time allowance ({status['allowance_seconds']:.1f} s)")
+            elif rung > remaining:
+                limit = (f"checking and re-optimizing would take ~{rung * seconds_per_node:.1f} s more, beyond the "
+                         f"time allowance ({status['allowance_seconds']:.1f} s, {AGQ_COST_RATIO:g}x the "
+                         "variational fit)")
             if limit is not None:
                 self._finish_check(False, f"not checked at {self._describe_points(trial)}: {limit}; "
                                           f"agq_points={trial[d]} starts there")
