@@ -159,3 +159,24 @@ def test_chunks_give_the_same_log_likelihood_and_stay_within_the_budget():
 
 GUPRENAT = ("prenat01 ~ childAge + motherAge + indig + momEd + husEd + husEmpl + toilet + pcInd81 + ssDist"
             " + (1|cluster/mom)")
+
+
+def test_guprenat_is_bundled():
+    df = datasets.load_guprenat()
+    assert len(df) == 2449 and df["mom"].nunique() == 1558 and df["cluster"].nunique() == 161
+    assert df["momEd"].isna().sum() == 0  # "None" is a level, not a missing value
+    assert df["prenat01"].sum() == int((df["prenat"] == "Modern").sum())
+
+
+@pytest.mark.slow
+def test_guprenat_default_fit_does_not_claim_to_be_exact():
+    """guPrenat (1 to 4 births per mother, mothers' sd ~7): 25 nodes per dimension are
+    nats off the log-likelihood (the exact ML is logLik -1056.94 at sds 7.02 and 3.65;
+    the reviewer's rule of 25 x 201 nodes, checked at 41 x 201 and 25 x 401). The
+    default fit cannot afford the rungs that would verify its rule within its time
+    allowance: it must say it is not exact."""
+    fit = kg.glmm(GUPRENAT, datasets.load_guprenat(), family="binomial")
+    summary = fit.fit_summary_
+    assert not summary["exact"]
+    assert summary["likelihood"] in ("bound", "approximate")
+    assert "NOT verified exact" in summary["estimator"] or "Gaussian VI" in summary["estimator"]
