@@ -727,6 +727,7 @@ class GLMM(keras.Model):
             "boundary": results["boundary"],
             "likelihood": solver.likelihood,
             "convergence": None if solver.check is None else solver.check.as_dict(),
+            "estimator": solver.estimator,
         }
         failure = solver.check.message() if solver.check is not None and not solver.check.passed else None
         self._finish_fit(x, y, history, solver.converged, None, callbacks, elbo=report["elbo"], failure=failure)
@@ -1080,14 +1081,25 @@ class GLMM(keras.Model):
             "nobs": nobs,
             "num_parameters": num_parameters,
             # Whether `elbo` is the log-likelihood: exactly ("exact"), by adaptive
-            # quadrature ("quadrature") or only bounds it ("bound").
+            # quadrature checked converged in its nodes ("quadrature"), by a rule
+            # not verified ("approximate") or only bounds it ("bound").
             "likelihood": likelihood,
-            "exact": likelihood != "bound",
+            "exact": likelihood in ("exact", "quadrature"),
+            # The estimator in words: exact ML by adaptive quadrature (its nodes and
+            # their check), Gaussian VI and why (the exact-ML phase's cost guard), ...
+            "estimator": self._estimator(likelihood),
             "epochs": len(history.epoch),
             # The engine's check of the end point (lme4's checkConv), or None.
             "convergence": None if self._engine_fit is None else self._engine_fit.get("convergence"),
         }
         results_lib.warn_if_singular(self)
+
+    def _estimator(self, likelihood):
+        if self._engine_fit is not None and self._engine_fit.get("estimator"):
+            return self._engine_fit["estimator"]
+        if likelihood == "exact":
+            return "exact ML (gaussian, identity link: the posterior is exact)"
+        return "Gaussian VI (mean-field, stochastic: one Gaussian per level and term)"
 
     def _require_fit(self):
         if self._training_arrays is None and self._training_source is not None:

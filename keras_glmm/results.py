@@ -290,6 +290,8 @@ def report(model):
     lines.append(f" Family: {model.family.name}  ( {model.family.link.name} )")
     if design is not None:
         lines.append(f"Formula: {design.spec.formula}")
+    if fit.get("estimator"):
+        lines.append(f"Estimator: {fit['estimator']}")
     if "elbo" in fit:
         npar = fit["num_parameters"]
         elbo = fit["elbo"]
@@ -297,6 +299,7 @@ def report(model):
         how = {
             "exact": "   (= logLik: the posterior is exact)",
             "quadrature": "   (= logLik, by adaptive Gauss-Hermite quadrature: the exact ML fit)",
+            "approximate": "   (= logLik by adaptive Gauss-Hermite quadrature, its nodes NOT verified: see Estimator)",
             "bound": "   (a lower bound of logLik)",
         }[fit.get("likelihood", "exact" if fit["exact"] else "bound")]
         lines.append(f"     ELBO {elbo:.4f}" + how)

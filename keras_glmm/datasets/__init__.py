@@ -24,6 +24,7 @@ loader                        rows      what                                    
 :func:`load_bacteria`         220       H. influenzae presence by child and week     R package MASS
 :func:`load_cbpp_olre`        56        cbpp with a row factor ``obs`` (OLRE)        R package lme4
 :func:`load_guimmun`          2,159     child immunization, mothers in communities   R package mlmRev
+:func:`load_guprenat`         2,449     prenatal care, mothers in communities        R package mlmRev
 :func:`load_fatalities`       336       US traffic deaths, 48 states x 7 years       R package AER
 :func:`load_kb07`             1,790     response times, crossed subject x item       Kronmueller & Barr (2007)
 ============================  ========  ===========================================  ==========================
@@ -47,6 +48,7 @@ from keras_glmm.datasets._loaders import (
     load_gcsemv,
     load_grouseticks,
     load_guimmun,
+    load_guprenat,
     load_insteval,
     load_kb07,
     load_oxboys,
@@ -69,6 +71,7 @@ __all__ = [
     "load_gcsemv",
     "load_grouseticks",
     "load_guimmun",
+    "load_guprenat",
     "load_insteval",
     "load_kb07",
     "load_oxboys",

@@ -31,6 +31,7 @@ __all__ = [
     "load_gcsemv",
     "load_grouseticks",
     "load_guimmun",
+    "load_guprenat",
     "load_insteval",
     "load_oxboys",
     "load_pastes",
@@ -608,6 +609,54 @@ def load_guimmun() -> pd.DataFrame:
             "immun01": df["immun01"].astype(np.int64),
         }
     )
+
+
+def load_guprenat() -> pd.DataFrame:
+    """Loads ``guPrenat`` from mlmRev: prenatal care in Guatemala.
+
+    2,449 births of 1,558 mothers (1 to 4 births each) in 161 communities
+    (Rodriguez and Goldman, 1995, 2001): whether the mother had modern prenatal
+    care. Binary data in very small clusters with a large mothers' sd, where
+    Laplace's approximation and a low-order quadrature both miss the exact
+    maximum likelihood (see ``tests/test_quadrature_accuracy.py``).
+
+    Returns:
+        A DataFrame with columns ``kid``, ``mom``, ``cluster`` (categories,
+        levels sorted numerically), ``prenat`` (category ``"Traditional"``,
+        ``"Modern"``), ``childAge`` (``"0-2"``, ``"3+"``), ``motherAge``
+        (``"24-"``, ``"25+"``), ``birthOrd`` (``"1"``, ``"2-3"``, ``"4-6"``,
+        ``"7+"``; ordered in R, unordered here), ``indig`` (``"Ladino"``,
+        ``"NoSpa"``, ``"Spanish"``), ``momEd`` (``"None"``, ``"Primary"``,
+        ``"Secondary+"``), ``husEd`` (``"None"``, ``"Primary"``,
+        ``"Secondary+"``, ``"Unknown"``), ``husEmpl`` (``"Unskilled"``,
+        ``"Professional"``, ``"Agri (self)"``, ``"Agri (empl)"``,
+        ``"Skilled"``), ``toilet`` (``"None"``, ``"Modern"``), ``TV``
+        (``"None"``, ``"not daily"``, ``"daily"``), ``pcInd81`` (float, share
+        of indigenous population in 1981), ``ssDist`` (float, distance to the
+        nearest clinic) and ``prenat01`` (int, 1 where ``prenat`` is
+        ``"Modern"``). The factors keep R's level order (the first is the
+        reference level).
+    """
+    # "None" is a level here, not a missing value (pandas reads it as NaN by default).
+    df = _read_csv("guprenat.csv.gz", dtype={"birthOrd": str}, keep_default_na=False, na_values=["NA"])
+    levels = {
+        "prenat": ["Traditional", "Modern"],
+        "childAge": ["0-2", "3+"],
+        "motherAge": ["24-", "25+"],
+        "birthOrd": ["1", "2-3", "4-6", "7+"],
+        "indig": ["Ladino", "NoSpa", "Spanish"],
+        "momEd": ["None", "Primary", "Secondary+"],
+        "husEd": ["None", "Primary", "Secondary+", "Unknown"],
+        "husEmpl": ["Unskilled", "Professional", "Agri (self)", "Agri (empl)", "Skilled"],
+        "toilet": ["None", "Modern"],
+        "TV": ["None", "not daily", "daily"],
+    }
+    out = {name: _categorical(df[name]) for name in ("kid", "mom", "cluster")}
+    out.update({name: _categorical(df[name], categories=cats) for name, cats in levels.items()})
+    out["pcInd81"] = df["pcInd81"].astype(np.float64)
+    out["ssDist"] = df["ssDist"].astype(np.float64)
+    out["prenat01"] = (df["prenat"] == "Modern").astype(np.int64)
+    return pd.DataFrame(out)
 
 
 def load_fatalities() -> pd.DataFrame:

@@ -22,21 +22,76 @@ gradient is, by Fisher's identity, the posterior expectation of the complete-dat
 score, `E[d log p(y | u) / d params]`, here with the rule's nodes and posterior
 weights: one evaluation gives both, for a quasi-Newton ascent from the Gaussian
 VI fit (`keras_glmm.engine.solver`).
+
+**"Exact to the number of nodes" is checked, not assumed.** A rule of `G` nodes
+integrates `N(u) * poly(u)` of degree `2G - 1` exactly; the integrand here is a
+Gaussian times a likelihood, and where the posterior is far from Gaussian (binary
+data, one to four rows per level, an sd of 7: guPrenat's mothers) a 25-node rule
+is nats off and its optimum is not the ML. `points` holds the nodes per dimension
+(one term: one count; nested: outer, inner), and the solver raises them
+(`next_points`) until the log-likelihood and its gradient stop moving.
+
+**Cost.** One evaluation touches every row at every node: `rows x nodes` entries
+(`nodes = G^k`, or `outer x inner` nested), `BYTES_PER_NODE` bytes each at the
+peak. The clusters (levels, or outer levels when nested) are independent, so an
+evaluation runs over groups of clusters whose entries fit `memory_budget`
+(`chunks`): the peak is one group's, never the whole, and a cluster that alone
+exceeds the budget is refused (`ValueError` naming it) rather than allocated.
 """
 
+import functools
+import math
+
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 from scipy.special import logsumexp
+
+# Peak bytes one evaluation holds per row and node (float64 arrays alive at once:
+# the linear predictor, the family's value and derivatives with their
+# temporaries, the posterior weights and their products), measured with
+# tracemalloc on binomial logit models: 57 for one term with k = 2, 62 nested;
+# with a margin.
+BYTES_PER_NODE = 80
+
+
+@functools.cache
+def _hermite(num_points):
+    """Probabilists' Gauss-Hermite nodes and log weights (weights summing to 1).
+
+    numpy's `hermegauss` up to 100 nodes; beyond, where its weights overflow
+    (NaN from about 150): the nodes are the eigenvalues of the Jacobi matrix
+    (off-diagonal `sqrt(k)`), and the weights `1 / (G p_{G-1}(x)^2)` with `p_k`
+    the orthonormal polynomials, by their recurrence rescaled at each step and
+    taken in logarithms (the outer weights are below 1e-300; an eigenvector's
+    tiny components, Golub & Welsch's weights, are only accurate to 1e-16
+    absolute and would overweight the outer nodes by e^50).
+    """
+    if num_points <= 100:
+        x, w = np.polynomial.hermite_e.hermegauss(int(num_points))
+        return x, np.log(w / w.sum())
+    x = scipy.linalg.eigh_tridiagonal(np.zeros(num_points), np.sqrt(np.arange(1.0, num_points)),
+                                      eigvals_only=True)
+    previous, current, log_scale = np.zeros_like(x), np.ones_like(x), np.zeros_like(x)
+    for k in range(num_points - 1):  # p_{k+1} = (x p_k - sqrt(k) p_{k-1}) / sqrt(k + 1)
+        previous, current = current, (x * current - math.sqrt(k) * previous) / math.sqrt(k + 1)
+        big = np.maximum(np.abs(current), 1.0)
+        previous, current, log_scale = previous / big, current / big, log_scale + np.log(big)
+    return x, -math.log(num_points) - 2.0 * (np.log(np.abs(current)) + log_scale)
 
 
 def _rule(num_points, dim):
     """Probabilists' Gauss-Hermite product rule: nodes `(G^dim, dim)`, log weights + |t|^2/2."""
-    x, w = np.polynomial.hermite_e.hermegauss(int(num_points))
-    w = w / w.sum()
+    x, logw1 = _hermite(int(num_points))
     grids = np.meshgrid(*([x] * dim), indexing="ij")
     nodes = np.stack([g.reshape(-1) for g in grids], axis=-1)
-    logw = np.sum(np.log(np.stack(np.meshgrid(*([w] * dim), indexing="ij"), -1).reshape(-1, dim)), -1)
+    logw = np.sum(np.stack(np.meshgrid(*([logw1] * dim), indexing="ij"), -1).reshape(-1, dim), -1)
     return nodes, logw + 0.5 * np.sum(nodes**2, axis=-1)
+
+
+def next_points(points):
+    """The next rung of the node ladder: `2 G + 1` (odd, so the mode stays a node)."""
+    return 2 * int(points) + 1
 
 
 def design_of(structure):
@@ -51,6 +106,46 @@ def design_of(structure):
     return None
 
 
+def _indicator(segment, num_segments):
+    """The `(num_segments, n)` 0/1 matrix summing rows by segment."""
+    n = len(segment)
+    return sp.csr_matrix((np.ones(n), (segment, np.arange(n))), shape=(num_segments, n))
+
+
+def _segment(indicator, values):
+    """`indicator @ values` over the first axis of `values` `(n, ...)`."""
+    out = indicator @ values.reshape(values.shape[0], -1)
+    return np.asarray(out).reshape((indicator.shape[0],) + values.shape[1:])
+
+
+class _Chunk:
+    """A group of clusters and their rows, with what an evaluation reads of them."""
+
+    def __init__(self, quadrature, first, last, rows):
+        q = quadrature
+        self.rows = rows
+        self.clusters = slice(first, last)
+        self.x = q.x[rows]
+        self.y = q.y[rows]
+        self.trials = None if q.trials is None else q.trials[rows]
+        self.weights = q.weights[rows]
+        if q.kind == "single":
+            self.g = q.inner.index[rows] - first
+            self.z = q.inner.z[rows]
+            self.levels = _indicator(self.g, last - first)
+        else:
+            lo, hi = q._inner_start[first], q._inner_start[last]
+            self.inner = q._inner_order[lo:hi]  # the inner levels whose parent is in the chunk
+            self.gi = q._inner_rank[q.inner.index[rows]] - lo
+            self.go = q.outer.index[rows] - first
+            self.parent = q.parent[self.inner] - first
+            self.zi = q.inner.z[rows, 0]
+            self.zo = q.outer.z[rows, 0]
+            self.by_inner = _indicator(self.gi, hi - lo)
+            self.by_outer = _indicator(self.go, last - first)
+            self.by_parent = _indicator(self.parent, last - first)
+
+
 class AdaptiveQuadrature:
     """The log-likelihood and its gradient for a `Structure` whose `design_of` is not None.
 
@@ -59,10 +154,14 @@ class AdaptiveQuadrature:
         family: a `keras_glmm.families.Family`.
         y, trials, weights, offset: the response, binomial trials, prior weights and
             offset per row (arrays or None).
-        num_points: nodes per dimension (inner and outer).
+        num_points: nodes per dimension: a count for all, or one per dimension
+            (`dimensions`: the term; nested, the outer then the inner term).
+        memory_budget: bytes an evaluation's `(rows, nodes)` arrays may take at
+            once (None: no limit); see `chunks`.
     """
 
-    def __init__(self, structure, family, y, trials=None, weights=None, offset=None, num_points=25):
+    def __init__(self, structure, family, y, trials=None, weights=None, offset=None, num_points=25,
+                 memory_budget=None):
         self.kind = design_of(structure)
         if self.kind is None:
             raise ValueError("Adaptive quadrature needs one term or two nested scalar terms.")
@@ -73,7 +172,7 @@ class AdaptiveQuadrature:
         n = structure.num_rows
         self.weights = np.ones(n) if weights is None else np.asarray(weights, np.float64)
         self.offset = np.zeros(n) if offset is None else np.asarray(offset, np.float64)
-        self.num_points = int(num_points)
+        self.memory_budget = memory_budget
         blocks = structure.random_blocks
         self.inner = blocks[0]
         self.x = structure.fixed_block.z
@@ -83,39 +182,111 @@ class AdaptiveQuadrature:
             parent = np.empty(self.inner.num_levels, np.int64)
             parent[pair.levels_first] = pair.levels_second
             self.parent = parent
+            self._inner_order = np.argsort(parent, kind="stable")
+            self._inner_rank = np.empty_like(self._inner_order)
+            self._inner_rank[self._inner_order] = np.arange(len(parent))
+            self._inner_start = np.concatenate(
+                [[0], np.cumsum(np.bincount(parent, minlength=self.outer.num_levels))])
+            self.dimensions = [self.outer.name, self.inner.name]
+            self.cluster = self.outer.index
+        else:
+            self.dimensions = [self.inner.name]
+            self.cluster = self.inner.index
+        self.num_clusters = int(self.cluster.max()) + 1 if n else 0
+        self.cluster_rows = np.bincount(self.cluster, minlength=self.num_clusters)
+        self._row_order = np.argsort(self.cluster, kind="stable")
+        self._cluster_start = np.concatenate([[0], np.cumsum(self.cluster_rows)])
+        self.points = None
+        self.set_points(num_points)
         self.modes = None  # warm starts of the modes
 
-    def nodes_per_evaluation(self):
+    # ------------------------------------------------------------ the rule's size
+    def set_points(self, points):
+        """Sets the nodes per dimension (a count, or one per dimension)."""
+        points = [int(points)] * len(self.dimensions) if np.ndim(points) == 0 else [int(p) for p in points]
+        if len(points) != len(self.dimensions) or min(points) < 1:
+            raise ValueError(f"`points` must be one positive count per dimension {self.dimensions}. "
+                             f"Received {points}.")
+        if points != self.points:
+            self.points = points
+            self._chunks = None
+
+    def nodes_per_row(self, points=None):
+        """Nodes each row is evaluated at: `G^k` for one term, `outer x inner` nested."""
+        points = self.points if points is None else points
+        if self.kind == "single":
+            return int(points[0]) ** self.inner.num_effects
+        return int(points[0]) * int(points[1])
+
+    def nodes_per_evaluation(self, points=None):
         """Rows times nodes per row of one evaluation: what a log-likelihood costs."""
-        dims = 2 if self.kind == "nested" or self.inner.num_effects == 2 else 1
-        return self.structure.num_rows * self.num_points**dims
+        return self.structure.num_rows * self.nodes_per_row(points)
+
+    def bytes_per_evaluation(self, points=None):
+        """Peak bytes of one evaluation over all rows at once (no chunks)."""
+        return BYTES_PER_NODE * self.nodes_per_evaluation(points)
+
+    def largest_cluster_bytes(self, points=None):
+        """Peak bytes of the largest cluster's rows: the least a chunk needs."""
+        most = int(self.cluster_rows.max()) if len(self.cluster_rows) else 0
+        return BYTES_PER_NODE * most * self.nodes_per_row(points)
+
+    def chunks(self):
+        """Groups of consecutive clusters whose `rows x nodes` entries fit `memory_budget`."""
+        if self._chunks is not None:
+            return self._chunks
+        per_row = BYTES_PER_NODE * self.nodes_per_row()
+        limit = math.inf if self.memory_budget is None else self.memory_budget // per_row
+        counts = self.cluster_rows
+        if len(counts) and counts.max() > limit:
+            big = int(np.argmax(counts))
+            name = self.dimensions[0]
+            raise ValueError(
+                f"Adaptive quadrature with {self.points} nodes needs {counts.max() * per_row / 2**20:.1f} MiB "
+                f"for the {counts.max()} rows of level {big} of '{name}' alone, more than "
+                f"memory_budget={self.memory_budget}: raise `memory_budget` or lower `agq_points`.")
+        chunks, first, rows = [], 0, 0
+        for c in range(self.num_clusters):
+            if rows + counts[c] > limit and c > first:
+                chunks.append(self._chunk(first, c))
+                first, rows = c, 0
+            rows += counts[c]
+        if self.num_clusters:
+            chunks.append(self._chunk(first, self.num_clusters))
+        self._chunks = chunks
+        return chunks
+
+    def _chunk(self, first, last):
+        rows = self._row_order[self._cluster_start[first]:self._cluster_start[last]]
+        return _Chunk(self, first, last, rows)
 
     # ------------------------------------------------------------ the family
-    def _log_p(self, eta, rows, node_weights=None, params=None):
-        """`log p`, `d/d eta`, `d2/d eta2` at `eta` `(n, ...)` for the rows' responses.
+    def _log_p(self, eta, y, trials, w, params):
+        """Weighted `log p`, `d/d eta`, `d2/d eta2` at `eta` `(m, ...)` for rows `y` `(m,)`,
+        and the parameters' gradients per entry (weighted, not summed)."""
+        shape = (len(y),) + (1,) * (eta.ndim - 1)
+        params = {k: np.reshape(v, shape) if np.ndim(v) else v for k, v in (params or {}).items()}
+        y, w = y.reshape(shape), w.reshape(shape)
+        trials = None if trials is None else trials.reshape(shape)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            value, first, second, grads = self.family._numpy_log_prob(y, eta, params, trials)
+        return w * value, w * first, w * second, {k: w * g for k, g in grads.items()}
 
-        A parameter given per row (a zero-inflation probability with covariates) is
-        repeated over each row's nodes, and its gradient comes back per row: the
-        sum over the row's nodes (with `node_weights`, the posterior expectation).
-        """
-        shape = eta.shape
-        reps = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        y = np.repeat(self.y[rows], reps)
-        trials = None if self.trials is None else np.repeat(self.trials[rows], reps)
-        w = np.repeat(self.weights[rows], reps)
-        pw = w if node_weights is None else w * node_weights.reshape(-1)
-        per_row = {k for k, v in (params or {}).items() if np.ndim(v)}
-        if per_row:
-            params = {k: np.repeat(v[rows], reps) if k in per_row else v for k, v in params.items()}
-        value, first, second, grads = self.family.log_prob_derivatives(
-            y, eta.reshape(-1), params, trials=trials, weights=pw)
-        grads = {k: g.reshape(len(rows), reps).sum(1) if k in per_row else g for k, g in grads.items()}
-        return (w * value).reshape(shape), (w * first).reshape(shape), (w * second).reshape(shape), grads
+    def _row_log_p(self, eta, params):
+        """`_log_p` for all rows at one point each (the modes' Newton steps)."""
+        rows_params = params
+        return self._log_p(eta, self.y, self.trials, self.weights, rows_params)
+
+    @staticmethod
+    def _chunk_params(params, rows):
+        return {k: v[rows] if np.ndim(v) else v for k, v in (params or {}).items()}
 
     # ------------------------------------------------------------ evaluation
     def log_likelihood(self, beta, lambdas, params):
         """`(log L, gradient)`, the gradient a dict: `beta` `(p,)`, `lambdas` (one `(k, k)`
         per term), `params` (by name); and the levels' posterior moments in `u`."""
+        if not self.family._has_numpy_kernel():
+            raise ValueError(f"Adaptive quadrature needs the {self.family.name} family's numpy kernel.")
         eta0 = self.offset + self.x @ beta
         if self.kind == "single":
             value, grads = self._single(eta0, lambdas[0], params)
@@ -131,20 +302,37 @@ class AdaptiveQuadrature:
                 grads["params"][k] = grads["params"].get(k, 0.0) + float(np.sum(g))
         return value, grads
 
-    def _single(self, eta0, lam, params):
+    @staticmethod
+    def _add_param_grads(out, grads, weight, rows, num_rows):
+        """Adds `sum_nodes weight * grad` per parameter: per row where it varies by row."""
+        axes = tuple(range(1, weight.ndim))
+        for k, g in grads.items():
+            per_entry = np.sum(np.broadcast_to(g, weight.shape) * weight, axis=axes)
+            if np.ndim(g) and g.shape[0] == len(rows) and k in out.get("_per_row", ()):
+                out[k][rows] += per_entry
+            else:
+                out[k] = out.get(k, 0.0) + float(np.sum(per_entry))
+
+    def _param_sink(self, params):
+        """Gradient accumulators: an array per row for per-row parameters, else 0."""
+        per_row = [k for k, v in (params or {}).items() if np.ndim(v)]
+        sink = {k: np.zeros(self.structure.num_rows) for k in per_row}
+        sink["_per_row"] = set(per_row)
+        return sink
+
+    def _single_modes(self, eta0, zl, params):
+        """Each level's mode of `log p(y, u)` and the Cholesky factor of its curvature there."""
         block = self.inner
-        n, k, L = len(eta0), block.num_effects, block.num_levels
-        rows = np.arange(n)
-        zl = block.z @ lam  # (n, k): z' Lambda
+        k, L = block.num_effects, block.num_levels
         g = block.index
-        u = self.modes if self.modes is not None and self.modes.shape == (L, k) else np.zeros((L, k))
+        u = self.modes if self.modes is not None and np.shape(self.modes) == (L, k) else np.zeros((L, k))
 
         def log_joint(u):
-            value, first, second, _ = self._log_p(eta0 + np.sum(zl * u[g], 1), rows, params=params)
+            value, first, second, _ = self._row_log_p(eta0 + np.sum(zl * u[g], 1), params)
             per_level = np.bincount(g, value, minlength=L) - 0.5 * np.sum(u**2, 1)
             return per_level, first, second
 
-        # Modes: Newton per level, halving the step of a level whose log density drops.
+        # Newton per level, halving the step of a level whose log density drops.
         current, first, second = log_joint(u)
         for _ in range(50):
             grad = np.stack([np.bincount(g, first * zl[:, a], minlength=L) for a in range(k)], 1) - u
@@ -163,40 +351,58 @@ class AdaptiveQuadrature:
                 break
         self.modes = u
         hess = np.eye(k) + _segment_outer(g, L, np.maximum(-second, 0.0), zl)
-        chol = np.linalg.cholesky(hess)  # H = R R'
-        nodes, logw = _rule(self.num_points, k)
-        # u(t) = mode + R^-T t, for every level and node: (L, T, k).
-        shift = np.linalg.solve(np.swapaxes(chol, 1, 2)[:, None], nodes[None, :, :, None])[..., 0]
-        u_nodes = u[:, None, :] + shift
-        eta = eta0[:, None] + np.einsum("ik,itk->it", zl, u_nodes[g])  # (n, T)
-        value, first, _, _ = self._log_p(eta, rows, params=params)
-        log_g = _segment_sum(g, L, value) - 0.5 * np.sum(u_nodes**2, -1)  # (L, T)
-        terms = logw[None, :] + log_g
-        log_levels = logsumexp(terms, axis=1) - np.sum(np.log(np.diagonal(chol, axis1=1, axis2=2)), 1)
-        post = np.exp(terms - logsumexp(terms, axis=1, keepdims=True))  # (L, T)
-        row_post = post[g]  # (n, T)
-        score = np.sum(row_post * first, 1)  # E[f'] per row
-        grad_beta = self.x.T @ score
-        # d/dLambda[a, b] = sum_i E[f' u_b] z_ia.
-        fu = np.einsum("it,itk->ik", row_post * first, u_nodes[g])
-        grad_lam = block.z.T @ fu
-        _, _, _, grad_params = self._log_p(eta, rows, node_weights=row_post, params=params) if params else (
-            None, None, None, {})
-        expected_ll = float(np.sum(row_post * value))
-        mean = np.einsum("lt,ltk->lk", post, u_nodes)
-        second_moment = np.einsum("lt,ltj,ltk->ljk", post, u_nodes, u_nodes)
-        cov = second_moment - mean[:, :, None] * mean[:, None, :]
-        return float(np.sum(log_levels)), {"beta": grad_beta, "lambdas": [grad_lam], "params": grad_params,
-                                           "expected_log_likelihood": expected_ll,
-                                           "moments": [(mean, cov)]}
+        return u, np.linalg.cholesky(hess)  # H = R R'
 
-    def _nested(self, eta0, lam_in, lam_out, params):
+    def _single(self, eta0, lam, params):
+        block = self.inner
+        k, L, p = block.num_effects, block.num_levels, self.x.shape[1]
+        zl = block.z @ lam  # (n, k): z' Lambda
+        u, chol = self._single_modes(eta0, zl, params)
+        nodes, logw = _rule(self.points[0], k)
+        total, ell = 0.0, 0.0
+        grad_beta, grad_lam = np.zeros(p), np.zeros((k, k))
+        sink = self._param_sink(params)
+        mean, cov = np.zeros((L, k)), np.zeros((L, k, k))
+        for c in self.chunks():
+            levels, rows = c.clusters, c.rows
+            # u(t) = mode + R^-T t, for the chunk's levels and every node: (Lc, T, k).
+            shift = np.linalg.solve(np.swapaxes(chol[levels], 1, 2)[:, None], nodes[None, :, :, None])[..., 0]
+            u_nodes = u[levels][:, None, :] + shift
+            del shift
+            zl_c = zl[rows]
+            eta = eta0[rows][:, None] + zl_c[:, :1] * u_nodes[c.g, :, 0]
+            for a in range(1, k):
+                eta += zl_c[:, a:a + 1] * u_nodes[c.g, :, a]
+            value, first, _, pgrads = self._log_p(eta, c.y, c.trials, c.weights, self._chunk_params(params, rows))
+            del eta
+            terms = logw[None, :] + _segment(c.levels, value) - 0.5 * np.sum(u_nodes**2, -1)  # (Lc, T)
+            norm = logsumexp(terms, axis=1)
+            total += float(np.sum(norm) - np.sum(np.log(np.diagonal(chol[levels], axis1=1, axis2=2))))
+            post = np.exp(terms - norm[:, None])  # (Lc, T)
+            row_post = post[c.g]  # (nc, T)
+            ell += float(np.sum(row_post * value))
+            del value
+            weighted = row_post * first  # E[f'] per row and node
+            del first
+            grad_beta += c.x.T @ np.sum(weighted, 1)
+            # d/dLambda[a, b] = sum_i z_ia E[f' u_b]: by level first, then over nodes.
+            for a in range(k):
+                by_level = _segment(c.levels, c.z[:, a:a + 1] * weighted)  # (Lc, T)
+                grad_lam[a] += np.einsum("lt,ltb->b", by_level, u_nodes)
+            self._add_param_grads(sink, pgrads, row_post, rows, len(eta0))
+            del weighted, row_post, pgrads
+            m = np.einsum("lt,ltk->lk", post, u_nodes)
+            mean[levels] = m
+            cov[levels] = np.einsum("lt,ltj,ltk->ljk", post, u_nodes, u_nodes) - m[:, :, None] * m[:, None, :]
+        sink.pop("_per_row")
+        return total, {"beta": grad_beta, "lambdas": [grad_lam], "params": sink,
+                       "expected_log_likelihood": ell, "moments": [(mean, cov)]}
+
+    def _nested_modes(self, eta0, zi, zo, params):
+        """The joint mode of (inner, outer) and the curvatures there."""
         inner, outer = self.inner, self.outer
-        n, Li, Lo = len(eta0), inner.num_levels, outer.num_levels
-        rows = np.arange(n)
+        Li, Lo = inner.num_levels, outer.num_levels
         gi, go = inner.index, outer.index
-        zi = inner.z[:, 0] * lam_in[0, 0]
-        zo = outer.z[:, 0] * lam_out[0, 0]
         parent = self.parent
         if self.modes is not None and len(self.modes[0]) == Li:
             ui, uo = self.modes
@@ -204,7 +410,7 @@ class AdaptiveQuadrature:
             ui, uo = np.zeros(Li), np.zeros(Lo)
 
         def log_joint(ui, uo):
-            value, first, second, _ = self._log_p(eta0 + zi * ui[gi] + zo * uo[go], rows, params=params)
+            value, first, second, _ = self._row_log_p(eta0 + zi * ui[gi] + zo * uo[go], params)
             inner_part = np.bincount(gi, value, minlength=Li) - 0.5 * ui**2
             per_outer = np.bincount(parent, inner_part, minlength=Lo) - 0.5 * uo**2
             return per_outer, first, second
@@ -216,8 +422,7 @@ class AdaptiveQuadrature:
             h_oo = 1.0 + np.bincount(go, h * zo * zo, minlength=Lo)
             return h_ii, h_io, h_oo
 
-        # The joint mode of (u_outer, u_inner): Newton, the inner levels eliminated
-        # (a Schur complement per outer level).
+        # Newton, the inner levels eliminated (a Schur complement per outer level).
         current, first, second = log_joint(ui, uo)
         for _ in range(50):
             g_i = np.bincount(gi, first * zi, minlength=Li) - ui
@@ -240,62 +445,83 @@ class AdaptiveQuadrature:
         self.modes = (ui, uo)
         h_ii, h_io, h_oo = curvature(second)
         schur = h_oo - np.bincount(parent, h_io**2 / h_ii, minlength=Lo)
-        s_nodes, s_logw = _rule(self.num_points, 1)
-        s_nodes = s_nodes[:, 0]
+        return ui, uo, h_ii, h_io, schur
+
+    def _nested(self, eta0, lam_in, lam_out, params):
+        inner, outer = self.inner, self.outer
+        Li, Lo, p = inner.num_levels, outer.num_levels, self.x.shape[1]
+        zi_all = inner.z[:, 0] * lam_in[0, 0]
+        zo_all = outer.z[:, 0] * lam_out[0, 0]
+        ui, uo, h_ii, h_io, schur = self._nested_modes(eta0, zi_all, zo_all, params)
+        s_nodes, s_logw = _rule(self.points[0], 1)
+        t_nodes, t_logw = _rule(self.points[1], 1)
+        s_nodes, t_nodes = s_nodes[:, 0], t_nodes[:, 0]
         uo_nodes = uo[:, None] + s_nodes[None, :] / np.sqrt(schur)[:, None]  # (Lo, S)
-        # Inner modes given each outer node: Newton from the joint mode's linear prediction.
-        ui_s = ui[:, None] - (h_io / h_ii)[:, None] * (uo_nodes[parent] - uo[parent][:, None])  # (Li, S)
-        base = eta0[:, None] + zo[:, None] * uo_nodes[go]  # (n, S)
-        for _ in range(50):
-            value, first, second, _ = self._log_p(base + zi[:, None] * ui_s[gi], rows, params=params)
-            grad = _segment_sum(gi, Li, first * zi[:, None]) - ui_s
-            hess = 1.0 + _segment_sum(gi, Li, np.maximum(-second, 0.0) * (zi**2)[:, None])
-            step = grad / hess
-            # Log-concave in u for the usual families; the step is capped for the others.
-            step = np.clip(step, -3.0, 3.0)
-            ui_s = ui_s + step
-            if np.max(np.abs(step)) < 1e-10:
-                break
-        value, first, second, _ = self._log_p(base + zi[:, None] * ui_s[gi], rows, params=params)
-        h_s = 1.0 + _segment_sum(gi, Li, np.maximum(-second, 0.0) * (zi**2)[:, None])  # (Li, S)
-        t_nodes, t_logw = _rule(self.num_points, 1)
-        t_nodes = t_nodes[:, 0]
-        ui_nodes = ui_s[:, :, None] + t_nodes[None, None, :] / np.sqrt(h_s)[:, :, None]  # (Li, S, T)
-        eta = base[:, :, None] + zi[:, None, None] * ui_nodes[gi]  # (n, S, T)
-        value, first, _, _ = self._log_p(eta, rows, params=params)
-        inner_terms = t_logw[None, None, :] + _segment_sum(gi, Li, value) - 0.5 * ui_nodes**2  # (Li, S, T)
-        log_inner = logsumexp(inner_terms, axis=2) - 0.5 * np.log(h_s)  # (Li, S)
-        outer_terms = s_logw[None, :] + _segment_sum(parent, Lo, log_inner) - 0.5 * uo_nodes**2  # (Lo, S)
-        log_outer = logsumexp(outer_terms, axis=1) - 0.5 * np.log(schur)
-        post_o = np.exp(outer_terms - logsumexp(outer_terms, axis=1, keepdims=True))  # (Lo, S)
-        post_t = np.exp(inner_terms - logsumexp(inner_terms, axis=2, keepdims=True))  # (Li, S, T)
-        weight = post_o[go][:, :, None] * post_t[gi]  # (n, S, T): posterior weight of each node
-        score = np.sum(weight * first, axis=(1, 2))
-        grad_beta = self.x.T @ score
-        grad_in = np.sum(inner.z[:, 0] * np.sum(weight * first * ui_nodes[gi], axis=(1, 2)))
-        grad_out = np.sum(outer.z[:, 0] * np.sum(weight * first * uo_nodes[go][:, :, None], axis=(1, 2)))
-        _, _, _, grad_params = self._log_p(eta, rows, node_weights=weight, params=params) if params else (
-            None, None, None, {})
-        inner_post = post_o[parent][:, :, None] * post_t  # (Li, S, T)
-        mean_i = np.sum(inner_post * ui_nodes, axis=(1, 2))
-        var_i = np.sum(inner_post * ui_nodes**2, axis=(1, 2)) - mean_i**2
-        mean_o = np.sum(post_o * uo_nodes, 1)
-        var_o = np.sum(post_o * uo_nodes**2, 1) - mean_o**2
-        return float(np.sum(log_outer)), {
+        total, ell = 0.0, 0.0
+        grad_beta, grad_in, grad_out = np.zeros(p), 0.0, 0.0
+        sink = self._param_sink(params)
+        mean_i, var_i, mean_o, var_o = np.zeros(Li), np.zeros(Li), np.zeros(Lo), np.zeros(Lo)
+        for c in self.chunks():
+            rows, outer_c, inner_c = c.rows, c.clusters, c.inner
+            cp = self._chunk_params(params, rows)
+            zi, zo = zi_all[rows], zo_all[rows]
+            uo_c = uo_nodes[outer_c]  # (Loc, S)
+            # Inner modes given each outer node: Newton from the joint mode's linear prediction.
+            ratio = (h_io / h_ii)[inner_c]
+            ui_s = ui[inner_c][:, None] - ratio[:, None] * (uo_c[c.parent] - uo[outer_c][c.parent][:, None])
+            base = eta0[rows][:, None] + zo[:, None] * uo_c[c.go]  # (nc, S)
+            for _ in range(50):
+                _, first, second, _ = self._log_p(base + zi[:, None] * ui_s[c.gi], c.y, c.trials, c.weights, cp)
+                grad = _segment(c.by_inner, first * zi[:, None]) - ui_s
+                hess = 1.0 + _segment(c.by_inner, np.maximum(-second, 0.0) * (zi**2)[:, None])
+                # Log-concave in u for the usual families; the step is capped for the others.
+                step = np.clip(grad / hess, -3.0, 3.0)
+                ui_s = ui_s + step
+                if np.max(np.abs(step)) < 1e-10:
+                    break
+            _, _, second, _ = self._log_p(base + zi[:, None] * ui_s[c.gi], c.y, c.trials, c.weights, cp)
+            h_s = 1.0 + _segment(c.by_inner, np.maximum(-second, 0.0) * (zi**2)[:, None])  # (Lic, S)
+            ui_nodes = ui_s[:, :, None] + t_nodes[None, None, :] / np.sqrt(h_s)[:, :, None]  # (Lic, S, T)
+            eta = base[:, :, None] + zi[:, None, None] * ui_nodes[c.gi]  # (nc, S, T)
+            del base
+            value, first, _, pgrads = self._log_p(eta, c.y, c.trials, c.weights, cp)
+            del eta
+            inner_terms = t_logw[None, None, :] + _segment(c.by_inner, value) - 0.5 * ui_nodes**2  # (Lic, S, T)
+            inner_norm = logsumexp(inner_terms, axis=2)
+            log_inner = inner_norm - 0.5 * np.log(h_s)  # (Lic, S)
+            outer_terms = s_logw[None, :] + _segment(c.by_parent, log_inner) - 0.5 * uo_c**2  # (Loc, S)
+            outer_norm = logsumexp(outer_terms, axis=1)
+            total += float(np.sum(outer_norm - 0.5 * np.log(schur[outer_c])))
+            post_o = np.exp(outer_terms - outer_norm[:, None])  # (Loc, S)
+            post_t = np.exp(inner_terms - inner_norm[:, :, None])  # (Lic, S, T)
+            del inner_terms
+            weight = post_t[c.gi]
+            weight *= post_o[c.go][:, :, None]  # (nc, S, T): posterior weight of each node
+            ell += float(np.sum(weight * value))
+            del value
+            self._add_param_grads(sink, pgrads, weight, rows, len(eta0))
+            del pgrads
+            weighted = weight * first
+            del weight, first
+            grad_beta += c.x.T @ np.sum(weighted, axis=(1, 2))
+            grad_in += float(np.sum(_segment(c.by_inner, inner.z[rows, 0][:, None, None] * weighted) * ui_nodes))
+            grad_out += float(np.sum(_segment(c.by_outer, outer.z[rows, 0][:, None] * np.sum(weighted, 2)) * uo_c))
+            del weighted
+            inner_post = post_o[c.parent][:, :, None] * post_t  # (Lic, S, T)
+            m = np.sum(inner_post * ui_nodes, axis=(1, 2))
+            mean_i[inner_c] = m
+            var_i[inner_c] = np.sum(inner_post * ui_nodes**2, axis=(1, 2)) - m**2
+            m = np.sum(post_o * uo_c, 1)
+            mean_o[outer_c] = m
+            var_o[outer_c] = np.sum(post_o * uo_c**2, 1) - m**2
+        sink.pop("_per_row")
+        return total, {
             "beta": grad_beta,
             "lambdas": [np.array([[grad_in]]), np.array([[grad_out]])],
-            "params": grad_params,
-            "expected_log_likelihood": float(np.sum(weight * value)),
+            "params": sink,
+            "expected_log_likelihood": ell,
             "moments": [(mean_i[:, None], var_i[:, None, None]), (mean_o[:, None], var_o[:, None, None])],
         }
-
-
-def _segment_sum(segment, num_segments, values):
-    """Sums of the rows of `values` `(n, ...)` by segment: `(num_segments, ...)`."""
-    flat = values.reshape(len(segment), -1)
-    indicator = sp.csr_matrix(
-        (np.ones(len(segment)), (segment, np.arange(len(segment)))), shape=(num_segments, len(segment)))
-    return np.asarray(indicator @ flat).reshape((num_segments,) + values.shape[1:])
 
 
 def _segment_outer(segment, num_segments, h, z):

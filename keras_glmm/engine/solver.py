@@ -56,7 +56,12 @@ scalar terms (`keras_glmm.engine.quadrature`), the fit goes on from the VI optim
 to the exact maximum likelihood: the same quasi-Newton method on the log-likelihood
 by adaptive Gauss-Hermite quadrature, centred and scaled at each level's mode.
 VI's estimates are biased for binary data in small clusters (less than Laplace's,
-but biased); this removes the bias.
+but biased); this removes the bias. Two guards: a cost model (`_plan_quadrature`:
+by default the phase runs only where it costs at most `AGQ_COST_RATIO` times the
+VI fit and fits `memory_budget`; otherwise the VI answer stays, and `estimator`
+says so and how to ask for it), and a check of the rule at its optimum
+(`_check_nodes`: more nodes until the log-likelihood and its gradient stop
+moving; the fit is called exact only then).
 
 **Zero-inflation with covariates** (glmmTMB's `ziformula`): a zero-inflated family's
 `logit(pi_i) = x_zi,i' gamma` adds `gamma` to the outer parameters, unbounded, with the
@@ -75,6 +80,8 @@ The solver knows nothing of Keras: it takes arrays (`Structure`) and a family.
 import contextlib
 import functools
 import math
+import warnings
+import time
 
 import numpy as np
 import scipy.optimize
@@ -82,7 +89,7 @@ from threadpoolctl import ThreadpoolController
 
 from keras_glmm.engine import convergence
 from keras_glmm.engine.blocked import BlockedSystem
-from keras_glmm.engine.quadrature import AdaptiveQuadrature, design_of
+from keras_glmm.engine.quadrature import AdaptiveQuadrature, design_of, next_points
 from keras_glmm.engine.quasi_newton import BoundedBFGS
 from keras_glmm.engine.structure import Structure
 
@@ -106,6 +113,24 @@ MAX_POLISHES = 3
 # an iteration on kb07's maximal model, whose 72 parameters L-BFGS-B takes to
 # lme4's optimum in ~130 evaluations; `benchmarks/bench_optimizers.py`).
 MANY_PARAMETERS = 20
+# The exact-ML phase's cost guard and node check (see `_plan_quadrature` and
+# `_check_nodes`). By default the phase runs where its estimated time is at most
+# AGQ_COST_RATIO times the variational fit's, or than the time of AGQ_FREE_NODES
+# row-nodes (a few seconds here: a sub-second VI fit makes a ratio meaningless;
+# counted in nodes so the rule does not depend on the machine's load), and one
+# evaluation's arrays fit `memory_budget` at once; `agq_points=N` runs it whatever
+# it costs, in chunks within `memory_budget`.
+AGQ_COST_RATIO = 3.0
+AGQ_FREE_NODES = 50_000_000
+# Evaluations of the log-likelihood the phase takes from the VI optimum (BFGS with
+# the VI curvature; the reference cases take 5 to 9 and the check 1 or 2 more), for
+# the time estimate.
+AGQ_EVALUATIONS = 12
+# The node check: the rule is exact when one more rung (`next_points`) moves the
+# log-likelihood, and the gain of re-optimizing with the new gradient, by less than
+# this (nats); it stops raising nodes beyond AGQ_MAX_NODES per row.
+AGQ_TOLERANCE = 1e-3
+AGQ_MAX_NODES = 50_000
 
 
 @functools.cache
@@ -268,10 +293,16 @@ class VariationalSolver:
         if self.conjugate:
             self._prepare_conjugate()
         self.quadrature = None
+        # Whether and how the exact-ML phase runs is decided when VI has converged
+        # (`_plan_quadrature`); `agq_points=N` forces it.
+        self._created = time.perf_counter()
+        self.memory_budget = memory_budget
+        self.agq_forced = bool(agq_points)
+        self.quadrature_status = self._initial_quadrature_status(agq_points)
         if not self.conjugate and agq_points != 0 and design_of(self.structure) is not None:
             self.quadrature = AdaptiveQuadrature(
                 self.structure, family, self.y, self.trials, self.weights, self.offset,
-                num_points=agq_points or AGQ_POINTS)
+                num_points=agq_points or AGQ_POINTS, memory_budget=memory_budget)
         self.phase = "variational"
         self.optimizer = None
         self.state = None
@@ -772,7 +803,8 @@ class VariationalSolver:
             self._accept()
             if self.optimizer.converged and self.quadrature is not None:
                 self._start_quadrature()
-                return self.report()
+                if self.phase == "quadrature":
+                    return self.report()
         else:
             self._accept_quadrature()
         if self.optimizer.converged and self.check is None:
@@ -959,6 +991,20 @@ class VariationalSolver:
                            tolerance=old.tolerance, canonical=old.canonical)
 
     # ================================================================ exact ML
+    def _initial_quadrature_status(self, agq_points):
+        """What the fit will say of the exact-ML phase before it is planned."""
+        if self.conjugate:
+            what = "REML" if self.reml else "ML"
+            return {"estimator": f"exact {what} (gaussian, identity link: the posterior is exact)", "exact": True}
+        if agq_points == 0:
+            why = "agq_points=0 stops at the variational fit"
+        elif design_of(self.structure) is None:
+            why = ("its random effects do not factorize into one term of at most 2 effects or two nested "
+                   "scalar terms, so no exact ML by adaptive quadrature")
+        else:
+            why = "the variational fit has not converged yet"
+        return {"estimator": f"Gaussian VI (joint posterior): {why}", "exact": False, "ran": False}
+
     def _quadrature_objective(self, vector):
         """`-log L` by adaptive quadrature, and its gradient, at `(beta, theta, log dispersion)`."""
         p = self.num_fixed
@@ -967,10 +1013,16 @@ class VariationalSolver:
         dispersion = self.parameters.dispersion(rest)
         params = dict(self.fixed_params)
         params.update(dispersion)
+        began = time.perf_counter()
         try:
             value, grads = self.quadrature.log_likelihood(beta, lambdas, params)
         except np.linalg.LinAlgError:
             return math.inf, np.full(len(vector), np.nan)
+        finally:
+            # The measured cost per node, for the node check's time estimates.
+            self._quadrature_clock[0] += time.perf_counter() - began
+            self._quadrature_clock[1] += self.quadrature.nodes_per_evaluation()
+            self._quadrature_clock[2] += 1
         if not np.isfinite(value):
             return math.inf, np.full(len(vector), np.nan)
         log_grad = {k: grads["params"].get(k, 0.0) * dispersion[k] for k in dispersion}
@@ -979,8 +1031,108 @@ class VariationalSolver:
                                      value=-value, grads=grads)
         return -value, -gradient
 
+    def _describe_points(self, points=None):
+        q = self.quadrature
+        points = q.points if points is None else points
+        if q.kind == "single":
+            k = q.inner.num_effects
+            each = f"{points[0]} nodes" + (f" per dimension ({points[0]}^{k} per level)" if k > 1 else "")
+            return f"{each} on '{q.dimensions[0]}'"
+        return f"{points[0]} nodes on '{q.dimensions[0]}' x {points[1]} on '{q.dimensions[1]}'"
+
+    def _seconds_per_evaluation(self):
+        """One evaluation's time at the current rule, measured on a sample of clusters.
+
+        The modes' Newton steps touch each row once per step (timed over all rows);
+        the rule's part, `rows x nodes` entries, is timed on the first clusters up
+        to 200,000 entries and scaled to all of them.
+        """
+        q = self.quadrature
+        st = self.state
+        params = dict(self.fixed_params)
+        params.update(st["dispersion"])
+        chunks = q._chunks
+        try:
+            q._chunks = []
+            q.log_likelihood(st["beta"], st["lambdas"], params)  # the modes, from cold
+            began = time.perf_counter()
+            q.log_likelihood(st["beta"], st["lambdas"], params)  # from warm, as in the fit
+            modes = time.perf_counter() - began
+            per_row = q.nodes_per_row()
+            last = int(np.searchsorted(np.cumsum(q.cluster_rows), max(1, 200_000 // per_row))) + 1
+            last = min(last, q.num_clusters)
+            sample = q._chunk(0, last)
+            q._chunks = [sample]
+            began = time.perf_counter()
+            q.log_likelihood(st["beta"], st["lambdas"], params)
+            nodes = max(time.perf_counter() - began - modes, 0.0)
+        except (np.linalg.LinAlgError, ValueError):
+            return math.inf
+        finally:
+            q._chunks = chunks
+            q.modes = None
+        return modes + nodes * q.nodes_per_evaluation() / max(len(sample.rows) * per_row, 1)
+
+    def _plan_quadrature(self):
+        """Whether the exact-ML phase runs: its cost model, and a status saying why.
+
+        Time: `AGQ_EVALUATIONS` evaluations at the measured cost of one, against
+        `AGQ_COST_RATIO` times the variational fit's own time (at least the time of
+        `AGQ_FREE_NODES` row-nodes). Memory: one evaluation's `rows x nodes` arrays
+        (`AdaptiveQuadrature.bytes_per_evaluation`) against `memory_budget`. By
+        default both must hold; with `agq_points=N` it runs in chunks of clusters
+        within `memory_budget` whatever the time, unless one cluster alone exceeds it.
+        """
+        q = self.quadrature
+        vi_seconds = time.perf_counter() - self._created
+        need = q.bytes_per_evaluation()
+        least = q.largest_cluster_bytes()
+        per_evaluation = self._seconds_per_evaluation()
+        estimate = AGQ_EVALUATIONS * per_evaluation
+        allowance = max(AGQ_COST_RATIO * vi_seconds, AGQ_FREE_NODES * per_evaluation / q.nodes_per_evaluation())
+        per_node = per_evaluation / max(q.nodes_per_evaluation(), 1)
+        plan = {"vi_seconds": vi_seconds, "estimate_seconds": estimate, "estimate_bytes": need,
+                "allowance_seconds": math.inf if self.agq_forced else allowance,
+                # The same allowance in row-nodes, for the node check: robust to the load changing.
+                "allowance_nodes": math.inf if self.agq_forced else allowance / max(per_node, 1e-15),
+                "points": list(q.points), "exact": False}
+        problems = []
+        if self.memory_budget is not None and least > self.memory_budget:
+            problems.append(f"its largest cluster alone needs {least / 2**20:.1f} MiB at {self._describe_points()}, "
+                            f"beyond memory_budget={self.memory_budget / 2**20:.1f} MiB")
+        elif not self.agq_forced:
+            if estimate > allowance:
+                problems.append(f"it would take ~{estimate:.1f} s ({AGQ_EVALUATIONS} evaluations of "
+                                f"{q.structure.num_rows:,} rows x {q.nodes_per_row():,} nodes, {per_evaluation:.2f} s "
+                                f"each) against {vi_seconds:.1f} s for the variational fit (limit "
+                                f"{AGQ_COST_RATIO:g}x)")
+            if self.memory_budget is not None and need > self.memory_budget:
+                problems.append(f"one evaluation's (rows x nodes) arrays need {need / 2**30:.2f} GiB, beyond "
+                                f"memory_budget={self.memory_budget / 2**30:.2f} GiB")
+        plan["run"] = not problems
+        if problems:
+            how = ("raise memory_budget" if least > (self.memory_budget or math.inf) else
+                   f"agq_points={q.points[-1]} asks for it (in chunks within memory_budget)")
+            plan["estimator"] = ("Gaussian VI (joint posterior): exact ML by adaptive quadrature not run: "
+                                 + "; ".join(problems) + f"; {how}")
+            plan["reason"] = "; ".join(problems)
+        return plan
+
     def _start_quadrature(self):
-        """Starts the exact-ML phase from the VI optimum, with its curvature."""
+        """Starts the exact-ML phase from the VI optimum, with its curvature, if the
+        cost guard allows (`_plan_quadrature`); otherwise the VI fit is the answer."""
+        self._quadrature_clock = [0.0, 0, 0]
+        plan = self._plan_quadrature()
+        plan["ran"] = plan["run"]
+        self.quadrature_status = plan
+        if not plan["run"]:
+            if self.agq_forced:
+                warnings.warn(plan["estimator"], RuntimeWarning, stacklevel=2)
+            self.quadrature = None
+            return
+        self._quadrature_began = time.perf_counter()
+        self._quadrature_clock = [0.0, 0, 0]
+        self._settled = [False] * len(self.quadrature.points)
         st = self.state
         vector = np.concatenate([st["beta"], st["vector"]])
         lower = np.concatenate([np.full(self.num_fixed, -np.inf), self.parameters.lower])
@@ -1008,6 +1160,101 @@ class VariationalSolver:
         self.state = dict(last, u=u, cov={(b, b): c for b, (_, c) in enumerate(moments)}, eta=eta,
                           elbo=-last["value"], ell=last["grads"]["expected_log_likelihood"],
                           kl=last["grads"]["expected_log_likelihood"] + last["value"])
+        if self.optimizer.converged and not self.quadrature_status.get("checked"):
+            self._check_nodes()
+
+    def _check_nodes(self):
+        """Whether the rule is exact at its optimum: one more rung per dimension.
+
+        For each dimension not yet settled (nested: the inner term first, where
+        small clusters make the integrand least Gaussian), the log-likelihood and
+        its gradient are evaluated with `next_points` nodes there. The dimension is
+        settled when the log-likelihood moved by at most `AGQ_TOLERANCE` and so
+        would re-optimizing with the new gradient (`g' H g / 2`, `H` the BFGS
+        inverse Hessian); otherwise the finer rule is kept and the optimizer
+        restarts from the current point (its curvature kept), to be checked again
+        at its optimum. The rule is exact when every dimension is settled; a check
+        the time allowance or `AGQ_MAX_NODES` forbids leaves it not exact, and the
+        status says how far it got.
+        """
+        q = self.quadrature
+        status = self.quadrature_status
+        x = self.optimizer.x.copy()
+        f0 = self.optimizer.f
+        kept = self._quadrature_last
+        order = list(range(len(q.points)))[::-1]  # nested: inner first
+        for d in order:
+            if self._settled[d]:
+                continue
+            old_points = list(q.points)
+            trial = list(q.points)
+            trial[d] = next_points(trial[d])
+            # Row-nodes this rung would take (its check, and re-optimizing if it moves).
+            rung = q.nodes_per_evaluation(trial) * (1 + AGQ_EVALUATIONS / 2)
+            remaining = status["allowance_nodes"] - self._quadrature_clock[1]
+            seconds_per_node = self._quadrature_clock[0] / max(self._quadrature_clock[1], 1)
+            limit = None
+            if q.nodes_per_row(trial) > AGQ_MAX_NODES:
+                limit = f"{q.nodes_per_row(trial):,} nodes per row are more than AGQ_MAX_NODES={AGQ_MAX_NODES:,}"
+            elif self.memory_budget is not None and q.largest_cluster_bytes(trial) > self.memory_budget:
+                limit = "its largest cluster alone would need more than memory_budget"
+            elif rung > remaining:
+                limit = (f"checking and re-optimizing would take ~{rung * seconds_per_node:.1f} s more, beyond the "
+                         f"time allowance ({status['allowance_seconds']:.1f} s, {AGQ_COST_RATIO:g}x the "
+                         "variational fit)")
+            if limit is not None:
+                self._finish_check(False, f"not checked at {self._describe_points(trial)}: {limit}; "
+                                          f"agq_points={trial[d]} starts there")
+                return
+            q.set_points(trial)
+            f1, g1 = self._quadrature_objective(x)
+            free = self.optimizer._free(x, g1)
+            h = self.optimizer.inverse_hessian
+            if not np.isfinite(f1):
+                gain = math.inf
+            elif h is None:
+                gain = float(np.max(np.abs(np.where(free, g1, 0.0))))
+            else:
+                gain = 0.5 * float(g1[free] @ h[np.ix_(free, free)] @ g1[free])
+            change = abs(f1 - f0) if np.isfinite(f1) else math.inf
+            status.setdefault("ladder", []).append(
+                {"points": list(trial), "logLik_change": change, "reoptimize_gain": gain})
+            if change <= AGQ_TOLERANCE and gain <= AGQ_TOLERANCE:
+                self._settled[d] = True
+                status.setdefault("checks", []).append(
+                    f"checked at {self._describe_points(trial)}: logLik moved {change:.1e}, re-optimizing "
+                    f"would gain {gain:.1e} nats")
+                q.set_points(old_points)  # the coarser rule is as good: cheaper from here on
+                self._quadrature_last = kept
+                continue
+            if not np.isfinite(f1):
+                q.set_points(old_points)
+                self._quadrature_last = kept
+                self._finish_check(False, f"the log-likelihood is not finite at {self._describe_points(trial)}")
+                return
+            # Moved: optimize again with the finer rule, from here, with the curvature so far.
+            self.optimizer = BoundedBFGS(self._quadrature_objective, x, self.optimizer.lower, tolerance=1e-10,
+                                         inverse_hessian=h)
+            status["points"] = list(q.points)
+            self._settled = [False if j == d else s for j, s in enumerate(self._settled)]
+            self._accept_quadrature()
+            return
+        self._finish_check(True, "; ".join(status.get("checks", [])))
+
+    def _finish_check(self, exact, note):
+        status = self.quadrature_status
+        seconds = time.perf_counter() - self._quadrature_began
+        status.update(checked=True, exact=exact, points=list(self.quadrature.points), seconds=seconds,
+                      evaluations=self._quadrature_clock[2])
+        rule = self._describe_points()
+        ladder = status.get("ladder", [])
+        if exact:
+            status["estimator"] = f"exact ML by adaptive Gauss-Hermite quadrature, {rule} ({note}; {seconds:.1f} s, {self._quadrature_clock[2]} evaluations)"
+        else:
+            moved = [r for r in ladder if r["logLik_change"] > AGQ_TOLERANCE or r["reoptimize_gain"] > AGQ_TOLERANCE]
+            last = (f"; the last rung moved logLik by {moved[-1]['logLik_change']:.3g} nats" if moved else "")
+            status["estimator"] = (f"ML of adaptive Gauss-Hermite quadrature with {rule}, NOT verified exact: "
+                                   f"{note}{last} ({seconds:.1f} s)")
 
     def gradient_norm(self):
         """The largest projected gradient of the objective in the current phase's parameters."""
@@ -1028,10 +1275,26 @@ class VariationalSolver:
     @property
     def likelihood(self):
         """What the reported ELBO is: `"exact"` (a gaussian model's log-likelihood),
-        `"quadrature"` (the log-likelihood by adaptive quadrature) or `"bound"` (an ELBO)."""
+        `"quadrature"` (the log-likelihood by adaptive quadrature, its rule checked
+        converged in the nodes), `"approximate"` (by a rule not verified) or
+        `"bound"` (an ELBO)."""
         if self.conjugate:
             return "exact"
-        return "quadrature" if self.phase == "quadrature" else "bound"
+        if self.phase != "quadrature":
+            return "bound"
+        return "quadrature" if self.quadrature_status.get("exact") else "approximate"
+
+    @property
+    def estimator(self):
+        """A sentence naming the estimator of the fit: exact ML by adaptive quadrature
+        (its nodes and their check), a rule not verified, or Gaussian VI and why."""
+        status = self.quadrature_status
+        if "estimator" in status:
+            return status["estimator"]
+        if self.phase == "quadrature":
+            return (f"ML of adaptive Gauss-Hermite quadrature with {self._describe_points()}, NOT verified exact: "
+                    "the fit stopped before its optimum (fit again, or with more epochs)")
+        return "Gaussian VI (joint posterior): the fit stopped before the variational optimum"
 
     # ================================================================ results
     def report(self):
