@@ -71,7 +71,7 @@ def fit(case, **solver_kwargs):
                  beta=_start_beta(family, x["x"], y, x.get("offset")),
                  dispersion=family.default_params(y))
     for _ in range(300):
-        if solver.converged:
+        if solver.finished:
             break
         solver.step()
     assert solver.converged, case
@@ -178,7 +178,7 @@ def test_gamma_log_link_from_zero():
                                y, family)
     solver.start([np.eye(1) * 0.5], dispersion=family.default_params(y))
     for _ in range(300):
-        if solver.converged:
+        if solver.finished:
             break
         solver.step()
     check("sitka_gamma_log", solver)

@@ -39,10 +39,10 @@ def _nested_binary(seed=3, clusters=40, mothers=8, sd_mother=5.0, sd_cluster=1.0
 def _fit(solver, lambdas, beta):
     solver.start(lambdas, beta=beta)
     for _ in range(300):
-        if solver.converged:
+        if solver.finished:
             break
         solver.step()
-    assert solver.converged
+    assert solver.finished
     return solver
 
 
