@@ -11,7 +11,7 @@ of a key below to ``"stop"`` (an error), ``"warning"`` or ``"ignore"``.
 | ``"nobs_vs_nlev"`` | ``check.nobs.vs.nlev`` | a grouping factor has fewer levels than there are observations (gaussian identity, lmer's rule); no more levels than observations (other families, glmer's: an observation-level random effect is allowed) | ``"stop"`` |
 | ``"nobs_vs_nre"`` | ``check.nobs.vs.nRE`` | per term, more observations than random effects (levels x effects; lmer), at least as many (glmer) | ``"stop"`` |
 | ``"rank_x"`` | ``check.rankX`` | the fixed design has full column rank, else the aliased columns are dropped (R's pivoting: a column that is a linear combination of earlier ones goes) | ``"warning"`` (drop and say so: lme4's ``"message+drop.cols"``); ``"ignore"`` drops them silently, ``"stop"`` raises |
-| ``"response_not_const"`` | ``check.response.not.const`` (glmer's) | the response is not the same in every row | ``"stop"`` |
+| ``"response_not_const"`` | ``check.response.not.const`` (glmer's) | the response is not the same in every row (a gaussian identity-link model stops whatever the setting) | ``"stop"`` |
 | ``"collinear_x"`` | (none) | the condition number of the column-scaled fixed design is below ``COLLINEAR_CONDITION`` | ``"warning"`` |
 | ``"separation"`` | (R's ``detectseparation``) | binomial: no complete or quasi-complete separation by the fixed design | ``"warning"`` |
 
@@ -22,10 +22,15 @@ and a separated binomial response gives a slope of 61.5 with a standard error of
 
 For a gaussian model lme4's ``lmer`` has no response check: its fit of a constant
 response ends at a residual sd of 1.8e-17 with convergence warnings, whose
-likelihood is unbounded; keras_glmm stops as ``glmer`` does. The checks that need
-every row (the counts and the response) are made on the rows of a data frame;
-for files (`keras_glmm.streaming`) the counts use the scan's row count and the
-response is not checked, the fixed design's checks use the scan's sample.
+likelihood is unbounded; keras_glmm stops as ``glmer`` does.
+
+Where: the design's checks (rank, collinearity, one level) in
+``Design.from_data``; those that need every row of the fit (the counts, the
+response, separation) in :func:`check_fit_data`, on the arrays of a data frame.
+For files (`keras_glmm.streaming`) the counts use the scan's row count, the
+response and separation are not checked (a sample of a rare outcome may be
+constant or separated when the files are not), and the design's checks run on the
+scan's sample with the family's defaults.
 """
 
 from __future__ import annotations
@@ -39,11 +44,14 @@ __all__ = [
     "Checks",
     "COLLINEAR_CONDITION",
     "RANK_TOLERANCE",
+    "SEPARATION_MAX_ROWS",
     "aliased_columns",
     "check_fit_data",
     "check_levels",
     "check_response",
     "collinearity",
+    "drop_aliased",
+    "r_factor",
     "resolve_checks",
     "separated_columns",
 ]
@@ -83,9 +91,6 @@ class Checks:
     separation: str = "warning"
     lmer: bool = True
 
-    def get_config(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
 
 _KEYS = tuple(f.name for f in fields(Checks) if f.name != "lmer")
 
@@ -121,10 +126,10 @@ def resolve_checks(checks=None, family="gaussian") -> Checks:
     return Checks(lmer=lmer, **checks)
 
 
-def _act(action: str, message: str, key: str) -> None:
-    """Raises or warns with ``message`` as ``action`` says; the key is named for overrides."""
+def _act(action: str, message: str, key: str | None) -> None:
+    """Raises or warns with ``message`` as ``action`` says; the key (if any) is named for overrides."""
     if action == "stop":
-        raise ValueError(f"{message} (checks={{'{key}': 'warning'}} to go on anyway)")
+        raise ValueError(f"{message} (checks={{'{key}': 'warning'}} to go on anyway)" if key else message)
     if action == "warning":
         warnings.warn(message, UserWarning, stacklevel=4)
 
@@ -187,21 +192,21 @@ def check_response(y: np.ndarray, name: str, checks: Checks) -> None:
     """lme4's ``check.response.not.const``: the response differs between rows.
 
     ``y`` is the design's response: ``(n,)``, or ``(n, 2)`` successes and trials
-    (a row is then its pair, as lme4's ``cbind`` matrix).
+    (a row is then its pair, as lme4's ``cbind`` matrix). A gaussian identity-link
+    model always stops: its maximum likelihood is at a residual sd of 0 (lmer ends
+    at 1.8e-17 with convergence warnings), where the likelihood is unbounded.
     """
-    if checks.response_not_const == "ignore" or len(y) == 0:
+    if len(y) == 0 or (checks.response_not_const == "ignore" and not checks.lmer):
         return
     y = np.asarray(y, np.float64)
-    distinct = np.unique(y, axis=0) if y.ndim == 2 else np.unique(y)
-    if len(distinct) < 2:
-        value = distinct[0].tolist() if y.ndim == 2 else float(distinct[0])
+    if (y == y[0]).all():
+        value = y[0].tolist() if y.ndim == 2 else float(y[0])
         shown = f"[successes, trials] = {value}" if y.ndim == 2 else repr(value)
-        _act(
-            checks.response_not_const,
-            f"Response is constant: '{name}' is {shown} in all {len(y)} rows, so there is nothing to fit "
-            "(a residual sd of 0, or a linear predictor at +-infinity)",
-            "response_not_const",
-        )
+        message = f"Response is constant: '{name}' is {shown} in all {len(y)} rows"
+        if checks.lmer:
+            _act("stop", f"{message}: a linear mixed model of it has a residual sd of 0 and an unbounded "
+                 "likelihood (lmer ends at sd 1.8e-17 with convergence warnings)", None)
+        _act(checks.response_not_const, f"{message} (glmer's check.response.not.const)", "response_not_const")
 
 
 # --------------------------------------------------------------------------
@@ -209,14 +214,16 @@ def check_response(y: np.ndarray, name: str, checks: Checks) -> None:
 # --------------------------------------------------------------------------
 
 
-def r_factor(matrix: np.ndarray) -> np.ndarray:
+def r_factor(matrix) -> np.ndarray:
     """The ``p x p`` triangular factor ``R`` of ``matrix = Q R`` (Householder, in
-    chunks of rows so that a tall design is never copied whole)."""
-    matrix = np.asarray(matrix, np.float64)
+    chunks of rows, so that a tall design, an array or a data frame, is never
+    copied whole)."""
+    rows = getattr(matrix, "iloc", matrix)
     p = matrix.shape[1]
     r = np.zeros((0, p))
     for start in range(0, max(len(matrix), 1), _QR_CHUNK):
-        r = np.linalg.qr(np.vstack([r, matrix[start : start + _QR_CHUNK]]), mode="r")
+        chunk = np.asarray(rows[start : start + _QR_CHUNK], dtype=np.float64)
+        r = np.linalg.qr(np.vstack([r, chunk]), mode="r")
     if r.shape[0] < p:  # fewer rows than columns
         r = np.vstack([r, np.zeros((p - r.shape[0], p))])
     return r
@@ -298,7 +305,7 @@ def collinearity(r: np.ndarray, names, threshold: float = COLLINEAR_CONDITION):
     return kappa, [names[j] for j in order if weights[j] > 0.1]
 
 
-def drop_aliased(matrix: np.ndarray, names, checks: Checks):
+def drop_aliased(matrix, names, checks: Checks):
     """lme4's ``check.rankX`` and the collinearity check on the fixed design.
 
     Returns:
@@ -309,6 +316,8 @@ def drop_aliased(matrix: np.ndarray, names, checks: Checks):
     """
     names = list(names)
     r = r_factor(matrix)
+    if len(matrix) == 0 or not np.isfinite(r).all():  # no rows, or a non-finite value (named later)
+        return list(range(len(names))), []
     kept, aliased = aliased_columns(r, names)
     if aliased:
         count = len(aliased)

@@ -1243,7 +1243,7 @@ class Design:
         design.fixed_spec = mm.model_spec
         formulaic_names = list(mm.model_spec.column_names)
         names = [lme4_name(c) for c in formulaic_names]
-        kept, design.fixed_dropped = checks_lib.drop_aliased(np.asarray(mm, dtype=np.float64), names, checks)
+        kept, design.fixed_dropped = checks_lib.drop_aliased(mm, names, checks)
         design.fixed_formulaic_columns = [formulaic_names[j] for j in kept]
         design.fixed_columns = [names[j] for j in kept]
 
