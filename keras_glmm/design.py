@@ -30,7 +30,14 @@ Decisions worth knowing:
 * Levels never seen in training get index ``-1`` (``allow_new_levels``: the
   random effect of a new level is its prior mean, zero).
 * An unseen level of a categorical variable in the *fixed* part is an error
-  (formulaic would silently code it as all zeros).
+  (formulaic would silently code it as all zeros). Unused categories of a
+  categorical column are no levels (R's model frame drops them), in the fixed
+  part as in the random one.
+* lme4's guard rails of the design (:mod:`keras_glmm.checks`): a fixed-effect
+  column that is a linear combination of earlier ones is dropped with lme4's
+  warning (:attr:`Design.fixed_dropped`; :meth:`Design.fixed_matrix` leaves it
+  out everywhere, saved designs included), and a right-hand-side term equal to
+  the response is dropped with R's.
 * Random slopes on factors are coded like the fixed part: formulaic with
   treatment contrasts and R's rank reduction, named as lme4 names them.
   ``(gender | school)`` has ``"(Intercept)"`` and ``"genderM"`` (the
