@@ -866,7 +866,7 @@ def _drop_unused_categories(data: pd.DataFrame, columns) -> pd.DataFrame:
                 cats.append(c)
     if not cats:
         return data
-    data = data.copy()
+    data = data.copy(deep=False)  # only the trimmed columns are new
     for c in cats:
         data[c] = data[c].cat.remove_unused_categories()
     return data
