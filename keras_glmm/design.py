@@ -30,7 +30,14 @@ Decisions worth knowing:
 * Levels never seen in training get index ``-1`` (``allow_new_levels``: the
   random effect of a new level is its prior mean, zero).
 * An unseen level of a categorical variable in the *fixed* part is an error
-  (formulaic would silently code it as all zeros).
+  (formulaic would silently code it as all zeros). Unused categories of a
+  categorical column are no levels (R's model frame drops them), in the fixed
+  part as in the random one.
+* lme4's guard rails of the design (:mod:`keras_glmm.checks`): a fixed-effect
+  column that is a linear combination of earlier ones is dropped with lme4's
+  warning (:attr:`Design.fixed_dropped`; :meth:`Design.fixed_matrix` leaves it
+  out everywhere, saved designs included), and a right-hand-side term equal to
+  the response is dropped with R's.
 * Random slopes on factors are coded like the fixed part: formulaic with
   treatment contrasts and R's rank reduction, named as lme4 names them.
   ``(gender | school)`` has ``"(Intercept)"`` and ``"genderM"`` (the
@@ -78,6 +85,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import warnings
@@ -97,6 +105,7 @@ from keras_glmm.expressions import (
     check_saved_random_term,
 )
 from keras_glmm.formula import _NAME, FormulaSpec, RandomTerm, _tokenize, _unquote, parse_formula
+from keras_glmm import checks as checks_lib
 from keras_glmm import response as response_lib
 from keras_glmm.levels import (
     column_kind,
@@ -419,6 +428,9 @@ def _categorical_factors(model_spec) -> list[str]:
 def _spec_matrix(model_spec, data: pd.DataFrame, where: str) -> np.ndarray:
     """Evaluate a frozen ModelSpec on (new) data, refusing unseen categorical levels."""
     _check_known_levels(model_spec, data, where)
+    # A category the rows do not use is no level (R drops unused levels), and pandas
+    # deprecates recoding a categorical whose categories the frozen coding lacks.
+    data = _drop_unused_categories(data, model_spec.variables_by_source.get("data", set()))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with _formulaic_errors(data, where):
@@ -870,15 +882,9 @@ def _group_levels(term: RandomTerm, data: pd.DataFrame) -> list[str]:
         _, combos = frame_codes(data, cols)
         ordered = sorted(combos, key=lambda row: tuple(o[v] for o, v in zip(orders, row, strict=True)))
         keys = [combine_keys(row) for row in ordered]
-    if len(keys) < 2:
-        shown = f"('{level_name(split_key(keys[0], len(cols)))}')" if keys else "(no non-missing values)"
-        raise ValueError(
-            f"grouping factor '{_unquote(term.group)}' has a single level {shown}: "
-            "a random effect needs at least 2"
-            if keys
-            else f"grouping factor '{_unquote(term.group)}' has no levels {shown}"
-        )
-    return keys
+    if not keys:
+        raise ValueError(f"grouping factor '{_unquote(term.group)}' has no levels (no non-missing values)")
+    return keys  # one level is lme4's check.nlev.gtr.1 (keras_glmm.checks.check_levels)
 
 
 def _drop_unused_categories(data: pd.DataFrame, columns) -> pd.DataFrame:
@@ -888,11 +894,12 @@ def _drop_unused_categories(data: pd.DataFrame, columns) -> pd.DataFrame:
     for c in columns:
         if c in data.columns and isinstance(data[c].dtype, pd.CategoricalDtype):
             codes = data[c].cat.codes.to_numpy()
-            if len(np.unique(codes[codes >= 0])) < len(data[c].cat.categories):
+            used = np.bincount(codes[codes >= 0], minlength=len(data[c].cat.categories))
+            if (used == 0).any():
                 cats.append(c)
     if not cats:
         return data
-    data = data.copy()
+    data = data.copy(deep=False)  # only the trimmed columns are new
     for c in cats:
         data[c] = data[c].cat.remove_unused_categories()
     return data
@@ -1000,6 +1007,37 @@ def _dependent_columns(matrix: np.ndarray, names: list[str]) -> list[str]:
     return out
 
 
+def _without_response_term(spec: FormulaSpec) -> FormulaSpec:
+    """``spec`` without a fixed term that is the response itself, with R's warning.
+
+    R's ``model.matrix`` drops a right-hand-side term equal to the response
+    (``Reaction ~ Reaction + Days``: "the response appeared on the right-hand
+    side and was dropped"); an interaction with it (``Reaction:Days``) stays, as
+    in R. The term is removed with formulaic's ``- term``, which the saved
+    formula keeps.
+    """
+    if spec.response is None or spec.cbind() is not None:
+        return spec
+    from formulaic import Formula
+
+    def bare(text):
+        return re.sub(r"\s+", "", _unquote(str(text)))
+
+    try:
+        terms = list(Formula(spec.fixed_rhs()))
+    except Exception:  # the fixed part's own errors are reported when it is built
+        return spec
+    if not any(bare(t) == bare(spec.response) for t in terms):
+        return spec
+    warnings.warn(
+        f"the response appeared on the right-hand side and was dropped: '{spec.response}' is the response "
+        f"of '{spec.formula}', so its term is not a fixed effect",
+        UserWarning,
+        stacklevel=3,
+    )
+    return dataclasses.replace(spec, fixed=f"{spec.fixed} - {spec.response}")
+
+
 # --------------------------------------------------------------------------
 # The design
 # --------------------------------------------------------------------------
@@ -1032,6 +1070,10 @@ class Design:
             constant zero-inflation probability (``"~1"``).
         zi_columns: lme4-style names of its columns (``"(Intercept)"``, ``"minedyes"``).
         zi_formulaic_columns: formulaic's names of the same columns.
+        fixed_dropped: lme4-style names of the fixed-effect columns dropped as
+            linear combinations of earlier ones (lme4's ``check.rankX``:
+            :func:`keras_glmm.checks.drop_aliased`); :meth:`fixed_matrix` leaves
+            them out, so they are in no fit, prediction or saved model.
     """
 
     spec: FormulaSpec
@@ -1048,6 +1090,7 @@ class Design:
     zi_spec: Any = None
     zi_columns: list[str] = field(default_factory=list)
     zi_formulaic_columns: list[str] = field(default_factory=list)
+    fixed_dropped: list[str] = field(default_factory=list)
     _response_columns: list[str] = field(default_factory=list, repr=False)
     _offset_columns: list[str] = field(default_factory=list, repr=False)
 
@@ -1095,6 +1138,7 @@ class Design:
                 self.zi_spec, _zi_rhs(self.ziformula)),
             "zi_columns": [str(c) for c in self.zi_columns],
             "zi_formulaic_columns": [str(c) for c in self.zi_formulaic_columns],
+            "fixed_dropped": [str(c) for c in self.fixed_dropped],
         }
 
     @classmethod
@@ -1134,6 +1178,8 @@ class Design:
             zi_spec=None if config.get("zi_spec") is None else _model_spec_from_config(config["zi_spec"]),
             zi_columns=list(config.get("zi_columns", [])),
             zi_formulaic_columns=list(config.get("zi_formulaic_columns", [])),
+            # The kept columns are `fixed_formulaic_columns`; older designs dropped none.
+            fixed_dropped=list(config.get("fixed_dropped", [])),
         )
 
     # ---------------------------------------------------------------- build
@@ -1148,8 +1194,18 @@ class Design:
         na_action: str = "raise",
         group_levels: list[list[str]] | None = None,
         ziformula: str | None = None,
+        checks: Any = None,
     ) -> "Design":
         """Learn the design from training data.
+
+        The guard rails of lme4's model frame and design (:mod:`keras_glmm.checks`)
+        are applied here: a response term on the right-hand side is dropped
+        with R's warning, unused categories are dropped (R's
+        ``drop.unused.levels``), aliased fixed-effect columns are dropped
+        (``check.rankX``), and the fixed design's conditioning and the number of
+        each grouping factor's levels are checked as ``checks`` says. The checks
+        against the number of rows and of the response are
+        :func:`keras_glmm.checks.check_fit_data`'s, on the arrays of the fit.
 
         Args:
             spec_or_formula: A formula string or a parsed :class:`FormulaSpec`.
@@ -1173,10 +1229,15 @@ class Design:
                 (glmmTMB's ``ziformula``, e.g. ``"~ mined"``), fixed effects only;
                 ``None`` or ``"~1"`` for a constant zero-inflation probability. The
                 caller checks that the family is zero-inflated.
+            checks: lme4's checks (:func:`keras_glmm.checks.resolve_checks`: a
+                dict such as ``{"rank_x": "stop"}``, or ``None`` for lme4's
+                defaults for the family).
         """
         spec = parse_formula(spec_or_formula) if isinstance(spec_or_formula, str) else spec_or_formula
         if not isinstance(spec, FormulaSpec):
             raise TypeError(f"expected a formula string or FormulaSpec, got {type(spec).__name__}")
+        checks = checks_lib.resolve_checks(checks, family_name)
+        spec = _without_response_term(spec)
         data = _as_frame(data)
         if na_action not in ("raise", "omit"):
             raise ValueError(f"na_action must be 'raise' or 'omit', got {na_action!r}")
@@ -1221,11 +1282,16 @@ class Design:
             if weight_array is not None:
                 weight_array = weight_array[~missing]
 
-        # Fixed effects.
-        mm = _model_matrix(spec.fixed_rhs(), data, "the fixed effects")
+        # Fixed effects: unused categories dropped (R's model frame drops unused
+        # levels), then the aliased columns (lme4's check.rankX).
+        fixed_data = _drop_unused_categories(data, columns["fixed"])
+        mm = _model_matrix(spec.fixed_rhs(), fixed_data, "the fixed effects")
         design.fixed_spec = mm.model_spec
-        design.fixed_formulaic_columns = list(mm.model_spec.column_names)
-        design.fixed_columns = [lme4_name(c) for c in design.fixed_formulaic_columns]
+        formulaic_names = list(mm.model_spec.column_names)
+        names = [lme4_name(c) for c in formulaic_names]
+        kept, design.fixed_dropped = checks_lib.drop_aliased(mm, names, checks)
+        design.fixed_formulaic_columns = [formulaic_names[j] for j in kept]
+        design.fixed_columns = [names[j] for j in kept]
 
         # Random effects.
         names = _unique_names(spec.random)
@@ -1233,6 +1299,7 @@ class Design:
         design.random = [
             _build_random(t, n, data, lv) for t, n, lv in zip(spec.random, names, levels, strict=True)
         ]
+        checks_lib.check_levels(design.random, len(data), checks, counts=False)  # counts: check_fit_data
 
         # Offsets are checked now so formula mistakes surface at fit time.
         design.offset(data)
@@ -1380,8 +1447,8 @@ class Design:
             raw = _eval_expr(self.spec.response, data, f"the response {self.spec.response}")
             series = raw if isinstance(raw, pd.Series) else pd.Series(np.asarray(raw))
             if _is_categorical(series):
-                if isinstance(series.dtype, pd.CategoricalDtype):
-                    levels = [_level_str(c) for c in series.cat.categories]
+                if isinstance(series.dtype, pd.CategoricalDtype):  # unused categories dropped, as R does
+                    levels = [_level_str(c) for c in series.cat.remove_unused_categories().cat.categories]
                 else:
                     levels = _column_levels(series)
                 if len(levels) != 2:
@@ -1488,8 +1555,13 @@ class Design:
     # -------------------------------------------------------------- arrays
 
     def fixed_matrix(self, data: pd.DataFrame) -> np.ndarray:
-        """Fixed-effects design ``(n, p)`` float64, through the frozen ModelSpec."""
-        return _spec_matrix(self.fixed_spec, _as_frame(data), "the fixed effects")
+        """Fixed-effects design ``(n, p)`` float64, through the frozen ModelSpec; the
+        columns of :attr:`fixed_columns` only (aliased ones, :attr:`fixed_dropped`, left out)."""
+        matrix = _spec_matrix(self.fixed_spec, _as_frame(data), "the fixed effects")
+        if not self.fixed_dropped:
+            return matrix
+        position = {str(c): j for j, c in enumerate(self.fixed_spec.column_names)}
+        return np.ascontiguousarray(matrix[:, [position[c] for c in self.fixed_formulaic_columns]])
 
     def offset(self, data: pd.DataFrame) -> np.ndarray:
         """Sum of the ``offset()`` expressions, float64 ``(n,)``; zeros if none."""

@@ -12,6 +12,7 @@ import tensorflow as tf
 from keras_glmm import composition  # networks as fixed effects (keras_glmm.composition)
 from keras_glmm import families as families_lib
 from keras_glmm.batches import minibatches
+from keras_glmm import checks as checks_lib
 from keras_glmm import initialization
 from keras_glmm import response as response_lib
 from keras_glmm import results as results_lib
@@ -936,6 +937,7 @@ class GLMM(keras.Model):
         na_action="raise",
         sample_rows=None,
         ziformula=None,
+        checks=None,
         **kwargs,
     ):
         """Builds a compiled, unfitted GLMM from an lme4 formula and its data.
@@ -965,6 +967,12 @@ class GLMM(keras.Model):
                 `logit(pi_i) = x_zi,i' gamma`. `"~1"` (the default for a
                 zero-inflated family) is a constant `pi`. With covariates the model
                 is fitted in memory by the engine only (see `GLMM`).
+            checks: lme4's guard rails (`keras_glmm.checks`, lme4's `lmerControl`
+                / `glmerControl` `check.*`): a dict of a check to `"stop"`,
+                `"warning"` or `"ignore"`, e.g. `{"nobs_vs_nlev": "ignore"}`;
+                keys `nlev_gtr_1`, `nobs_vs_nlev`, `nobs_vs_nre`, `rank_x`,
+                `response_not_const`, `collinear_x`, `separation`. `None`: lme4's
+                defaults for the family (lmer's for gaussian identity, glmer's else).
             **kwargs: passed to `GLMM(...)` (e.g. `quadrature_points`,
                 `memory_budget`, `name`).
 
@@ -972,6 +980,7 @@ class GLMM(keras.Model):
             A compiled `GLMM`; `model.fit(data)` fits it.
         """
         family_obj = families_lib.get_family(family, link=link)
+        checks = checks_lib.resolve_checks(checks, family_obj)
         if ziformula is not None and "zi_odds" not in family_obj.dispersion_params:
             raise ValueError(
                 f"`ziformula` is for a zero-inflated family ('zero_inflated_poisson' or 'zip', "
@@ -993,9 +1002,10 @@ class GLMM(keras.Model):
                 sample_rows=sample_rows or streaming.SAMPLE_ROWS,
             )
             design = scan.design
+            checks_lib.check_levels(design.random, scan.num_rows, checks)  # the sample had too few rows
         else:
             design = Design.from_data(formula, data, family_obj.name, weights=weights, na_action=na_action,
-                                      ziformula=ziformula)
+                                      ziformula=ziformula, checks=checks)
         terms = [
             RandomEffects(
                 num_levels=r.n_levels,
@@ -1022,6 +1032,7 @@ class GLMM(keras.Model):
         # KL's scaling) and start from the GLM fit now, so that `fit` on a tf.data
         # pipeline of the same data works as well as `fit(data)`.
         x, y = model._frame_arrays(data, weights=weights)
+        checks_lib.check_fit_data(design, x, y, checks)  # separation of a binomial response
         model._formula_arrays = model.prepare(x, y)[:2]  # for `glmm`, which fits them next
         return model
 
@@ -1600,7 +1611,7 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
         family: a family name or `keras_glmm.families.Family`.
         weights: binomial trials for a proportion response.
         **options: `GLMM.from_formula` options (`link`, `reml`, `posterior`,
-            `na_action`, `sample_rows`, `ziformula`, ...) and `fit` options (`epochs`, `callbacks`,
+            `na_action`, `sample_rows`, `ziformula`, `checks`, ...) and `fit` options (`epochs`, `callbacks`,
             `verbose`, `batch_size`, `steps_per_epoch`; for files `shuffle_buffer`
             and `seed`).
 
