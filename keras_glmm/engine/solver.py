@@ -1138,7 +1138,8 @@ class VariationalSolver:
         lower = np.concatenate([np.full(self.num_fixed, -np.inf), self.parameters.lower])
         p = self.num_fixed
         inverse = np.zeros((len(vector), len(vector)))
-        inverse[:p, :p] = self.fixed_covariance()
+        covariance = self.fixed_covariance()
+        inverse[:p, :p] = covariance if np.all(np.isfinite(covariance)) else np.eye(p)
         try:
             curvature = self._glmm_curvature(st["vector"])
             inverse[p:, p:] = np.linalg.inv(curvature + 1e-8 * np.eye(len(curvature)))
@@ -1388,7 +1389,13 @@ class VariationalSolver:
         params.update(st["dispersion"])
         _, _, second, _ = self.family.log_prob_derivatives(self.y, st["eta"], params, trials=self.trials)
         h = np.maximum(-self.weights * second, 0.0)
-        factor = self.system.factor(st["lambdas"], self.structure.cross_products(h))
+        try:
+            factor = self.system.factor(st["lambdas"], self.structure.cross_products(h))
+        except np.linalg.LinAlgError:
+            # No curvature left in some direction: separated binary data, whose
+            # coefficient heads to infinity (the data check warned, naming it). Its
+            # standard error is infinite, not the 1e7 of a rounding error.
+            return np.full((self.num_fixed, self.num_fixed), np.nan)
         return factor.fixed_covariance()
 
     def zi_covariance(self):
