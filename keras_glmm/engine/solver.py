@@ -100,8 +100,10 @@ SINGULAR_TOLERANCE = 1e-4
 HESSIAN_NODES = 10_000_000
 # Below this many dense coefficients the engine's linear algebra runs on one BLAS
 # thread: splitting a 100 x 100 Cholesky across threads costs more than it saves,
-# and far more (milliseconds per call) when other processes hold the cores.
-SMALL_DENSE = 600
+# and far more when other processes hold the cores (measured here with the cores
+# shared: a 656 x 656 Cholesky 5.4 ms on one thread, 70 ms on two; kb07's `||`
+# model, 656 dense coefficients, 3.2 s against 11.4 s).
+SMALL_DENSE = 2000
 # Adaptive quadrature's nodes per dimension: with 25 the exact log-likelihoods of
 # the reference cases are reproduced to 1e-4 nats or better (40: 1e-9).
 AGQ_POINTS = 25
