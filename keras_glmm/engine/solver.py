@@ -838,7 +838,10 @@ class VariationalSolver:
             escaped = self._escape(x, free, hessian)
             if escaped is None:
                 result = result.without_unconfirmed_negatives()
-        if self.polishes >= MAX_POLISHES:
+        approximate = self.phase == "quadrature" and not self.quadrature_status.get("exact")
+        if self.polishes >= MAX_POLISHES or approximate:
+            # A quadrature rule not verified exact has a gradient only as good as the
+            # rule: polishing its optimum costs evaluations and means nothing more.
             self.check = result
             return
         if result.passed:
