@@ -42,6 +42,7 @@ __all__ = [
     "Binomial",
     "Poisson",
     "NegativeBinomial",
+    "NegativeBinomial1",
     "Gamma",
     "Beta",
     "ZeroInflatedPoisson",
@@ -1007,6 +1008,68 @@ class NegativeBinomial(Family):
 
 
 @register_family
+class NegativeBinomial1(Family):
+    """NB1 response (glmmTMB's ``nbinom1``): mean ``mu``, variance ``mu (1 + phi)``.
+
+    A negative binomial whose size grows with the mean, ``size = mu / phi``, and
+    whose success probability is constant, ``p = 1 / (1 + phi)``::
+
+        log p(y) = lgamma(y + s) - lgamma(s) - lgamma(y + 1) - s log(1 + phi)
+                   + y log(phi / (1 + phi)),      s = mu / phi
+
+    ``dispersion`` is ``phi``, glmmTMB's ``sigma(fit)`` for ``nbinom1`` (unlike
+    :class:`NegativeBinomial`, whose ``dispersion`` is the size theta, the variance
+    here grows linearly in the mean; ``phi -> 0`` recovers the Poisson). TFP's
+    ``NegativeBinomial(total_count=s, logits=log(phi))`` has mean
+    ``s * phi = mu`` and variance ``mu (1 + phi)``. The expected log-likelihood
+    has no closed form (``lgamma(y + e^eta / phi)``): Gauss-Hermite quadrature.
+    """
+
+    name = "nbinom1"
+    aliases = ("negative_binomial1",)
+    canonical_link = "log"
+    valid_links = ("log",)
+    dispersion_params = ("dispersion",)
+
+    def _distribution(self, eta, params, trials):
+        phi = params["dispersion"]
+        return tfd.NegativeBinomial(total_count=tf.exp(eta) / phi, logits=tf.math.log(phi) * tf.ones_like(eta),
+                                    require_integer_total_count=False)
+
+    def _log_prob(self, y, eta, params, trials):
+        phi = params["dispersion"]
+        log_phi = tf.math.log(phi)
+        s = tf.exp(eta - log_phi)
+        # log(1 + phi) = softplus(log phi); log(phi / (1 + phi)) = -softplus(-log phi).
+        return (tf.math.lgamma(y + s) - tf.math.lgamma(s) - tf.math.lgamma(y + 1.0)
+                - s * tf.nn.softplus(log_phi) - y * tf.nn.softplus(-log_phi))
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        phi = params["dispersion"]
+        log_phi = np.log(phi)
+        s = np.exp(eta - log_phi)
+        log1p_phi = np.logaddexp(0.0, log_phi)
+        f = (special.gammaln(y + s) - special.gammaln(s) - special.gammaln(y + 1.0)
+             - s * log1p_phi - y * np.logaddexp(0.0, -log_phi))
+        # d f / d s, and s' = s in eta, s' = -s / phi in phi.
+        d_s = special.digamma(y + s) - special.digamma(s) - log1p_phi
+        d1 = s * d_s
+        d2 = d1 + s**2 * (special.polygamma(1, y + s) - special.polygamma(1, s))
+        d_phi = -s * d_s / phi - s / (1.0 + phi) + y / (phi * (1.0 + phi))
+        return f, d1, d2, {"dispersion": d_phi}
+
+    def _check_response(self, y, trials, name):
+        _check_counts(y, name)
+
+    def default_params(self, y, trials=None):
+        # Method of moments: var = mu (1 + phi); underdispersed data -> the lower clip (near-Poisson).
+        y = _as_1d(y)
+        mu, var = y.mean(), y.var()
+        phi = var / mu - 1.0 if mu > 0 else 0.0
+        return {"dispersion": float(np.clip(phi, 0.01, 1e3))}
+
+
+@register_family
 class Gamma(Family):
     """Gamma response with mean ``mu`` and variance ``mu^2 / shape``.
 
@@ -1428,7 +1491,8 @@ def get_family(name_or_family, link=None):
 
     Args:
       name_or_family: registered name or alias (case-insensitive; ``"normal"``
-        -> gaussian, ``"negbin"`` / ``"nb"`` -> negative_binomial,
+        -> gaussian, ``"negbin"`` / ``"nb"`` -> negative_binomial, ``"negative_binomial1"``
+        -> nbinom1,
         ``"bernoulli"`` -> binomial, ``"zip"`` -> zero_inflated_poisson,
         ``"zinb"`` -> zero_inflated_negative_binomial), a ``Family`` subclass, or an instance
         (returned as is when ``link`` is None, else rebuilt with ``link``).
