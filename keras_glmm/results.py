@@ -340,6 +340,13 @@ def report(model):
         lines.append(_format_table(model.coef_table()))
     except Exception as err:  # noqa: BLE001 - the report must print even without SEs
         lines.append(model.fixef().to_string() + f"\n(standard errors unavailable: {err})")
+    if model.family.name == "ordinal":  # clmm's "Threshold coefficients"
+        lines.append("")
+        lines.append("Threshold coefficients:")
+        try:
+            lines.append(_format_table(model.coef_table(component="thresholds").iloc[:, :3]))
+        except ValueError as err:
+            lines.append(model.fixef(component="thresholds").to_string() + f"\n(standard errors unavailable: {err})")
     if "zi_odds" in model.family.dispersion_params:
         ziformula = getattr(design, "ziformula", None) or "~1"
         lines.append("")
