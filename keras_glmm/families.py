@@ -1613,17 +1613,15 @@ class Ordinal(Family):
 
     def _bounds(self, y, eta, params, ops):
         """``(u, l)``: the category's upper and lower cut point minus ``eta``."""
-        k = self.num_categories
+        # c_y = sum_{j <= y} gap_j and c_{y-1} = sum_{j <= y-1} gap_j (c_1 = 0).
+        indicator = (lambda c: tf.cast(c, eta.dtype)) if ops is tf else (lambda c: c)
+        where = tf.where if ops is tf else np.where
         upper = lower = 0.0
         for j, name in enumerate(self.dispersion_params, start=2):
-            gap = params[name]
-            upper = upper + gap * ops.cast(y >= j, eta.dtype) if ops is tf else upper + gap * (y >= j)
-            lower = lower + gap * ops.cast(y - 1 >= j, eta.dtype) if ops is tf else lower + gap * (y - 1 >= j)
-        where = tf.where if ops is tf else np.where
-        big = _ORDINAL_BEYOND
-        u = where(y >= k, big * ops.ones_like(eta), upper - eta)
-        lower_bound = -big * ops.ones_like(eta)
-        return u, where(y <= 1, lower_bound, lower - eta)
+            upper = upper + params[name] * indicator(y >= j)
+            lower = lower + params[name] * indicator(y - 1 >= j)
+        beyond = _ORDINAL_BEYOND * ops.ones_like(eta)
+        return where(y >= self.num_categories, beyond, upper - eta), where(y <= 1, -beyond, lower - eta)
 
     def _log_prob(self, y, eta, params, trials):
         self._require_levels()

@@ -234,3 +234,17 @@ def test_gamma_varcorr_has_the_residual_row():
     assert vc["sdcor"].iloc[0] == pytest.approx(glmmtmb["varcorr"][0]["sdcor"], rel=0.05)
     assert ref["varcorr"][0]["sdcor"] == pytest.approx(0.0770356, rel=1e-5)
     assert "Residual" in fit.report()
+
+
+def test_two_categories_are_the_binomial_model(wine):
+    """K = 2: P(y = 2) = F(eta - theta_1), the logit GLMM of y == 2 with intercept -theta_1."""
+    two = wine.assign(high=pd.Categorical(np.where(wine["rating"].astype(int) >= 3, "high", "low"),
+                                          categories=["low", "high"], ordered=True))
+    ordinal = kg.glmm("high ~ temp + contact + (1|judge)", two, family="ordinal")
+    assert ordinal.family.dispersion_params == () and list(ordinal.fixef(component="thresholds").index) == [
+        "low|high"]
+    binomial = kg.glmm("high ~ temp + contact + (1|judge)", two.assign(high=(two["high"] == "high").astype(int)),
+                       family="binomial")
+    np.testing.assert_allclose(ordinal.fixef(), binomial.fixef().drop("(Intercept)"), atol=1e-4)
+    assert ordinal.fixef(component="thresholds").iloc[0] == pytest.approx(-binomial.fixef()["(Intercept)"], abs=1e-4)
+    assert ordinal.logLik() == pytest.approx(binomial.logLik(), abs=1e-6)
