@@ -67,7 +67,8 @@ def _component(component):
     """glmmTMB's model component: `"cond"` (conditional) or `"zi"` (zero-inflation); or an
     ordinal model's `"thresholds"` (clmm's `fit$alpha`)."""
     if component not in ("cond", "zi", "thresholds"):
-        raise ValueError(f"`component` must be 'cond', 'zi' or 'thresholds'. Received: component={component!r}")
+        raise ValueError(f"`component` must be 'cond' or 'zi' (or an ordinal model's 'thresholds'). "
+                         f"Received: component={component!r}")
     return component
 
 
