@@ -106,6 +106,7 @@ from keras_glmm.expressions import (
 )
 from keras_glmm.formula import _NAME, FormulaSpec, RandomTerm, _tokenize, _unquote, parse_formula
 from keras_glmm import checks as checks_lib
+from keras_glmm import ordinal as ordinal_lib
 from keras_glmm import response as response_lib
 from keras_glmm.levels import (
     column_kind,
@@ -1054,11 +1055,12 @@ class Design:
         fixed_formulaic_columns: formulaic's names of the same columns.
         random: One :class:`RandomTermDesign` per random-effect term.
         response_kind: ``"continuous"`` (any non-binomial family, counts
-            included), ``"binary"``, ``"cbind"``, ``"proportion"``; ``None``
-            for a one-sided formula.
+            included), ``"binary"``, ``"cbind"``, ``"proportion"``, ``"ordinal"``
+            (category codes ``1..K``); ``None`` for a one-sided formula.
         family_name: The family the design was built for.
         response_levels: For a binary response given as a two-level factor,
-            ``[failure, success]``; else ``None``.
+            ``[failure, success]``; for an ordinal one its categories in order;
+            else ``None``.
         weights_kind: What ``weights`` mean: ``"trials"`` (the binomial trials of
             a proportion response), ``"prior"`` (prior weights, lme4's: the
             precisions of a gaussian response, likelihood weights of the other
@@ -1439,7 +1441,12 @@ class Design:
         return _float_array(weights, len(data), "weights")
 
     def _learn_response(self, data: pd.DataFrame, weights: np.ndarray | None) -> None:
-        if self.family_name != "binomial":
+        if self.family_name == "ordinal":  # ordered categories, read as codes 1..K
+            raw = _eval_expr(self.spec.response, data, f"the response {self.spec.response}")
+            series = raw if isinstance(raw, pd.Series) else pd.Series(np.asarray(raw))
+            self.response_levels = ordinal_lib.response_levels(series, self.spec.response)
+            self.response_kind = "ordinal"
+        elif self.family_name != "binomial":
             self.response_kind = "continuous"
         elif self.spec.cbind() is not None:
             self.response_kind = "cbind"
@@ -1497,6 +1504,8 @@ class Design:
             return y
         if self.response_kind == "binary":
             return self._binary(series, data.index)
+        if self.response_kind == "ordinal":
+            return ordinal_lib.response_codes(series, self.response_levels, name, data.index)
         # proportion
         if weights is None:
             raise ValueError(

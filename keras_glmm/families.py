@@ -42,10 +42,12 @@ __all__ = [
     "Binomial",
     "Poisson",
     "NegativeBinomial",
+    "NegativeBinomial1",
     "Gamma",
     "Beta",
     "ZeroInflatedPoisson",
     "ZeroInflatedNegativeBinomial",
+    "Ordinal",
     "get_family",
     "register_family",
 ]
@@ -233,6 +235,8 @@ def get_link(name_or_link):
 
 _FAMILIES = {}
 _ALIASES = {}
+# Names that choose a family and its link: the cumulative link models of `Ordinal`.
+_NAMED_LINKS = {"cumulative_logit": ("ordinal", "logit"), "cumulative_probit": ("ordinal", "probit")}
 
 
 def register_family(cls):
@@ -293,6 +297,13 @@ class Family:
     def from_config(cls, config):
         """Inverse of :meth:`get_config` (dispatches through the registry)."""
         return get_family(config["name"], link=config.get("link"))
+
+    def for_design(self, design):
+        """The family as it fits `design` (`kg.glmm` calls it once the response is read):
+        itself, except for a family that takes something from the data (the ordinal
+        family's categories)."""
+        del design
+        return self
 
     @property
     def is_gaussian_identity(self):
@@ -1007,6 +1018,68 @@ class NegativeBinomial(Family):
 
 
 @register_family
+class NegativeBinomial1(Family):
+    """NB1 response (glmmTMB's ``nbinom1``): mean ``mu``, variance ``mu (1 + phi)``.
+
+    A negative binomial whose size grows with the mean, ``size = mu / phi``, and
+    whose success probability is constant, ``p = 1 / (1 + phi)``::
+
+        log p(y) = lgamma(y + s) - lgamma(s) - lgamma(y + 1) - s log(1 + phi)
+                   + y log(phi / (1 + phi)),      s = mu / phi
+
+    ``dispersion`` is ``phi``, glmmTMB's ``sigma(fit)`` for ``nbinom1`` (unlike
+    :class:`NegativeBinomial`, whose ``dispersion`` is the size theta, the variance
+    here grows linearly in the mean; ``phi -> 0`` recovers the Poisson). TFP's
+    ``NegativeBinomial(total_count=s, logits=log(phi))`` has mean
+    ``s * phi = mu`` and variance ``mu (1 + phi)``. The expected log-likelihood
+    has no closed form (``lgamma(y + e^eta / phi)``): Gauss-Hermite quadrature.
+    """
+
+    name = "nbinom1"
+    aliases = ("negative_binomial1",)
+    canonical_link = "log"
+    valid_links = ("log",)
+    dispersion_params = ("dispersion",)
+
+    def _distribution(self, eta, params, trials):
+        phi = params["dispersion"]
+        return tfd.NegativeBinomial(total_count=tf.exp(eta) / phi, logits=tf.math.log(phi) * tf.ones_like(eta),
+                                    require_integer_total_count=False)
+
+    def _log_prob(self, y, eta, params, trials):
+        phi = params["dispersion"]
+        log_phi = tf.math.log(phi)
+        s = tf.exp(eta - log_phi)
+        # log(1 + phi) = softplus(log phi); log(phi / (1 + phi)) = -softplus(-log phi).
+        return (tf.math.lgamma(y + s) - tf.math.lgamma(s) - tf.math.lgamma(y + 1.0)
+                - s * tf.nn.softplus(log_phi) - y * tf.nn.softplus(-log_phi))
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        phi = params["dispersion"]
+        log_phi = np.log(phi)
+        s = np.exp(eta - log_phi)
+        log1p_phi = np.logaddexp(0.0, log_phi)
+        f = (special.gammaln(y + s) - special.gammaln(s) - special.gammaln(y + 1.0)
+             - s * log1p_phi - y * np.logaddexp(0.0, -log_phi))
+        # d f / d s, and s' = s in eta, s' = -s / phi in phi.
+        d_s = special.digamma(y + s) - special.digamma(s) - log1p_phi
+        d1 = s * d_s
+        d2 = d1 + s**2 * (special.polygamma(1, y + s) - special.polygamma(1, s))
+        d_phi = -s * d_s / phi - s / (1.0 + phi) + y / (phi * (1.0 + phi))
+        return f, d1, d2, {"dispersion": d_phi}
+
+    def _check_response(self, y, trials, name):
+        _check_counts(y, name)
+
+    def default_params(self, y, trials=None):
+        # Method of moments: var = mu (1 + phi); underdispersed data -> the lower clip (near-Poisson).
+        y = _as_1d(y)
+        mu, var = y.mean(), y.var()
+        phi = var / mu - 1.0 if mu > 0 else 0.0
+        return {"dispersion": float(np.clip(phi, 0.01, 1e3))}
+
+
+@register_family
 class Gamma(Family):
     """Gamma response with mean ``mu`` and variance ``mu^2 / shape``.
 
@@ -1423,14 +1496,255 @@ class ZeroInflatedNegativeBinomial(_ZeroInflated):
         return {"dispersion": float(np.clip(theta, 0.1, 1e3)), "zi_odds": pi / (1.0 - pi)}
 
 
+# Cumulative-link models stand the intercept in for the first threshold: beyond
+# these distances a cumulative probability is 0 or 1 in float32 and float64 alike.
+_ORDINAL_BEYOND = 1e6
+
+
+@register_family
+class Ordinal(Family):
+    """Ordered categorical response, a cumulative link model (`ordinal::clmm`'s)::
+
+        P(y <= k | eta) = F(theta_k - eta),   k = 1, ..., K - 1,   theta_1 < ... < theta_{K-1}
+
+    with ``F`` the logistic (``link="logit"``, the proportional-odds model) or the
+    standard normal cdf (``link="probit"``), and ``eta = x' beta + z' b`` without an
+    intercept: the thresholds ``theta_k`` replace it. The response is coded
+    ``1, ..., K`` (``levels`` are the categories' labels, in order).
+
+    Parameterization. The fixed part keeps the formula's intercept ``a`` (so the
+    engine, the GLM start and the Keras layers see an ordinary linear predictor
+    ``eta* = a + x' beta + z' b``) and the cut points are measured from it::
+
+        c_1 = 0,   c_k = gap_2 + ... + gap_k,   P(y <= k) = F(c_k - eta*)
+
+    The gaps ``gap_k = theta_k - theta_{k-1} > 0`` (``k = 2, ..., K-1``) are the
+    family's dispersion parameters (learned on the log scale, so the thresholds stay
+    ordered), and clmm's thresholds are ``theta_k = c_k - a`` (`thresholds`). This is
+    the same model and likelihood, reparameterized one to one.
+
+    ``log p(y = k) = log(F(u) - F(l))`` with ``u = c_k - eta*``, ``l = c_{k-1} - eta*``
+    (``u = +inf`` for ``k = K``, ``l = -inf`` for ``k = 1``), computed as
+    ``log F(u) + log(1 - F(l) / F(u))`` below the middle of the interval and from
+    the survival function above it (``F(-x) = 1 - F(x)`` for both links), so that
+    neither tail loses precision. The expected log-likelihood under a Gaussian
+    ``eta*`` has no closed form: Gauss-Hermite quadrature. Both ``F`` are
+    log-concave, so ``log p`` is concave in ``eta*`` (the engine's Newton steps).
+
+    Build one with the categories: ``Ordinal("logit", levels=["1", ..., "5"])``;
+    `kg.glmm` does it from the response (`for_design`). ``get_family("ordinal")``
+    without levels knows no thresholds yet.
+    """
+
+    name = "ordinal"
+    aliases = ("cumulative", "clmm")
+    canonical_link = "logit"
+    valid_links = ("logit", "probit")
+    quadrature_points = 20
+
+    def __init__(self, link=None, levels=None):
+        super().__init__(link)
+        self.levels = None if levels is None else [str(v) for v in levels]
+        if self.levels is not None and len(self.levels) < 2:
+            raise ValueError(f"An ordinal response needs at least 2 categories. Received: levels={self.levels}")
+        self.dispersion_params = tuple(f"gap_{k}" for k in range(2, self.num_categories))
+
+    @property
+    def num_categories(self):
+        """``K``, the number of categories (0 while the levels are unknown)."""
+        return 0 if self.levels is None else len(self.levels)
+
+    def threshold_names(self):
+        """clmm's names of the thresholds: ``"1|2"``, ``"2|3"``, ..."""
+        self._require_levels()
+        return [f"{a}|{b}" for a, b in zip(self.levels[:-1], self.levels[1:])]
+
+    def cut_points(self, params):
+        """``(c_1, ..., c_{K-1})`` from the gaps (numpy): ``c_1 = 0``, ``c_k = c_{k-1} + gap_k``."""
+        self._require_levels()
+        gaps = [float(params[name]) for name in self.dispersion_params]
+        return np.concatenate([[0.0], np.cumsum(gaps)])
+
+    def thresholds(self, params, intercept):
+        """clmm's thresholds ``theta_k = c_k - a`` as a pandas-ready ``{name: value}`` dict."""
+        return dict(zip(self.threshold_names(), self.cut_points(params) - float(intercept)))
+
+    def for_design(self, design):
+        """This family with the categories of `design`'s response (`kg.glmm` calls it).
+
+        Raises:
+            ValueError: if the fixed part has no intercept, which the first threshold
+                replaces (see the class docstring).
+        """
+        if "(Intercept)" not in list(design.fixed_columns):
+            raise ValueError(
+                f"The ordinal family needs the formula's intercept: the thresholds take its place "
+                f"(clmm's model has none; '{design.spec.formula}' removes it). Keep the intercept; "
+                "`fixef(component='thresholds')` reports the thresholds.")
+        return type(self)(self.link, levels=design.response_levels)
+
+    def get_config(self):
+        return {"name": self.name, "link": self.link.name, "levels": self.levels}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.get("link"), levels=config.get("levels"))
+
+    def __eq__(self, other):
+        return super().__eq__(other) and self.levels == other.levels
+
+    def __hash__(self):
+        return hash((type(self), self.link.name, None if self.levels is None else tuple(self.levels)))
+
+    def __repr__(self):
+        return f"Ordinal(link={self.link.name!r}, levels={self.levels!r})"
+
+    def _require_levels(self):
+        if self.levels is None:
+            raise ValueError("The ordinal family does not know its categories yet: build it as "
+                             "Ordinal(link, levels=[...]) or fit it with kg.glmm, which reads them from the response.")
+
+    # -- TensorFlow ---------------------------------------------------------
+
+    def _tf_log_cdf(self, x):
+        if self.link.name == "logit":
+            return tf.math.log_sigmoid(x)
+        return _std_normal(x.dtype).log_cdf(x)
+
+    def _bounds(self, y, eta, params, ops):
+        """``(u, l)``: the category's upper and lower cut point minus ``eta``."""
+        # c_y = sum_{j <= y} gap_j and c_{y-1} = sum_{j <= y-1} gap_j (c_1 = 0).
+        indicator = (lambda c: tf.cast(c, eta.dtype)) if ops is tf else (lambda c: c)
+        where = tf.where if ops is tf else np.where
+        upper = lower = 0.0
+        for j, name in enumerate(self.dispersion_params, start=2):
+            upper = upper + params[name] * indicator(y >= j)
+            lower = lower + params[name] * indicator(y - 1 >= j)
+        beyond = _ORDINAL_BEYOND * ops.ones_like(eta)
+        return where(y >= self.num_categories, beyond, upper - eta), where(y <= 1, -beyond, lower - eta)
+
+    def _log_prob(self, y, eta, params, trials):
+        self._require_levels()
+        y = y + tf.zeros_like(eta)
+        params = {k: v + tf.zeros_like(eta) for k, v in params.items()}
+        u, l = self._bounds(y, eta, params, tf)
+        log_f_u, log_f_l = self._tf_log_cdf(u), self._tf_log_cdf(l)
+        log_s_u, log_s_l = self._tf_log_cdf(-u), self._tf_log_cdf(-l)
+        below = log_f_u + _tf_log1mexp(log_f_l - log_f_u)
+        above = log_s_l + _tf_log1mexp(log_s_u - log_s_l)
+        return tf.where(u + l > 0.0, above, below)
+
+    def _distribution(self, eta, params, trials):
+        self._require_levels()
+        cuts = [tf.zeros_like(eta)]
+        for name in self.dispersion_params:
+            cuts.append(cuts[-1] + params[name])
+        cdf = [self._tf_cdf(c - eta) for c in cuts] + [tf.ones_like(eta)]
+        probs = tf.stack([cdf[0]] + [b - a for a, b in zip(cdf[:-1], cdf[1:])], axis=-1)
+        outcomes = tf.range(1, self.num_categories + 1, dtype=eta.dtype)
+        return tfd.FiniteDiscrete(outcomes, probs=tf.maximum(probs, 0.0))
+
+    def _tf_cdf(self, x):
+        return tf.sigmoid(x) if self.link.name == "logit" else _std_normal(x.dtype).cdf(x)
+
+    def response_mean(self, eta, params):
+        """The expected category number ``E[y] = 1 + sum_k P(y > k) = 1 + sum_k F(eta* - c_k)``.
+
+        `category_probabilities` gives the whole distribution.
+        """
+        self._require_levels()
+        eta = _float_tensor(eta)
+        total, cut = tf.ones_like(eta), tf.zeros_like(eta)
+        for k in range(self.num_categories - 1):
+            if k:
+                cut = cut + tf.cast(tf.convert_to_tensor(params[f"gap_{k + 1}"], dtype_hint=eta.dtype), eta.dtype)
+            total = total + self._tf_cdf(eta - cut)
+        return total
+
+    def mean(self, eta, trials=None):
+        raise ValueError("The ordinal family's mean needs its thresholds: use response_mean(eta, params) or "
+                         "category_probabilities(eta, params).")
+
+    # -- numpy ----------------------------------------------------------------
+
+    def category_probabilities(self, eta, params):
+        """``P(y = k | eta*)`` for every row and category, ``(n, K)`` (numpy)."""
+        eta = np.asarray(eta, np.float64).reshape(-1)
+        cuts = self.cut_points(params)
+        if self.link.name == "logit":
+            cdf = special.expit(cuts[None, :] - eta[:, None])
+        else:
+            cdf = special.ndtr(cuts[None, :] - eta[:, None])
+        cdf = np.concatenate([np.zeros((len(eta), 1)), cdf, np.ones((len(eta), 1))], axis=1)
+        return np.diff(cdf, axis=1)
+
+    def _numpy_log_cdf(self, x):
+        return -np.logaddexp(0.0, -x) if self.link.name == "logit" else special.log_ndtr(x)
+
+    def _numpy_log_density_and_slope(self, x):
+        """``log F'(x)`` and ``F''(x) / F'(x)``."""
+        if self.link.name == "logit":
+            return self._numpy_log_cdf(x) + self._numpy_log_cdf(-x), np.tanh(-0.5 * x)
+        return -0.5 * x**2 - 0.5 * math.log(2.0 * math.pi), -x
+
+    def _numpy_log_prob(self, y, eta, params, trials):
+        self._require_levels()
+        u, l = self._bounds(y, eta, params, np)
+        log_f_u, log_f_l = self._numpy_log_cdf(u), self._numpy_log_cdf(l)
+        log_s_u, log_s_l = self._numpy_log_cdf(-u), self._numpy_log_cdf(-l)
+        f = np.where(u + l > 0.0, log_s_l + _np_log1mexp(log_s_u - log_s_l),
+                     log_f_u + _np_log1mexp(log_f_l - log_f_u))
+        # r = F'(.) / P(y = k): the scores in the upper and the lower cut point.
+        log_d_u, slope_u = self._numpy_log_density_and_slope(u)
+        log_d_l, slope_l = self._numpy_log_density_and_slope(l)
+        r_u, r_l = np.exp(log_d_u - f), np.exp(log_d_l - f)
+        d1 = r_l - r_u
+        d2 = r_u * slope_u - r_l * slope_l - d1**2
+        grads = {name: (y >= j) * r_u - (y - 1 >= j) * r_l
+                 for j, name in enumerate(self.dispersion_params, start=2)}
+        return f, d1, d2, grads
+
+    def _check_response(self, y, trials, name):
+        self._require_levels()
+        _first_bad(name, y, (y < 1) | (y > self.num_categories) | (y != np.round(y)),
+                   f"is not a category code 1..{self.num_categories} (ordinal response)")
+
+    def default_params(self, y, trials=None):
+        # The marginal cumulative proportions: c_k - c_1 = F^-1(P(y <= k)) - F^-1(P(y <= 1)).
+        self._require_levels()
+        y = _as_1d(y)
+        share = np.array([np.mean(y <= k) for k in range(1, self.num_categories)])
+        share = np.clip(share, 1e-3, 1.0 - 1e-3)
+        cuts = special.logit(share) if self.link.name == "logit" else special.ndtri(share)
+        gaps = np.maximum(np.diff(cuts), 0.1)
+        return {name: float(g) for name, g in zip(self.dispersion_params, gaps)}
+
+
+def _tf_log1mexp(a):
+    """``log(1 - e^a)`` for ``a < 0`` (Maechler's two branches); ``a`` is held below
+    ``-sqrt(tiny)`` so that neither branch, nor its gradient, is infinite."""
+    a = tf.minimum(a, -math.sqrt(np.finfo(a.dtype.as_numpy_dtype).tiny))
+    near = a > -math.log(2.0)
+    return tf.where(near, tf.math.log(-tf.math.expm1(tf.where(near, a, -tf.ones_like(a)))),
+                    tf.math.log1p(-tf.exp(tf.where(near, -tf.ones_like(a), a))))
+
+
+def _np_log1mexp(a):
+    """`_tf_log1mexp` in numpy."""
+    a = np.minimum(a, -math.sqrt(np.finfo(np.float64).tiny))
+    return np.where(a > -math.log(2.0), np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
+
+
 def get_family(name_or_family, link=None):
     """Returns a :class:`Family` instance.
 
     Args:
       name_or_family: registered name or alias (case-insensitive; ``"normal"``
-        -> gaussian, ``"negbin"`` / ``"nb"`` -> negative_binomial,
+        -> gaussian, ``"negbin"`` / ``"nb"`` -> negative_binomial, ``"negative_binomial1"``
+        -> nbinom1,
         ``"bernoulli"`` -> binomial, ``"zip"`` -> zero_inflated_poisson,
-        ``"zinb"`` -> zero_inflated_negative_binomial), a ``Family`` subclass, or an instance
+        ``"zinb"`` -> zero_inflated_negative_binomial, ``"cumulative_logit"`` and
+        ``"cumulative_probit"`` -> ordinal with that link), a ``Family`` subclass, or an instance
         (returned as is when ``link`` is None, else rebuilt with ``link``).
       link: link name or ``Link``; None -> the family's canonical link.
 
@@ -1438,12 +1752,22 @@ def get_family(name_or_family, link=None):
       ValueError: unknown family name, or a link invalid for the family.
     """
     if isinstance(name_or_family, Family):
-        return name_or_family if link is None else type(name_or_family)(link)
+        if link is None:
+            return name_or_family
+        if isinstance(name_or_family, Ordinal):  # its categories stay
+            return Ordinal(link, levels=name_or_family.levels)
+        return type(name_or_family)(link)
     if isinstance(name_or_family, type) and issubclass(name_or_family, Family):
         return name_or_family(link)
     key = str(name_or_family).strip().lower()
+    if key in _NAMED_LINKS:  # a family and its link in one name
+        key, named = _NAMED_LINKS[key]
+        if link is not None and get_link(link).name != named:
+            raise ValueError(f"Family {name_or_family!r} has the {named} link. Received: link={get_link(link).name!r}")
+        link = named
     key = _ALIASES.get(key, key)
     if key not in _FAMILIES:
-        valid = sorted(_FAMILIES) + sorted(f"{a} (= {n})" for a, n in _ALIASES.items())
+        valid = sorted(_FAMILIES) + sorted(f"{a} (= {n})" for a, n in _ALIASES.items()) + sorted(
+            f"{a} (= {n}, link {k})" for a, (n, k) in _NAMED_LINKS.items())
         raise ValueError(f"Unknown family {name_or_family!r}; valid families are: {', '.join(valid)}.")
     return _FAMILIES[key](link)

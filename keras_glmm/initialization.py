@@ -214,7 +214,7 @@ def fit_glm(family, design, y, offset=None, params=None, max_iter=25, weights=No
     if family.name == "binomial":
         n = np.ones_like(y) if trials is None else trials
         start = (y + 0.5) / (n + 1.0)
-    elif family.name in ("poisson", "negative_binomial"):
+    elif family.name in ("poisson", "negative_binomial", "nbinom1"):
         start = y + 0.1
     else:
         start = y

@@ -15,6 +15,7 @@ from keras_glmm.batches import minibatches
 from keras_glmm import checks as checks_lib
 from keras_glmm import initialization
 from keras_glmm import response as response_lib
+from keras_glmm import ordinal as ordinal_lib
 from keras_glmm import results as results_lib
 from keras_glmm import serving, streaming
 from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate
@@ -63,9 +64,11 @@ def _is_linear(layer):
 
 
 def _component(component):
-    """glmmTMB's model component: `"cond"` (conditional) or `"zi"` (zero-inflation)."""
-    if component not in ("cond", "zi"):
-        raise ValueError(f"`component` must be 'cond' or 'zi'. Received: component={component!r}")
+    """glmmTMB's model component: `"cond"` (conditional) or `"zi"` (zero-inflation); or an
+    ordinal model's `"thresholds"` (clmm's `fit$alpha`)."""
+    if component not in ("cond", "zi", "thresholds"):
+        raise ValueError(f"`component` must be 'cond' or 'zi' (or an ordinal model's 'thresholds'). "
+                         f"Received: component={component!r}")
     return component
 
 
@@ -724,6 +727,8 @@ class GLMM(keras.Model):
         self._engine_fit = {
             "vcov": solver.fixed_covariance(),
             "zi_vcov": solver.zi_covariance(),
+            "threshold_vcov": None if not ordinal_lib.is_ordinal(self.family) else ordinal_lib.threshold_covariance(
+                solver, ordinal_lib.intercept_index(self)),
             "report": report,
             "boundary": results["boundary"],
             "likelihood": solver.likelihood,
@@ -1006,6 +1011,7 @@ class GLMM(keras.Model):
         else:
             design = Design.from_data(formula, data, family_obj.name, weights=weights, na_action=na_action,
                                       ziformula=ziformula, checks=checks)
+        family_obj = family_obj.for_design(design)  # e.g. an ordinal response's categories
         terms = [
             RandomEffects(
                 num_levels=r.n_levels,
@@ -1131,6 +1137,10 @@ class GLMM(keras.Model):
         """
         if _component(component) == "zi":
             return pd.Series(self.zi_coefficients(), index=results_lib.zi_names(self), name="Estimate")
+        if ordinal_lib.is_ordinal(self.family):  # clmm's fit$beta (no intercept) and fit$alpha
+            return ordinal_lib.thresholds(self) if component == "thresholds" else ordinal_lib.fixef(self)
+        if component == "thresholds":
+            raise ValueError(f"component='thresholds' is an ordinal model's; family {self.family.name!r} has none.")
         return pd.Series(self.coefficients(), index=results_lib.fixed_names(self), name="Estimate")
 
     def zi_coefficients(self):
@@ -1157,6 +1167,13 @@ class GLMM(keras.Model):
         `VariationalSolver.zi_covariance`); NaN where that Hessian is not positive
         definite.
         """
+        if _component(component) == "thresholds":
+            cov = None if self._engine_fit is None else self._engine_fit.get("threshold_vcov")
+            if cov is None:
+                raise ValueError("Standard errors of the thresholds come from a fit by the engine that ends on "
+                                 "the exact likelihood (adaptive quadrature: one grouping factor, agq_points > 0).")
+            names = list(self.fixef(component).index)
+            return pd.DataFrame(cov, index=names, columns=names)
         if _component(component) == "zi":
             names = results_lib.zi_names(self)
             cov = None if self._engine_fit is None else self._engine_fit.get("zi_vcov")
@@ -1172,6 +1189,8 @@ class GLMM(keras.Model):
         else:
             x, y = self._require_fit()
             cov = results_lib.fixed_vcov(self, x, y)
+        if ordinal_lib.is_ordinal(self.family):
+            return ordinal_lib.vcov(self, cov)
         return pd.DataFrame(cov, index=names, columns=names)
 
     def is_singular(self):
@@ -1183,7 +1202,7 @@ class GLMM(keras.Model):
         identity-link model Estimate, Std. Error and t value, as lme4's summary.
         `component="zi"`: the zero-inflation coefficients' (glmmTMB's zero-inflation model)."""
         gaussian = self.family.is_gaussian_identity
-        if _component(component) == "zi":
+        if _component(component) != "cond":
             gaussian = False
         return results_lib.coef_table(self.fixef(component), self.vcov(component).values, t_values=gaussian)
 
@@ -1321,12 +1340,19 @@ class GLMM(keras.Model):
             type: `"response"` (the mean) or `"link"` (the linear predictor).
 
         Returns:
-            A numpy array, one value per row.
+            A numpy array, one value per row. For an ordinal model a DataFrame of each
+            row's category probabilities, one column per category (`type="link"`:
+            clmm's `eta = x' beta + z' b`, without the intercept the thresholds replace).
         """
         if type not in ("response", "link"):
             raise ValueError(f"`type` must be 'response' or 'link'. Received: type={type!r}")
         x = self._prediction_inputs(newdata, re_form, allow_new_levels)
         out = self.predict(x, verbose=0)
+        if ordinal_lib.is_ordinal(self.family):  # category probabilities; clmm's eta has no intercept
+            if type == "link":
+                return ordinal_lib.link_without_intercept(self, out["eta"])
+            return ordinal_lib.probabilities(self, out["eta"], newdata.index if isinstance(newdata, pd.DataFrame)
+                                             else None)
         return out["mean"] if type == "response" else out["eta"]
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
@@ -1583,6 +1609,8 @@ class GLMM(keras.Model):
             config["zero_inflation"] = keras.saving.deserialize_keras_object(config["zero_inflation"])
         design = config.pop("design", None)
         weights = config.pop("weights", None)
+        if design is not None and design.get("response_kind") == "ordinal":  # the family's categories
+            config["family"] = families_lib.Ordinal(config.pop("link", None), levels=design["response_levels"])
         model = cls(**config)
         if design is not None:
             model.design = Design.from_config(design)

@@ -74,7 +74,11 @@ def varcorr(model):
     """lme4's `as.data.frame(VarCorr(fit))`: columns grp, var1, var2, vcov, sdcor.
 
     Terms split by `||` on one grouping factor are named as lme4 names them
-    (`Subject`, `Subject.1`, ...). A gaussian model adds the residual sd as `Residual`.
+    (`Subject`, `Subject.1`, ...). A gaussian model adds the residual sd as `Residual`;
+    a gamma model, as lme4 does, its `sigma()`, the coefficient of variation
+    `1 / sqrt(shape)`: here the maximum-likelihood one (glmmTMB's `sigma`), where
+    lme4's `glmer` prints a moment estimate, `sqrt(pwrss / n)` (Sitka, log link:
+    lme4 0.0545, glmmTMB and keras_glmm 0.0412).
     """
     rows = []
     seen = {}
@@ -97,6 +101,9 @@ def varcorr(model):
     if model.family.name == "gaussian":
         scale = model.dispersion()["scale"]
         rows.append({"grp": "Residual", "var1": None, "var2": None, "vcov": scale**2, "sdcor": scale})
+    elif model.family.name == "gamma":
+        cv = model.sigma()
+        rows.append({"grp": "Residual", "var1": None, "var2": None, "vcov": cv**2, "sdcor": cv})
     return pd.DataFrame(rows, columns=["grp", "var1", "var2", "vcov", "sdcor"])
 
 
@@ -333,6 +340,13 @@ def report(model):
         lines.append(_format_table(model.coef_table()))
     except Exception as err:  # noqa: BLE001 - the report must print even without SEs
         lines.append(model.fixef().to_string() + f"\n(standard errors unavailable: {err})")
+    if model.family.name == "ordinal":  # clmm's "Threshold coefficients"
+        lines.append("")
+        lines.append("Threshold coefficients:")
+        try:
+            lines.append(_format_table(model.coef_table(component="thresholds").iloc[:, :3]))
+        except ValueError as err:
+            lines.append(model.fixef(component="thresholds").to_string() + f"\n(standard errors unavailable: {err})")
     if "zi_odds" in model.family.dispersion_params:
         ziformula = getattr(design, "ziformula", None) or "~1"
         lines.append("")

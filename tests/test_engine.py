@@ -251,7 +251,8 @@ NUMPY_KERNEL_CASES = [
     ("gaussian", "inverse", {"scale": 0.7}, None), ("binomial", "logit", {}, None), ("binomial", "logit", {}, 7.0),
     ("binomial", "probit", {}, None), ("binomial", "probit", {}, 5.0), ("binomial", "cloglog", {}, None),
     ("binomial", "cloglog", {}, 4.0), ("poisson", "log", {}, None), ("poisson", "identity", {}, None),
-    ("negative_binomial", "log", {"dispersion": 2.5}, None), ("gamma", "log", {"shape": 3.0}, None),
+    ("negative_binomial", "log", {"dispersion": 2.5}, None), ("nbinom1", "log", {"dispersion": 1.7}, None),
+    ("gamma", "log", {"shape": 3.0}, None),
     ("gamma", "inverse", {"shape": 3.0}, None), ("gamma", "identity", {"shape": 3.0}, None),
 ]
 
@@ -269,7 +270,7 @@ def test_numpy_kernels_are_the_tensorflow_maths(family, link, params, trials):
     tt = None if trials is None else np.full(n, trials)
     if family == "binomial":
         y = rng.integers(0, (1 if trials is None else int(trials)) + 1, n).astype(float)
-    elif family in ("poisson", "negative_binomial"):
+    elif family in ("poisson", "negative_binomial", "nbinom1"):
         y = rng.poisson(3, n).astype(float)
     else:
         y = rng.gamma(2, 1, n) + 0.1

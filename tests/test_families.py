@@ -42,6 +42,9 @@ def scipy_logp(family, link, y, eta, params, trials=None):
     if family == "negative_binomial":
         th = params["dispersion"]
         return stats.nbinom.logpmf(y, n=th, p=th / (th + mu))
+    if family == "nbinom1":  # size mu / phi, prob 1 / (1 + phi): variance mu (1 + phi)
+        phi = params["dispersion"]
+        return stats.nbinom.logpmf(y, n=mu / phi, p=1.0 / (1.0 + phi))
     if family == "gamma":
         a = params["shape"]
         return stats.gamma.logpdf(y, a=a, scale=mu / a)
@@ -82,6 +85,7 @@ CASES = [
     ("poisson", "log", [-1.0, 0.5, 2.3], [0.0, 2.0, 12.0], {}, None),
     ("poisson", "identity", [0.7, 3.0, 8.0], [0.0, 4.0, 6.0], {}, None),
     ("negative_binomial", "log", [-0.5, 1.0, 2.5], [0.0, 3.0, 20.0], {"dispersion": 2.5}, None),
+    ("nbinom1", "log", [-0.5, 1.0, 2.5], [0.0, 3.0, 20.0], {"dispersion": 1.7}, None),
     ("gamma", "inverse", [0.5, 1.0, 2.0], [1.5, 0.7, 0.4], {"shape": 3.0}, None),
     ("gamma", "log", [-0.5, 0.4, 1.5], [0.3, 2.0, 5.0], {"shape": 1.7}, None),
     ("gamma", "identity", [0.5, 2.0, 6.0], [0.8, 1.5, 7.0], {"shape": 4.0}, None),
@@ -94,7 +98,8 @@ CASES = [
 ]
 IDS = [f"{c[0]}-{c[1]}-{'trials' if c[5] else 'n1'}" for c in CASES]
 
-ALL_PAIRS = [(n, link) for n, cls in fam._FAMILIES.items() for link in cls.valid_links]
+# The ordinal family needs its categories (tests/test_families_nbinom1_ordinal.py, and below).
+ALL_PAIRS = [(n, link) for n, cls in fam._FAMILIES.items() for link in cls.valid_links if n != "ordinal"]
 
 
 def _t(x):
@@ -296,6 +301,21 @@ def test_family_config_round_trip(pair):
     assert fam.Family.from_config(cfg) == f
     assert fam.get_family(cfg["name"], cfg["link"]) == f
     assert fam.get_family(f) is f
+
+
+@pytest.mark.parametrize("name", ["ordinal", "cumulative_logit", "cumulative_probit", "clmm"])
+def test_ordinal_config_round_trip(name):
+    f = fam.get_family(name)
+    assert f.dispersion_params == () and f.num_categories == 0
+    with pytest.raises(ValueError, match="does not know its categories yet"):
+        f.threshold_names()
+    g = fam.Ordinal(f.link, levels=["low", "mid", "high"])
+    cfg = g.get_config()
+    assert cfg == {"name": "ordinal", "link": "probit" if name.endswith("probit") else "logit",
+                   "levels": ["low", "mid", "high"]}
+    assert fam.Ordinal.from_config(cfg) == g and g != f
+    assert g.dispersion_params == ("gap_2",) and g.threshold_names() == ["low|mid", "mid|high"]
+    assert fam.get_family(g, "probit").levels == ["low", "mid", "high"]
 
 
 def test_canonical_links_and_aliases():

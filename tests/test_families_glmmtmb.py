@@ -224,7 +224,7 @@ def test_formula_front_end_matches_glmmtmb(case):
     fixef, se = np.array(list(ref["fixef"].values())), np.array(list(ref["se"].values()))
     np.testing.assert_array_less(np.abs(model.fixef().to_numpy() - fixef), 0.1 * se)
     vc = model.varcorr()
-    np.testing.assert_allclose(vc[vc.var2.isna()].sdcor.to_numpy(), _sds(ref), rtol=0.05)
+    np.testing.assert_allclose(vc[vc.var2.isna() & (vc.grp != "Residual")].sdcor.to_numpy(), _sds(ref), rtol=0.05)
     for name, value in ref["dispersion"].items():
         assert model.dispersion()[name] == pytest.approx(value, rel=0.05), name
     assert not model.is_singular()

@@ -27,6 +27,7 @@ loader                        rows      what                                    
 :func:`load_guprenat`         2,449     prenatal care, mothers in communities        R package mlmRev
 :func:`load_fatalities`       336       US traffic deaths, 48 states x 7 years       R package AER
 :func:`load_kb07`             1,790     response times, crossed subject x item       Kronmueller & Barr (2007)
+:func:`load_wine`             72        wine bitterness rated 1-5 by 9 judges        R package ordinal
 ============================  ========  ===========================================  ==========================
 
 References:
@@ -58,6 +59,7 @@ from keras_glmm.datasets._loaders import (
     load_scotssec,
     load_sleepstudy,
     load_star,
+    load_wine,
 )
 
 __all__ = [
@@ -81,4 +83,5 @@ __all__ = [
     "load_scotssec",
     "load_sleepstudy",
     "load_star",
+    "load_wine",
 ]

@@ -40,6 +40,7 @@ __all__ = [
     "load_scotssec",
     "load_sleepstudy",
     "load_star",
+    "load_wine",
 ]
 
 _DATA_PACKAGE = "keras_glmm.datasets"
@@ -703,3 +704,32 @@ def load_kb07() -> pd.DataFrame:
     for name in ("S", "P", "C", "SP", "SC", "PC", "SPC"):
         out[name] = df[name].astype(np.int64)
     return pd.DataFrame(out)
+
+
+def load_wine() -> pd.DataFrame:
+    """Loads ``wine`` from the R package ordinal: bitterness of wine, rated by 9 judges.
+
+    72 rows (Randall, 1989): each judge rated 8 bottles, the 2 x 2 factorial of
+    temperature and skin contact twice. ``ordinal::clmm``'s example is
+    ``rating ~ temp + contact + (1|judge)``, a cumulative link mixed model
+    (``kg.glmm(..., family="ordinal")``).
+
+    Returns:
+        A DataFrame with columns ``response`` (float, bitterness on a 0-100 scale),
+        ``rating`` (ordered category, ``"1"`` < ... < ``"5"``, ``response`` grouped),
+        ``temp`` (category, ``"cold"``, ``"warm"``), ``contact`` (category, ``"no"``,
+        ``"yes"``), ``bottle`` (category, ``"1"``..``"8"``) and ``judge`` (category,
+        ``"1"``..``"9"``).
+    """
+    df = _read_csv("wine.csv")
+    ratings = [str(k) for k in range(1, 6)]
+    return pd.DataFrame(
+        {
+            "response": df["response"].astype(np.float64),
+            "rating": pd.Categorical(df["rating"].astype(str), categories=ratings, ordered=True),
+            "temp": _categorical(df["temp"]),
+            "contact": _categorical(df["contact"]),
+            "bottle": _categorical(df["bottle"]),
+            "judge": _categorical(df["judge"]),
+        }
+    )
