@@ -63,15 +63,14 @@ def satterthwaite(model):
     hessian = 0.5 * (hessian + hessian.T)
     a = 2.0 * np.linalg.pinv(hessian)
     cov = _fixed_covariance(deviance, v)
-    fixef = model.fixef()
-    se = np.sqrt(np.diag(cov))
-    df = np.empty(len(fixef))
-    for j in range(len(fixef)):
+    table = model.coef_table()  # Estimate, Std. Error and t value of the fit itself
+    df = np.empty(len(table))
+    for j in range(len(table)):
         g = np.array([jj[j, j] for jj in jac])
         df[j] = 2.0 * cov[j, j] ** 2 / float(g @ a @ g)
-    t = fixef.to_numpy() / se
-    return pd.DataFrame({"Estimate": fixef.to_numpy(), "Std. Error": se, "df": df, "t value": t,
-                         "Pr(>|t|)": 2.0 * stats.t.sf(np.abs(t), df)}, index=fixef.index)
+    t = table["t value"].to_numpy()
+    return pd.DataFrame({"Estimate": table["Estimate"], "Std. Error": table["Std. Error"], "df": df,
+                         "t value": t, "Pr(>|t|)": 2.0 * stats.t.sf(np.abs(t), df)}, index=table.index)
 
 
 def _reml_sigma(deviance, theta):

@@ -374,7 +374,7 @@ class Profile:
         centre = self.estimate(i)
         return math.copysign(math.sqrt(max(dev - self.minimum, 0.0)), value - centre), phi
 
-    def side(self, i, direction, cutoff, record=None):
+    def side(self, i, direction, cutoff, xtol=1e-10):
         """The value where `zeta` reaches `direction * cutoff`, or the bound first reached.
 
         Marches out from the estimate, each step aimed by the secant of `zeta` (which is
@@ -390,12 +390,12 @@ class Profile:
             if bound is not None and (value - bound) * direction >= 0:
                 value = bound
             z, start = self.zeta(i, value, start=start)
-            if record is not None:
-                record.append((value, z))
             if abs(z) >= cutoff:
+                warm = start
+
                 def gap(v):
-                    return self.zeta(i, v)[0] - direction * cutoff
-                return scipy.optimize.brentq(gap, min(last_value, value), max(last_value, value), xtol=1e-10,
+                    return self.zeta(i, v, start=warm)[0] - direction * cutoff
+                return scipy.optimize.brentq(gap, min(last_value, value), max(last_value, value), xtol=xtol,
                                              rtol=1e-10)
             if bound is not None and value == bound:
                 return bound
@@ -413,12 +413,17 @@ class Profile:
 
     def trace(self, i, points=TRACE_POINTS, max_zeta=TRACE_ZETA):
         """`(values, zetas)` of parameter `i` from `-max_zeta` to `max_zeta` (or its bounds)."""
-        ends = [self.side(i, d, max_zeta) for d in (-1, 1)]
         centre = self.estimate(i)
-        values = np.concatenate([np.linspace(ends[0], centre, points + 1)[:-1], [centre],
-                                 np.linspace(centre, ends[1], points + 1)[1:]])
-        zetas = [0.0 if v == centre else self.zeta(i, v)[0] for v in values]
-        return values, np.asarray(zetas)
+        values, zetas = [centre], [0.0]
+        for direction in (-1, 1):
+            end = self.side(i, direction, max_zeta, xtol=1e-6 * max(abs(centre), 1e-3))
+            start = None
+            for v in np.linspace(centre, end, points + 1)[1:]:
+                z, start = self.zeta(i, v, start=start)  # warm: each point starts from the last
+                values.append(v)
+                zetas.append(z)
+        order = np.argsort(values)
+        return np.asarray(values)[order], np.asarray(zetas)[order]
 
 
 def parameter_indices(names, parm):
