@@ -221,7 +221,8 @@ def test_satterthwaite_as_lmertest(sleep, formula, reml, reference):
     # Within lmerTest's own numerical-derivative error (its ML df 18.0011 where the balanced
     # design's df is 18; ours 18.000001).
     np.testing.assert_allclose(table["df"], reference["df"], rtol=1e-4)
-    np.testing.assert_allclose(table["Pr(>|t|)"], reference["p"], rtol=1e-3)
+    # p of 1e-18 moves by 0.2% with a t value 3e-5 off (the fit's SE, within 1e-4 of lme4's).
+    np.testing.assert_allclose(np.log10(table["Pr(>|t|)"]), np.log10(reference["p"]), atol=2e-3)
     np.testing.assert_allclose(table[["Estimate", "Std. Error", "t value"]], fit.coef_table(), rtol=1e-10)
 
 
