@@ -97,12 +97,9 @@ def variance_names(model):
     per term, column by column, an sd and the correlations below it; then `sigma`
     (gaussian). Returns `(names, layout)`, `layout` one `(term, [(kind, row, col)])` per term."""
     names, layout = [], []
-    seen = {}
     for term in model.terms:
-        group = results_lib.term_group(model, term)
-        count = seen.get(group, 0)
-        seen[group] = count + 1
-        grp = group if count == 0 else f"{group}.{count}"
+        # lme4 names a `||` term's parts by their grouping factor alone (not Subject.1).
+        grp = results_lib.term_group(model, term)
         columns = results_lib.term_columns(model, term)
         entries = []
         k = len(columns)
@@ -175,6 +172,10 @@ class GaussianDeviance:
 
     def value(self, theta, sigma, gradient=False):
         """`D(theta, sigma)`, and `(dD/dtheta, dD/dsigma)` with `gradient=True`."""
+        with self.solver._threads():  # one BLAS thread for small dense blocks, as the engine's own fit
+            return self._value(theta, sigma, gradient)
+
+    def _value(self, theta, sigma, gradient):
         s = self.solver
         half, _ = s._conjugate_objective(theta)
         if not math.isfinite(half):
@@ -308,7 +309,8 @@ class GaussianDeviance:
         theta0 = self._theta_hat() if start is None else start
 
         def objective(theta):
-            half, grad = solver._conjugate_objective(theta)
+            with solver._threads():
+                half, grad = solver._conjugate_objective(theta)
             if not math.isfinite(half):
                 return 1e300, np.zeros_like(theta)
             return 2.0 * half, 2.0 * grad

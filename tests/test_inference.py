@@ -90,6 +90,33 @@ def test_profile_of_a_reml_fit_is_the_ml_profile_as_lme4(fr):
     _check_intervals(ci, {k: LME4_PROFILE[k] for k in ci.index}, 1e-3)
 
 
+# confint(fit, oldNames = FALSE), ML: uncorrelated slopes, a singular fit, crossed terms.
+MORE_PROFILES = [
+    ("Reaction ~ Days + (Days || Subject)", "load_sleepstudy", {
+        "sd_(Intercept)|Subject": (15.258646166, 37.78646394), "sd_Days|Subject": (3.964074373, 8.76916043),
+        "sigma": (22.880554680, 28.78759756), "(Intercept)": (237.572148000, 265.23806177),
+        "Days": (7.334066827, 13.60050511)}),
+    ("Yield ~ 1 + (1 | Batch)", "load_dyestuff2", {
+        "sd_(Intercept)|Batch": (0.0, 2.084043489), "sigma": (2.892831020, 4.815832552),
+        "(Intercept)": (4.312100217, 7.019092347)}),
+    ("diameter ~ 1 + (1 | plate) + (1 | sample)", "load_penicillin", {
+        "sd_(Intercept)|plate": (0.6335659660, 1.1821039851), "sd_(Intercept)|sample": (1.0957893965, 3.5562917781),
+        "sigma": (0.4858454001, 0.6294534786), "(Intercept)": (21.2666273831, 24.6778176158)}),
+]
+
+
+@pytest.mark.parametrize("formula, loader, reference", MORE_PROFILES, ids=["uncorrelated", "singular", "crossed"])
+def test_profile_confint_of_other_designs(formula, loader, reference):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dyestuff2's singular-fit warning
+        fit = kg.glmm(formula, getattr(kg.datasets, loader)())
+    ci = fit.confint()
+    assert list(ci.index) == list(reference)
+    # Dyestuff2's sd is 0: its lower end is the bound, as lme4's; its intercept's ends are
+    # 0.12% of the width from lme4's (the others within 1e-4).
+    _check_intervals(ci, reference, 2e-3)
+
+
 def test_wald_confint_as_lme4(fm):
     ci = fm.confint(method="Wald")
     assert ci.iloc[:4].isna().all().all()  # lme4: NA for the variance parameters

@@ -27,3 +27,13 @@ cat("\n## lmerTest Kenward-Roger (REML, (1|Subject))\n"); print(coef(summary(fm_
 cat("\n## profile(fm) zeta at a few points of sd_(Intercept)|Subject\n")
 pr <- as.data.frame(profile(fm, which = 1, signames = FALSE))
 print(head(pr[, c(".zeta", "sd_(Intercept)|Subject")], 30))
+
+# Uncorrelated slopes, a singular fit and crossed terms.
+fu <- lme4::lmer(Reaction ~ Days + (Days || Subject), sleepstudy, REML = FALSE)
+cat("\n## confint(fu, oldNames = FALSE) ((Days || Subject), ML)\n"); print(confint(fu, oldNames = FALSE))
+data(Dyestuff2, package = "lme4")
+fd <- lme4::lmer(Yield ~ 1 + (1 | Batch), Dyestuff2, REML = FALSE)
+cat("\n## confint(fd, oldNames = FALSE) (Dyestuff2, singular, ML)\n"); print(confint(fd, oldNames = FALSE))
+data(Penicillin, package = "lme4")
+fp <- lme4::lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = FALSE)
+cat("\n## confint(fp, oldNames = FALSE) (Penicillin, crossed, ML)\n"); print(confint(fp, oldNames = FALSE))
