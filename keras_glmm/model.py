@@ -1187,8 +1187,8 @@ class GLMM(keras.Model):
         """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect; for a gaussian
         identity-link model Estimate, Std. Error and t value, as lme4's summary.
         `component="zi"`: the zero-inflation coefficients' (glmmTMB's zero-inflation model).
-        `ddf="Satterthwaite"` (a gaussian identity-link fit by the engine, ML or REML) adds
-        lmerTest's `df` and `Pr(>|t|)` (`keras_glmm.degrees_of_freedom`)."""
+        `ddf="Satterthwaite"` (a gaussian identity-link fit by the engine, ML or REML) or
+        `"Kenward-Roger"` (REML) adds lmerTest's `df` and `Pr(>|t|)` (`keras_glmm.degrees_of_freedom`)."""
         if ddf is not None:
             if _component(component) == "zi":
                 raise ValueError("`ddf` applies to the conditional model's fixed effects (component='cond').")

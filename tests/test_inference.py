@@ -253,9 +253,35 @@ def test_satterthwaite_as_lmertest(sleep, formula, reml, reference):
     np.testing.assert_allclose(table[["Estimate", "Std. Error", "t value"]], fit.coef_table(), rtol=1e-10)
 
 
-def test_kenward_roger_is_refused_naming_satterthwaite(fr):
-    with pytest.raises(ValueError, match="Satterthwaite"):
-        fr.coef_table(ddf="Kenward-Roger")
+# pbkrtest via lmerTest: coef(summary(fit, ddf = "Kenward-Roger")), REML.
+PBKRTEST = {FORMULA: {"df": (17.0, 17.0)}, FORMULA0: {"df": (22.81019909, 161.0)}}
+# Every 7th row of sleepstudy left out: Satterthwaite and Kenward-Roger differ, and KR adjusts the SEs.
+UNBALANCED = {
+    "Satterthwaite": {"df": (17.10854245, 16.81555269), "se": (6.858379383, 1.757663919)},
+    "Kenward-Roger": {"df": (16.97411341, 16.98983571), "se": (6.860445302, 1.757972254)},
+}
+
+
+@pytest.mark.parametrize("formula", [FORMULA, FORMULA0])
+def test_kenward_roger_as_pbkrtest(sleep, formula):
+    fit = kg.glmm(formula, sleep, reml=True)
+    table = fit.coef_table(ddf="Kenward-Roger")
+    np.testing.assert_allclose(table["df"], PBKRTEST[formula]["df"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("ddf", ["Satterthwaite", "Kenward-Roger"])
+def test_degrees_of_freedom_of_an_unbalanced_design(sleep, ddf):
+    fit = kg.glmm(FORMULA, sleep.drop(index=sleep.index[::7]), reml=True)
+    table = fit.coef_table(ddf=ddf)
+    np.testing.assert_allclose(table["df"], UNBALANCED[ddf]["df"], rtol=1e-4)
+    # Within the fit's own agreement with lme4 (1e-5 relative).
+    np.testing.assert_allclose(table["Std. Error"], UNBALANCED[ddf]["se"], rtol=3e-5)
+    np.testing.assert_allclose(table["t value"], table["Estimate"] / table["Std. Error"], rtol=1e-6)
+
+
+def test_degrees_of_freedom_errors(fm, fr):
+    with pytest.raises(ValueError, match="reml=True.*Satterthwaite"):
+        fm.coef_table(ddf="Kenward-Roger")  # pbkrtest's KR is for REML fits
     with pytest.raises(ValueError, match="ddf"):
         fr.coef_table(ddf="residual")
 

@@ -37,3 +37,9 @@ cat("\n## confint(fd, oldNames = FALSE) (Dyestuff2, singular, ML)\n"); print(con
 data(Penicillin, package = "lme4")
 fp <- lme4::lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = FALSE)
 cat("\n## confint(fp, oldNames = FALSE) (Penicillin, crossed, ML)\n"); print(confint(fp, oldNames = FALSE))
+
+# An unbalanced design (every 7th row left out): Kenward-Roger's adjusted SE and df differ from Satterthwaite's.
+ss <- sleepstudy[-seq(1, 180, by = 7), ]
+fs <- lmerTest::lmer(Reaction ~ Days + (Days | Subject), ss)
+cat("\n## unbalanced: lmerTest Satterthwaite (REML)\n"); print(coef(summary(fs, ddf = "Satterthwaite")))
+cat("\n## unbalanced: lmerTest Kenward-Roger (REML)\n"); print(coef(summary(fs, ddf = "Kenward-Roger")))
