@@ -5,7 +5,9 @@
   fixed effects; columns `2.5 %`, `97.5 %` (named by `level`).
   `"profile"`: likelihood-profile intervals (`keras_glmm.profile`; gaussian
   identity-link fits). `"Wald"`: `beta_j +- z se_j` for the fixed effects and NaN for
-  the variance parameters, as lme4. `"boot"`: percentiles of a parametric bootstrap.
+  the variance parameters, as lme4. `"boot"`: percentiles of a parametric bootstrap
+  (numpy's linear quantiles, where lme4's `boot.ci` interpolates on the normal scale:
+  the same for a few hundred samples).
 - `bootstrap(model, nsim, seed)`: lme4's `bootMer(fit, FUN, nsim, type =
   "parametric")`: responses simulated from the fit (new random effects, lme4's
   `use.u = FALSE`), each refitted by the engine from the fit's estimates; the
@@ -26,7 +28,8 @@
 - `update(model, formula, **changes)`: lme4's `update`: the model refitted with a
   new formula (R's `.` for the old sides, `- term` to leave a term out:
   `". ~ . - Days"`, `". ~ . + (1|g)"`) on the same data and options, or with
-  options changed (`reml=False`).
+  options changed (`reml=False`). A model built from a formula keeps a reference to
+  its data frame (no copy) and the options of its call for this.
 """
 
 import concurrent.futures
