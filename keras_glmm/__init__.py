@@ -9,6 +9,7 @@ from keras_glmm import datasets, distribute, families, layers, serving, streamin
 from keras_glmm import composition, losses  # noqa: E402
 from keras_glmm.callbacks import ELBOConvergence, VarianceUpdate  # noqa: E402
 from keras_glmm.families import get_family  # noqa: E402
+from keras_glmm.inference import anova  # noqa: E402
 from keras_glmm.layers import (  # noqa: E402
     FamilyHead,
     RandomEffects,
@@ -33,6 +34,7 @@ __all__ = [
     "RandomEffects",
     "SparseAdam",
     "VariationalFixedEffects",
+    "anova",
     "composition",
     "datasets",
     "distribute",

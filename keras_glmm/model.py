@@ -13,7 +13,8 @@ from keras_glmm import composition  # networks as fixed effects (keras_glmm.comp
 from keras_glmm import families as families_lib
 from keras_glmm.batches import minibatches
 from keras_glmm import checks as checks_lib
-from keras_glmm import initialization
+from keras_glmm import inference, initialization, prediction
+from keras_glmm import degrees_of_freedom, profile as profile_lib
 from keras_glmm import response as response_lib
 from keras_glmm import ordinal as ordinal_lib
 from keras_glmm import results as results_lib
@@ -1030,6 +1031,10 @@ class GLMM(keras.Model):
                     zero_inflation=zero_inflation, **kwargs)
         model.design = design
         model._weights = weights
+        # What `update` (keras_glmm.inference) repeats: the data and the options of this call.
+        model._formula_call = dict(data=data, family=family, link=link, weights=weights, reml=reml,
+                                   posterior=posterior, na_action=na_action, sample_rows=sample_rows,
+                                   ziformula=ziformula, checks=checks, **kwargs)
         model.compile()
         if scan is not None:
             model._prepare_from_scan(scan)  # counts from the files, GLM start on the sample
@@ -1197,10 +1202,16 @@ class GLMM(keras.Model):
         """lme4's `isSingular`: whether a standard deviation is 0 or a correlation +-1."""
         return bool(results_lib.singular_components(self))
 
-    def coef_table(self, component="cond"):
+    def coef_table(self, component="cond", ddf=None):
         """Estimate, Std. Error, z value and Pr(>|z|) of each fixed effect; for a gaussian
         identity-link model Estimate, Std. Error and t value, as lme4's summary.
-        `component="zi"`: the zero-inflation coefficients' (glmmTMB's zero-inflation model)."""
+        `component="zi"`: the zero-inflation coefficients' (glmmTMB's zero-inflation model).
+        `ddf="Satterthwaite"` (a gaussian identity-link fit by the engine, ML or REML) or
+        `"Kenward-Roger"` (REML) adds lmerTest's `df` and `Pr(>|t|)` (`keras_glmm.degrees_of_freedom`)."""
+        if ddf is not None:
+            if _component(component) == "zi":
+                raise ValueError("`ddf` applies to the conditional model's fixed effects (component='cond').")
+            return degrees_of_freedom.coef_table(self, ddf)
         gaussian = self.family.is_gaussian_identity
         if _component(component) != "cond":
             gaussian = False
@@ -1236,6 +1247,36 @@ class GLMM(keras.Model):
     def BIC(self):  # noqa: N802 - lme4's name
         """`-2 logLik + log(n) k`."""
         return self.deviance() + math.log(self.nobs()) * self._summary()["num_parameters"]
+
+    # lme4's inference (keras_glmm.inference, .profile, .prediction) -------
+    def confint(self, parm=None, level=0.95, method="profile", nsim=500, seed=None, n_jobs=1):
+        """lme4's `confint(fit, oldNames = FALSE)`: a DataFrame of intervals, rows `sd_...|g`,
+        `cor_...|g`, `sigma`, fixed effects; `method` `"profile"`, `"Wald"` or `"boot"`
+        (see `keras_glmm.inference.confint`)."""
+        return inference.confint(self, parm=parm, level=level, method=method, nsim=nsim, seed=seed,
+                                 n_jobs=n_jobs)
+
+    def profile(self, parm=None):
+        """lme4's `as.data.frame(profile(fit))`: zeta traces, columns `.par`, `.zeta`, `value`
+        (gaussian identity-link fits; see `keras_glmm.profile`)."""
+        return profile_lib.profile_frame(self, parm=parm)
+
+    def plot_profile(self, parm=None, level=0.95):
+        """lme4's `xyplot(profile(fit))`: a matplotlib Figure of zeta against each parameter."""
+        return profile_lib.plot_profile(self.profile(parm=parm), level=level)
+
+    def bootMer(self, nsim=500, seed=None, n_jobs=1):  # noqa: N802 - lme4's name
+        """lme4's parametric `bootMer`: every parameter refitted on `nsim` simulated responses
+        (a DataFrame, one row per sample; `keras_glmm.inference.bootstrap`)."""
+        return inference.bootstrap(self, nsim=nsim, seed=seed, n_jobs=n_jobs)
+
+    def update(self, formula=None, **changes):
+        """lme4's `update`: refitted with a new formula (`". ~ . - Days"`) and/or options."""
+        return inference.update(self, formula, **changes)
+
+    def drop1(self, test="Chisq"):
+        """lme4's `drop1(fit, test = "Chisq")`: a likelihood-ratio test per droppable fixed term."""
+        return inference.drop1(self, test=test)
 
     def sigma(self):
         """lme4's `sigma`: the residual sd of a gaussian model, `1 / sqrt(shape)` of a gamma
@@ -1326,7 +1367,8 @@ class GLMM(keras.Model):
                     )
         return x
 
-    def predict_response(self, newdata=None, re_form=None, allow_new_levels=True, type="response"):
+    def predict_response(self, newdata=None, re_form=None, allow_new_levels=True, type="response",
+                         interval=None, level=0.95):
         """lme4's `predict`: the mean response (or linear predictor) for new data.
 
         Args:
@@ -1338,12 +1380,17 @@ class GLMM(keras.Model):
             allow_new_levels: levels not seen in training get the population value
                 (random effect 0); False makes them an error.
             type: `"response"` (the mean) or `"link"` (the linear predictor).
+            interval: None, `"confidence"` or `"prediction"` (gaussian): a DataFrame
+                `fit`, `lower`, `upper` at `level` (`keras_glmm.prediction`).
 
         Returns:
-            A numpy array, one value per row. For an ordinal model a DataFrame of each
-            row's category probabilities, one column per category (`type="link"`:
-            clmm's `eta = x' beta + z' b`, without the intercept the thresholds replace).
+            A numpy array, one value per row (a DataFrame with `interval`). For an
+            ordinal model a DataFrame of each row's category probabilities, one column
+            per category (`type="link"`: clmm's `eta = x' beta + z' b`, without the
+            intercept the thresholds replace).
         """
+        if interval is not None:
+            return prediction.predict_interval(self, newdata, re_form, allow_new_levels, type, interval, level)
         if type not in ("response", "link"):
             raise ValueError(f"`type` must be 'response' or 'link'. Received: type={type!r}")
         x = self._prediction_inputs(newdata, re_form, allow_new_levels)
@@ -1465,31 +1512,17 @@ class GLMM(keras.Model):
         dist = self.family.distribution(tf.constant(eta, tf.float64), params, trials=trials_t)
         return dist.sample(seed=tf.constant(rng.integers(0, 2**31 - 1, size=2), tf.int32)).numpy()
 
-    def simulate(self, nsim=1, seed=None):
-        """lme4's `simulate`: new responses for the training rows, `(nsim, rows)`.
+    def simulate(self, nsim=1, seed=None, newdata=None, re_form="~0", trials=None):
+        """lme4's `simulate`: new responses, `(nsim, rows)`, for the training rows or `newdata`.
 
-        Random effects are drawn afresh from their fitted prior `N(0, Sigma)` (lme4's
-        default `re.form = NA`), fixed effects and dispersion at their estimates;
-        binomial trials and a gaussian model's prior weights are the training rows'.
+        Random effects of the terms `re_form` keeps are held at their conditional means,
+        the others drawn afresh from their fitted prior `N(0, Sigma)` (lme4's default
+        `re.form = NA`: all drawn); fixed effects and dispersion at their estimates;
+        binomial trials and a gaussian model's prior weights are the rows' own (see
+        `keras_glmm.prediction.simulate`).
         """
         _check_positive_integer(nsim, "nsim")
-        x, _ = self._require_fit()
-        trials, weights = self._response_of(None, None)
-        rng = np.random.default_rng(seed)
-        out = self.predict(self._prediction_inputs(None, "~0", True), verbose=0)
-        eta = np.tile(np.asarray(out["eta"], "float64"), (nsim, 1))
-        for term in self.terms:
-            # A square root that a boundary fit's singular covariance also has.
-            values, vectors = np.linalg.eigh(term.prior_covariance())
-            root = vectors * np.sqrt(np.maximum(values, 0.0))
-            b = rng.standard_normal((nsim, term.num_levels, term.num_effects)) @ root.T
-            n = len(x["x"])
-            z = np.ones((n, 1)) if term.intercept else np.zeros((n, 0))
-            if term.num_covariates:
-                z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
-            eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
-        return self._sample_response(eta, trials, weights if self.family.name == "gaussian" else None,
-                                     rng, row_params=self._row_params(out))
+        return prediction.simulate(self, nsim=nsim, seed=seed, newdata=newdata, re_form=re_form, trials=trials)
 
     def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).

@@ -1,0 +1,45 @@
+# Reference numbers for tests/test_inference.py (lme4, lmerTest, pbkrtest on sleepstudy).
+# Run: Rscript tests/reference/make_reference_inference.R
+suppressMessages({library(lme4); library(lmerTest); library(pbkrtest)})
+options(digits = 10)
+data(sleepstudy, package = "lme4")
+cat("lme4", as.character(packageVersion("lme4")), "lmerTest", as.character(packageVersion("lmerTest")),
+    "pbkrtest", as.character(packageVersion("pbkrtest")), "\n")
+fm <- lme4::lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = FALSE)
+fm0 <- lme4::lmer(Reaction ~ Days + (1 | Subject), sleepstudy, REML = FALSE)
+cat("\n## confint(fm, oldNames = FALSE) (profile, ML)\n"); print(confint(fm, oldNames = FALSE))
+cat("\n## confint(fm, method = 'Wald', oldNames = FALSE)\n"); print(confint(fm, method = "Wald", oldNames = FALSE))
+cat("\n## confint(fm, level = 0.9, oldNames = FALSE)\n"); print(confint(fm, level = 0.9, oldNames = FALSE))
+cat("\n## anova(fm0, fm)\n"); print(as.data.frame(anova(fm0, fm)))
+fr <- lme4::lmer(Reaction ~ Days + (Days | Subject), sleepstudy)
+fr0 <- lme4::lmer(Reaction ~ Days + (1 | Subject), sleepstudy)
+cat("\n## anova(fr0, fr) (REML fits, refitted by ML)\n"); print(as.data.frame(anova(fr0, fr)))
+cat("\n## drop1(fm, test = 'Chisq')\n"); print(as.data.frame(drop1(fm, test = "Chisq")))
+cat("\n## confint(fr, oldNames = FALSE) (profile, REML)\n"); print(confint(fr, oldNames = FALSE))
+fr_t <- lmerTest::lmer(Reaction ~ Days + (Days | Subject), sleepstudy)
+cat("\n## lmerTest Satterthwaite (REML)\n"); print(coef(summary(fr_t, ddf = "Satterthwaite")))
+cat("\n## lmerTest Kenward-Roger (REML)\n"); print(coef(summary(fr_t, ddf = "Kenward-Roger")))
+fm_t <- lmerTest::lmer(Reaction ~ Days + (Days | Subject), sleepstudy, REML = FALSE)
+cat("\n## lmerTest Satterthwaite (ML)\n"); print(coef(summary(fm_t, ddf = "Satterthwaite")))
+fm_t0 <- lmerTest::lmer(Reaction ~ Days + (1 | Subject), sleepstudy)
+cat("\n## lmerTest Satterthwaite (REML, (1|Subject))\n"); print(coef(summary(fm_t0, ddf = "Satterthwaite")))
+cat("\n## lmerTest Kenward-Roger (REML, (1|Subject))\n"); print(coef(summary(fm_t0, ddf = "Kenward-Roger")))
+cat("\n## profile(fm) zeta at a few points of sd_(Intercept)|Subject\n")
+pr <- as.data.frame(profile(fm, which = 1, signames = FALSE))
+print(head(pr[, c(".zeta", "sd_(Intercept)|Subject")], 30))
+
+# Uncorrelated slopes, a singular fit and crossed terms.
+fu <- lme4::lmer(Reaction ~ Days + (Days || Subject), sleepstudy, REML = FALSE)
+cat("\n## confint(fu, oldNames = FALSE) ((Days || Subject), ML)\n"); print(confint(fu, oldNames = FALSE))
+data(Dyestuff2, package = "lme4")
+fd <- lme4::lmer(Yield ~ 1 + (1 | Batch), Dyestuff2, REML = FALSE)
+cat("\n## confint(fd, oldNames = FALSE) (Dyestuff2, singular, ML)\n"); print(confint(fd, oldNames = FALSE))
+data(Penicillin, package = "lme4")
+fp <- lme4::lmer(diameter ~ 1 + (1 | plate) + (1 | sample), Penicillin, REML = FALSE)
+cat("\n## confint(fp, oldNames = FALSE) (Penicillin, crossed, ML)\n"); print(confint(fp, oldNames = FALSE))
+
+# An unbalanced design (every 7th row left out): Kenward-Roger's adjusted SE and df differ from Satterthwaite's.
+ss <- sleepstudy[-seq(1, 180, by = 7), ]
+fs <- lmerTest::lmer(Reaction ~ Days + (Days | Subject), ss)
+cat("\n## unbalanced: lmerTest Satterthwaite (REML)\n"); print(coef(summary(fs, ddf = "Satterthwaite")))
+cat("\n## unbalanced: lmerTest Kenward-Roger (REML)\n"); print(coef(summary(fs, ddf = "Kenward-Roger")))
