@@ -20,6 +20,7 @@ convention of a public method that handles dtypes and validation and a private
 """
 
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -1423,6 +1424,30 @@ class ZeroInflatedNegativeBinomial(_ZeroInflated):
         return {"dispersion": float(np.clip(theta, 0.1, 1e3)), "zi_odds": pi / (1.0 - pi)}
 
 
+# R's spelling of a family with its link, as a string: `binomial(link = "probit")`,
+# `poisson(link='log')`, `Gamma("inverse")`, `gaussian()`.
+_R_FAMILY_CALL = re.compile(
+    r"""^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\(\s*(?:(?:link\s*=\s*)?(["']?)([A-Za-z0-9_.]+)\2\s*)?\)\s*$""")
+
+
+def _r_family_call(name, link):
+    """`("binomial", "probit")` from R's `'binomial(link="probit")'`; other names pass unchanged.
+
+    A link given both in the string and as `link=` must be the same link.
+    """
+    if not isinstance(name, str):
+        return name, link
+    match = _R_FAMILY_CALL.match(name)
+    if match is None:
+        return name, link
+    family, written = match.group(1), match.group(3)
+    if written is not None and link is not None and str(getattr(link, "name", link)).lower() != written.lower():
+        raise ValueError(
+            f"Family {name!r} names the link {written!r} but `link` is {getattr(link, 'name', link)!r}: "
+            "give the link once.")
+    return family, link if written is None else written
+
+
 def get_family(name_or_family, link=None):
     """Returns a :class:`Family` instance.
 
@@ -1430,8 +1455,11 @@ def get_family(name_or_family, link=None):
       name_or_family: registered name or alias (case-insensitive; ``"normal"``
         -> gaussian, ``"negbin"`` / ``"nb"`` -> negative_binomial,
         ``"bernoulli"`` -> binomial, ``"zip"`` -> zero_inflated_poisson,
-        ``"zinb"`` -> zero_inflated_negative_binomial), a ``Family`` subclass, or an instance
-        (returned as is when ``link`` is None, else rebuilt with ``link``).
+        ``"zinb"`` -> zero_inflated_negative_binomial), R's call of a family
+        as a string (``'binomial(link = "probit")'``, ``"poisson(link='log')"``,
+        ``'Gamma("inverse")'``, ``"gaussian()"``: the family and its link), a
+        ``Family`` subclass, or an instance (returned as is when ``link`` is
+        None, else rebuilt with ``link``).
       link: link name or ``Link``; None -> the family's canonical link.
 
     Raises:
@@ -1441,6 +1469,7 @@ def get_family(name_or_family, link=None):
         return name_or_family if link is None else type(name_or_family)(link)
     if isinstance(name_or_family, type) and issubclass(name_or_family, Family):
         return name_or_family(link)
+    name_or_family, link = _r_family_call(name_or_family, link)
     key = str(name_or_family).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _FAMILIES:

@@ -14,6 +14,7 @@ from keras_glmm import families as families_lib
 from keras_glmm.batches import minibatches
 from keras_glmm import checks as checks_lib
 from keras_glmm import initialization
+from keras_glmm import keywords
 from keras_glmm import response as response_lib
 from keras_glmm import results as results_lib
 from keras_glmm import serving, streaming
@@ -1621,6 +1622,10 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
     fit_keys = (
         "epochs", "callbacks", "verbose", "batch_size", "steps_per_epoch", "shuffle_buffer", "seed",
     )
+    # Unknown names (R's `REML=`, a typo) fail here with a did-you-mean, not inside Keras.
+    keywords.check_keywords(options, keywords.parameters(
+        GLMM.from_formula, GLMM.__init__, exclude=("formula", "data", "random_effects", "zero_inflation"),
+    ) | set(fit_keys) | {"name", "dtype", "trainable"}, "glmm()")
     fit_options = {k: options.pop(k) for k in fit_keys if k in options}
     model = GLMM.from_formula(formula, data, family=family, weights=weights, **options)
     arrays = model.__dict__.pop("_formula_arrays", None)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from scipy import stats
+from scipy import special
 
 from keras_glmm import response as response_lib
 
@@ -231,7 +231,7 @@ def coef_table(fixef, vcov, t_values=False):
         return pd.DataFrame({"Estimate": fixef.values, "Std. Error": se, "t value": z}, index=fixef.index)
     return pd.DataFrame(
         {"Estimate": fixef.values, "Std. Error": se, "z value": z,
-         "Pr(>|z|)": 2 * stats.norm.sf(np.abs(z))},
+         "Pr(>|z|)": 2 * special.ndtr(-np.abs(z))},  # 2 P(Z > |z|)
         index=fixef.index,
     )
 
