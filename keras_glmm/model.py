@@ -13,6 +13,7 @@ from keras_glmm import composition  # networks as fixed effects (keras_glmm.comp
 from keras_glmm import families as families_lib
 from keras_glmm.batches import minibatches
 from keras_glmm import checks as checks_lib
+from keras_glmm import estimates
 from keras_glmm import initialization
 from keras_glmm import keywords
 from keras_glmm import response as response_lib
@@ -731,6 +732,8 @@ class GLMM(keras.Model):
             "convergence": None if solver.check is None else solver.check.as_dict(),
             "estimator": solver.estimator,
         }
+        # The float64 estimates for reporting (the layers hold float32: keras_glmm.estimates).
+        self._engine_fit["estimates"] = estimates.record(self, results)
         failure = solver.check.message() if solver.check is not None and not solver.check.passed else None
         self._finish_fit(x, y, history, solver.converged, None, callbacks, elbo=report["elbo"], failure=failure)
         return history
@@ -1139,6 +1142,9 @@ class GLMM(keras.Model):
         if "zi_odds" not in self.family.dispersion_params:
             raise ValueError(f"Family {self.family.name!r} has no zero-inflation: it is not zero-inflated.")
         if self.zero_inflation is not None:
+            recorded = estimates.current(self)
+            if recorded is not None and recorded["zi"] is not None:
+                return recorded["zi"].copy()
             return self.zero_inflation.get_weights()[0].reshape(-1).astype("float64")
         return np.array([math.log(self.dispersion()["zi_odds"])])
 
@@ -1507,7 +1513,13 @@ class GLMM(keras.Model):
         return kl
 
     def coefficients(self):
-        """Fixed-effect estimates (posterior means), `(p,)`, in the columns of `x`."""
+        """Fixed-effect estimates (posterior means), `(p,)` float64, in the columns of `x`."""
+        recorded = estimates.current(self)  # the engine's own float64 values
+        if recorded is not None:
+            return recorded["beta"].copy()
+        return self._weight_coefficients().astype("float64")
+
+    def _weight_coefficients(self):
         if isinstance(self.fixed_effects, VariationalFixedEffects):
             return self.fixed_effects.coefficients()[0]
         weights = self.fixed_effects.get_weights()
@@ -1516,7 +1528,11 @@ class GLMM(keras.Model):
 
     def dispersion(self):
         """The family's dispersion parameters as floats (e.g. `{"scale": 0.755}`)."""
-        return {k: float(v) for k, v in self.head.params().items()}
+        params = {k: float(v) for k, v in self.head.params().items()}
+        recorded = estimates.current(self)  # the engine's own float64 values
+        if recorded is not None:
+            params.update({k: v for k, v in recorded["dispersion"].items() if k in params})
+        return params
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """Exports for serving; a formula model's signature takes raw grouping levels.
