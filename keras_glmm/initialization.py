@@ -12,6 +12,7 @@ units of the response and covariates.
 import keras
 import numpy as np
 import tensorflow as tf
+from keras_glmm import checks as checks_lib
 from keras_glmm import response as response_lib
 from keras_glmm.layers import triangular
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
@@ -119,6 +120,9 @@ def check_data(model, x, y):
     if "x" not in x:
         raise ValueError("Inputs need 'x', the fixed-effects design (a column of ones for an intercept).")
     out = {"x": _as_float_matrix(x["x"], "x", model=model)}
+    if getattr(model, "design", None) is None and not getattr(model.fixed_effects, "use_bias", False):
+        # The array API: the formula is not there to say whether the model has an intercept.
+        checks_lib.check_intercept(out["x"], getattr(model, "intercept", True))
     num_rows = out["x"].shape[0]
     for layer in model.terms:
         if layer.name not in x:

@@ -171,6 +171,12 @@ class GLMM(keras.Model):
             covariates; `from_formula(..., ziformula=...)` builds it). Such a model
             is fitted in memory by the engine only (`fit`'s default): stochastic
             VI, minibatches, files and `export` raise a ValueError saying so.
+        intercept: whether the model has an intercept (lme4's models do, unless the
+            formula says `0 +`). A formula model's formula decides; for arrays, `x`
+            must then carry it (a column of ones, or columns adding up to one, as a
+            full dummy coding), or the fit raises a ValueError
+            (`keras_glmm.checks.check_intercept`): without it the random effects
+            would take up the mean. `intercept=False` fits a model without one.
 
     Inputs: a dict with `"x"` `(batch, p)`, one entry per random-effects layer (its
     level indices), `name + "_z"` covariates for layers with slopes, optionally
@@ -204,9 +210,11 @@ class GLMM(keras.Model):
         memory_budget=MEMORY_BUDGET,
         agq_points=None,
         zero_inflation=None,
+        intercept=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.intercept = bool(intercept)
         self.family = families_lib.get_family(family, link=link)
         self.quadrature_points = quadrature_points
         if posterior not in POSTERIORS:
@@ -1581,6 +1589,7 @@ class GLMM(keras.Model):
                 "reml": self.reml,
                 "memory_budget": self.memory_budget,
                 "agq_points": self.agq_points,
+                "intercept": self.intercept,
                 "zero_inflation": None if self.zero_inflation is None else keras.saving.serialize_keras_object(
                     self.zero_inflation),
                 "weights": getattr(self, "_weights", None) if isinstance(
