@@ -14,6 +14,7 @@ from keras_glmm import families as families_lib
 from keras_glmm.batches import minibatches
 from keras_glmm import checks as checks_lib
 from keras_glmm import estimates
+from keras_glmm import frames
 from keras_glmm import initialization
 from keras_glmm import keywords
 from keras_glmm import response as response_lib
@@ -271,6 +272,7 @@ class GLMM(keras.Model):
         self.design = None  # set by from_formula: the frozen formula -> arrays schema
         self._data_initialized = False
         self._training_arrays = None
+        self._training_index = None  # the training frame's row index (keras_glmm.frames)
         self._training_source = None  # the files of a fit streamed from them
         self._stream_scan = None  # keras_glmm.streaming.Scan of the files the model knows
         self._solver = None  # the engine, during a fit by it
@@ -476,7 +478,9 @@ class GLMM(keras.Model):
         if streaming.is_source(x):
             return self._fit_files(x, y, batch_size, epochs, verbose, callbacks, steps_per_epoch, **kwargs)
         seed = kwargs.pop("seed", None)  # the minibatches' shuffle
+        frame = isinstance(x, pd.DataFrame)
         x, y = self._fit_inputs(x, y)
+        self._training_index = self._frame_index if frame else None
         if not isinstance(x, dict):
             self._require_in_memory("a tf.data pipeline is fitted by stochastic VI")
             if seed is not None:
@@ -1044,6 +1048,7 @@ class GLMM(keras.Model):
         # KL's scaling) and start from the GLM fit now, so that `fit` on a tf.data
         # pipeline of the same data works as well as `fit(data)`.
         x, y = model._frame_arrays(data, weights=weights)
+        model._formula_index = model._frame_index  # the rows `glmm` fits next
         checks_lib.check_fit_data(design, x, y, checks)  # separation of a binomial response
         model._formula_arrays = model.prepare(x, y)[:2]  # for `glmm`, which fits them next
         return model
@@ -1079,6 +1084,7 @@ class GLMM(keras.Model):
                 if weights is not None and not isinstance(weights, str):
                     weights = np.asarray(weights)[complete]
                 data = data.loc[complete]
+        self._frame_index = data.index  # results for these rows are indexed so (keras_glmm.frames)
         return design.arrays(data, weights=weights, with_response=with_response)
 
     @property
@@ -1260,13 +1266,25 @@ class GLMM(keras.Model):
         return results_lib.report(self)
 
     def fitted(self):
-        """Fitted response means of the training rows, random effects included."""
-        return self.predict_response(None)
+        """Fitted response means of the training rows, random effects included: a Series
+        indexed like the training data frame's rows, an array after a fit on arrays."""
+        return frames.series(self.predict_response(None), self._rows_index(None), "fitted")
 
     def residuals(self):
-        """Response residuals `y - fitted()` of the training rows (proportions for binomial)."""
+        """Response residuals `y - fitted()` of the training rows (proportions for binomial):
+        a Series indexed like the training data frame's rows, an array after a fit on arrays."""
         x, y = self._require_fit()
-        return response_lib.proportion(y) - self.fitted()
+        return frames.series(response_lib.proportion(y) - np.asarray(self.fitted()), self._rows_index(None),
+                             "residuals")
+
+    def _rows_index(self, newdata):
+        """The pandas index of the rows a result is for (`keras_glmm.frames`), or None for arrays."""
+        if isinstance(newdata, pd.DataFrame):
+            return self._frame_index  # the rows `_prediction_inputs` just kept
+        if newdata is None and self._training_arrays is not None and self._training_index is not None:
+            if len(self._training_index) == len(self._training_arrays[1]):
+                return self._training_index
+        return None
 
     def _kept_terms(self, re_form):
         """The terms a `re_form` keeps: all (None), none (`~0`, `NA`), or those it names."""
@@ -1336,13 +1354,14 @@ class GLMM(keras.Model):
             type: `"response"` (the mean) or `"link"` (the linear predictor).
 
         Returns:
-            A numpy array, one value per row.
+            One value per row: a pandas Series indexed like `newdata`'s rows (the
+            training frame's for `newdata=None`), a numpy array for arrays.
         """
         if type not in ("response", "link"):
             raise ValueError(f"`type` must be 'response' or 'link'. Received: type={type!r}")
         x = self._prediction_inputs(newdata, re_form, allow_new_levels)
         out = self.predict(x, verbose=0)
-        return out["mean"] if type == "response" else out["eta"]
+        return frames.series(out["mean"] if type == "response" else out["eta"], self._rows_index(newdata))
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         """Keras's `predict`; a data frame (formula models) gives `predict_response`'s means.
@@ -1419,9 +1438,15 @@ class GLMM(keras.Model):
         family: quantiles of the draws are prediction intervals. Binomial draws use
         the rows' own trials (`trials=`, or newdata's columns); a gaussian model's
         prior weights divide the rows' variance.
+
+        Returns:
+            For a data frame (or a formula model's training rows, `newdata=None`) a
+            DataFrame indexed like its rows with columns `draw_1` ... (one per draw);
+            for arrays a numpy array `(num_draws, rows)`.
         """
         _check_positive_integer(num_draws, "num_draws")
         x = self._prediction_inputs(newdata, re_form, True)
+        index = self._rows_index(newdata)
         trials, weights = self._response_of(newdata, trials)
         out = self.predict(x, verbose=0)
         eta_var = out["eta_var"].astype("float64")
@@ -1431,7 +1456,8 @@ class GLMM(keras.Model):
             eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
         rng = np.random.default_rng(seed)
         eta = out["eta"][None, :] + np.sqrt(eta_var)[None, :] * rng.standard_normal((num_draws, len(eta_var)))
-        return self._sample_response(eta, trials, weights, rng, row_params=self._row_params(out))
+        return frames.draws(self._sample_response(eta, trials, weights, rng, row_params=self._row_params(out)),
+                            index, "draw")
 
     def _row_params(self, out):
         """The parameters that vary by row (a zero-inflation with covariates), from `predict`'s output."""
@@ -1460,6 +1486,11 @@ class GLMM(keras.Model):
         Random effects are drawn afresh from their fitted prior `N(0, Sigma)` (lme4's
         default `re.form = NA`), fixed effects and dispersion at their estimates;
         binomial trials and a gaussian model's prior weights are the training rows'.
+
+        Returns:
+            After a fit on a data frame, lme4's layout: a DataFrame indexed like its
+            rows with columns `sim_1` ... `sim_<nsim>`; after a fit on arrays a numpy
+            array `(nsim, rows)`.
         """
         _check_positive_integer(nsim, "nsim")
         x, _ = self._require_fit()
@@ -1477,8 +1508,8 @@ class GLMM(keras.Model):
             if term.num_covariates:
                 z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
             eta += np.einsum("nk,snk->sn", z, b[:, np.asarray(x[term.name])])
-        return self._sample_response(eta, trials, weights if self.family.name == "gaussian" else None,
-                                     rng, row_params=self._row_params(out))
+        return frames.draws(self._sample_response(eta, trials, weights if self.family.name == "gaussian" else None,
+                                                  rng, row_params=self._row_params(out)), self._rows_index(None), "sim")
 
     def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).
@@ -1658,4 +1689,5 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
         model.fit(data, **fit_options)
     else:  # the data frame's arrays, checked and coded once
         model.fit(*arrays, **fit_options)
+        model._training_index = model.__dict__.pop("_formula_index", None)  # results indexed like `data`
     return model
