@@ -17,6 +17,7 @@ from keras_glmm import estimates
 from keras_glmm import frames
 from keras_glmm import initialization
 from keras_glmm import keywords
+from keras_glmm import plots
 from keras_glmm import response as response_lib
 from keras_glmm import results as results_lib
 from keras_glmm import serving, streaming
@@ -1264,6 +1265,14 @@ class GLMM(keras.Model):
     def report(self):
         """An lme4-like summary (a string; `model.summary()` keeps its Keras meaning)."""
         return results_lib.report(self)
+
+    def plot_ranef(self, max_levels=None, prob=0.95):
+        """lme4's `dotplot(ranef(fit, condVar = TRUE))`: a matplotlib Figure (`keras_glmm.plots`)."""
+        return plots.ranef_figure(self, max_levels=max_levels, prob=prob)
+
+    def plot_residuals(self):
+        """Residuals vs fitted and normal Q-Q plots: a matplotlib Figure (`keras_glmm.plots`)."""
+        return plots.residuals_figure(self)
 
     def fitted(self):
         """Fitted response means of the training rows, random effects included: a Series
