@@ -120,8 +120,11 @@ def check_data(model, x, y):
     if "x" not in x:
         raise ValueError("Inputs need 'x', the fixed-effects design (a column of ones for an intercept).")
     out = {"x": _as_float_matrix(x["x"], "x", model=model)}
-    if getattr(model, "design", None) is None and not getattr(model.fixed_effects, "use_bias", False):
-        # The array API: the formula is not there to say whether the model has an intercept.
+    fixed = model.fixed_effects
+    if (getattr(model, "design", None) is None and isinstance(fixed, (keras.layers.Dense, VariationalFixedEffects))
+            and not fixed.use_bias):
+        # The array API with a linear fixed part: no formula says whether the model has an
+        # intercept (a network, or a Dense with a bias, carries its own).
         checks_lib.check_intercept(out["x"], getattr(model, "intercept", True))
     num_rows = out["x"].shape[0]
     for layer in model.terms:

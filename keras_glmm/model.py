@@ -3,6 +3,7 @@
 import contextlib
 import math
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -1394,10 +1395,15 @@ class GLMM(keras.Model):
         compiled = self.steps_per_execution
         if compiled == 1:
             return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
-        self.steps_per_execution, self.predict_function = 1, None
+        # The one-step function is kept between calls (not as an attribute, which a
+        # SavedModel would try to save): a new one per call made TensorFlow warn of
+        # retracing from the sixth prediction on.
+        self.steps_per_execution, self.predict_function = 1, _ONE_STEP_PREDICT.get(self)
         try:
             return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
         finally:
+            if self.predict_function is not None:
+                _ONE_STEP_PREDICT[self] = self.predict_function
             self.steps_per_execution, self.predict_function = compiled, None
 
     def _response_of(self, newdata, trials):
@@ -1654,6 +1660,10 @@ class GLMM(keras.Model):
             model.design = Design.from_config(design)
         model._weights = weights
         return model
+
+
+# Each model's one-step predict function (see `GLMM.predict`), dropped with the model.
+_ONE_STEP_PREDICT = weakref.WeakKeyDictionary()
 
 
 def _check_positive_integer(value, name):

@@ -27,6 +27,7 @@ loader                        rows      what                                    
 :func:`load_guprenat`         2,449     prenatal care, mothers in communities        R package mlmRev
 :func:`load_fatalities`       336       US traffic deaths, 48 states x 7 years       R package AER
 :func:`load_kb07`             1,790     response times, crossed subject x item       Kronmueller & Barr (2007)
+:func:`load_salamanders`      644       salamander counts by site, species, mining   R package glmmTMB
 ============================  ========  ===========================================  ==========================
 
 References:
@@ -55,6 +56,7 @@ from keras_glmm.datasets._loaders import (
     load_pastes,
     load_penicillin,
     load_radon,
+    load_salamanders,
     load_scotssec,
     load_sleepstudy,
     load_star,
@@ -78,6 +80,7 @@ __all__ = [
     "load_pastes",
     "load_penicillin",
     "load_radon",
+    "load_salamanders",
     "load_scotssec",
     "load_sleepstudy",
     "load_star",
