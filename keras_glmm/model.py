@@ -1681,18 +1681,27 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
     ```
 
     Args:
-        formula: an lme4 formula.
+        formula: an lme4 formula. The fixed part has an intercept unless it says
+            `0 +` or `- 1`, as in lme4; a factor is `C(f)` (R's `factor(f)` is
+            refused with an error saying so).
         data: a pandas DataFrame, or files (`kg.read_csv`, `kg.read_parquet`)
             streamed in chunks.
-        family: a family name or `keras_glmm.families.Family`.
+        family: a family name, R's call of one as a string
+            (`'binomial(link = "probit")'`, `'Gamma("inverse")'`), or a
+            `keras_glmm.families.Family`.
         weights: binomial trials for a proportion response.
         **options: `GLMM.from_formula` options (`link`, `reml`, `posterior`,
             `na_action`, `sample_rows`, `ziformula`, `checks`, ...) and `fit` options (`epochs`, `callbacks`,
             `verbose`, `batch_size`, `steps_per_epoch`; for files `shuffle_buffer`
-            and `seed`).
+            and `seed`). Any other name is a TypeError with the name meant:
+            `REML=True` -> "did you mean reml=True?" (`keras_glmm.keywords`).
 
     Returns:
-        The fitted `GLMM`.
+        The fitted `GLMM`. Its results are float64 (the engine's estimates);
+        for a data frame `predict_response`, `fitted` and `residuals` are Series
+        indexed like its rows, `simulate` and `posterior_predictive` DataFrames
+        of a row per observation (`keras_glmm.frames`); `plot_ranef()` and
+        `plot_residuals()` draw them (`keras_glmm.plots`).
     """
     fit_keys = (
         "epochs", "callbacks", "verbose", "batch_size", "steps_per_epoch", "shuffle_buffer", "seed",

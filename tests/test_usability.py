@@ -155,7 +155,7 @@ def test_pandas_in_pandas_out(sleep_fit, sleep):
     assert isinstance(fitted, pd.Series) and fitted.index.equals(sleep.index)
     residuals = sleep_fit.residuals()
     assert isinstance(residuals, pd.Series) and residuals.index.equals(sleep.index)
-    np.testing.assert_allclose(residuals, sleep["Reaction"] - fitted, rtol=1e-6)
+    np.testing.assert_allclose(residuals, sleep["Reaction"] - fitted, atol=1e-4)  # predictions are float32
     new = pd.DataFrame({"Days": [0, 9], "Subject": ["308", "a new subject"]}, index=["a", "b"])
     predicted = sleep_fit.predict_response(new)
     assert list(predicted.index) == ["a", "b"]
