@@ -997,6 +997,9 @@ class GLMM(keras.Model):
         Returns:
             A compiled `GLMM`; `model.fit(data)` fits it.
         """
+        keywords.check_keywords(kwargs, keywords.parameters(  # R's `REML=`, a typo: a did-you-mean
+            cls.__init__, exclude=("random_effects", "zero_inflation")) | {"name", "dtype", "trainable"},
+            f"{cls.__name__}.from_formula()")
         family_obj = families_lib.get_family(family, link=link)
         checks = checks_lib.resolve_checks(checks, family_obj)
         if ziformula is not None and "zi_odds" not in family_obj.dispersion_params:

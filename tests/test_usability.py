@@ -78,6 +78,16 @@ def test_unknown_glmm_keywords_get_a_did_you_mean(sleep, keyword, value, message
     assert message in str(err.value)
 
 
+def test_from_formula_keywords_get_a_did_you_mean(sleep):
+    with pytest.raises(TypeError, match=r"GLMM.from_formula\(\) got an unexpected keyword argument 'REML': "
+                                        r"did you mean reml=True\?"):
+        kg.GLMM.from_formula("Reaction ~ Days + (1 | Subject)", sleep, REML=True)
+    with pytest.raises(TypeError, match="did you mean memory_budget=10"):
+        kg.GLMM.from_formula("Reaction ~ Days + (1 | Subject)", sleep, memory_budgte=10)
+    model = kg.GLMM.from_formula("Reaction ~ Days + (1 | Subject)", sleep, name="sleep", memory_budget=2**30)
+    assert model.name == "sleep" and model.memory_budget == 2**30
+
+
 # ------------------------------------------------------- the intercept
 def _groups(seed=0):
     rng = np.random.default_rng(seed)
