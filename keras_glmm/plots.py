@@ -32,7 +32,7 @@ from keras_glmm import results as results_lib
 
 # Level names are written on the y axis of a factor with at most this many levels
 # (drawn); beyond, the axis says how many levels are shown.
-LABELLED_LEVELS = 60
+LABELLED_LEVELS = 100
 
 
 def _figure(width, height):
@@ -116,7 +116,7 @@ def ranef_figure(model, max_levels=None, prob=0.95):
     heights = []
     for _, effects, levels in groups:
         shown = len(levels) if max_levels is None else min(len(levels), max_levels)
-        heights.append(max(2.2, 0.16 * shown + 1.0) if shown <= LABELLED_LEVELS else 4.0)
+        heights.append(max(2.2, 0.14 * shown + 1.0) if shown <= LABELLED_LEVELS else 5.0)
     figure = _figure(3.6 * columns + 1.2, sum(heights))
     grid = figure.add_gridspec(len(groups), columns, height_ratios=heights)
     scale = scale_label(model)
@@ -140,7 +140,7 @@ def ranef_figure(model, max_levels=None, prob=0.95):
             if col == 0:
                 if len(order) <= LABELLED_LEVELS:
                     axes.set_yticks(position)
-                    axes.set_yticklabels([levels[i] for i in order], fontsize=7)
+                    axes.set_yticklabels([levels[i] for i in order], fontsize=7 if len(order) <= 40 else 6)
                     axes.set_ylabel(group, fontsize=8)
                 else:
                     axes.set_yticks([])
