@@ -1,8 +1,9 @@
 """Everyday models: keras_glmm, lme4 and GPBoost on every open reference case, in one run.
 
-Part 1, the reference cases: every entry of `tests/reference/lme4_reference.json` and
-`tests/reference/lme4_reference_more.json` (copies of the project's lme4 1.1-31 reference
-fits), each read from its bundled loader (`kg.datasets.load_*`) and fitted with its
+Part 1, the reference cases: every entry of `tests/reference/lme4_reference.json`,
+`tests/reference/lme4_reference_more.json` and `tests/reference/lme4_reference_maximal.json`
+(kb07's maximal, `||` and final crossed models; copies of the project's lme4 1.1-31
+reference fits), each read from its bundled loader (`kg.datasets.load_*`) and fitted with its
 `formula`, `family`, `reml` and `na_action`:
 
 - keras_glmm: the wall time of `kg.glmm(formula, frame, family=..., reml=...,
@@ -75,7 +76,8 @@ from _rscript import run_rscript  # noqa: E402
 
 # The tests' copies of the reference fits: one home for these facts.
 REFERENCE_FILES = (HERE.parent / "tests" / "reference" / "lme4_reference.json",
-                   HERE.parent / "tests" / "reference" / "lme4_reference_more.json")
+                   HERE.parent / "tests" / "reference" / "lme4_reference_more.json",
+                   HERE.parent / "tests" / "reference" / "lme4_reference_maximal.json")
 
 # Reference data file -> bundled loader.
 LOADERS = {
@@ -97,6 +99,7 @@ LOADERS = {
     "bacteria.csv": "load_bacteria",
     "cbpp_olre.csv": "load_cbpp_olre",
     "fatalities_slope.csv": "load_fatalities",
+    "kb07.csv": "load_kb07",
 }
 # glmer controls of the reference fits (the case's notes say why).
 LME4_CONTROL = {"guimmun": 'glmerControl(optimizer = "bobyqa")'}

@@ -316,8 +316,13 @@ def drop_aliased(matrix, names, checks: Checks):
         ValueError: a rank-deficient design under ``rank_x="stop"``.
     """
     names = list(names)
+    matrix = np.asarray(matrix, dtype=np.float64)
+    # No rows, a non-finite value or one whose square overflows (the data checks name
+    # its column and row later): a rank found by QR there would be rounding's.
+    if len(matrix) == 0 or not np.isfinite(matrix).all() or np.max(np.abs(matrix)) > np.sqrt(np.finfo(np.float64).max):
+        return list(range(len(names))), []
     r = r_factor(matrix)
-    if len(matrix) == 0 or not np.isfinite(r).all():  # no rows, or a non-finite value (named later)
+    if not np.isfinite(r).all():
         return list(range(len(names))), []
     kept, aliased = aliased_columns(r, names)
     if aliased:

@@ -228,6 +228,16 @@ def test_quasi_complete_separation_names_the_column():
         kg.GLMM.from_formula("y ~ x + f + (1 | g)", data, family="binomial", checks={"separation": "stop"})
 
 
+def test_separated_fit_ends_with_infinite_standard_errors_not_a_crash():
+    """lme4 returns fb 36.8 with SE 1.7e7 (where its optimizer stopped); the estimate is
+    +infinity, so the fit heads there and its standard errors are NaN, after the warning."""
+    data = separation_data()
+    with pytest.warns(UserWarning, match=r"moves \['fb'\]"):
+        fit = kg.glmm("y ~ x + f + (1 | g)", data, family="binomial")
+    assert fit.fixef()["fb"] > 30
+    assert np.isnan(fit.coef_table()["Std. Error"]["fb"])
+
+
 def test_complete_separation_names_the_slope():
     data = separation_data()
     with pytest.warns(UserWarning, match=r"separate the binomial response 'y2' .* moves \['\(Intercept\)', 'x'\]"):

@@ -100,8 +100,10 @@ SINGULAR_TOLERANCE = 1e-4
 HESSIAN_NODES = 10_000_000
 # Below this many dense coefficients the engine's linear algebra runs on one BLAS
 # thread: splitting a 100 x 100 Cholesky across threads costs more than it saves,
-# and far more (milliseconds per call) when other processes hold the cores.
-SMALL_DENSE = 600
+# and far more when other processes hold the cores (measured here with the cores
+# shared: a 656 x 656 Cholesky 5.4 ms on one thread, 70 ms on two; kb07's `||`
+# model, 656 dense coefficients, 3.2 s against 11.4 s).
+SMALL_DENSE = 2000
 # Adaptive quadrature's nodes per dimension: with 25 the exact log-likelihoods of
 # the reference cases are reproduced to 1e-4 nats or better (40: 1e-9).
 AGQ_POINTS = 25
@@ -1138,7 +1140,8 @@ class VariationalSolver:
         lower = np.concatenate([np.full(self.num_fixed, -np.inf), self.parameters.lower])
         p = self.num_fixed
         inverse = np.zeros((len(vector), len(vector)))
-        inverse[:p, :p] = self.fixed_covariance()
+        covariance = self.fixed_covariance()
+        inverse[:p, :p] = covariance if np.all(np.isfinite(covariance)) else np.eye(p)
         try:
             curvature = self._glmm_curvature(st["vector"])
             inverse[p:, p:] = np.linalg.inv(curvature + 1e-8 * np.eye(len(curvature)))
@@ -1388,7 +1391,13 @@ class VariationalSolver:
         params.update(st["dispersion"])
         _, _, second, _ = self.family.log_prob_derivatives(self.y, st["eta"], params, trials=self.trials)
         h = np.maximum(-self.weights * second, 0.0)
-        factor = self.system.factor(st["lambdas"], self.structure.cross_products(h))
+        try:
+            factor = self.system.factor(st["lambdas"], self.structure.cross_products(h))
+        except np.linalg.LinAlgError:
+            # No curvature left in some direction: separated binary data, whose
+            # coefficient heads to infinity (the data check warned, naming it). Its
+            # standard error is infinite, not the 1e7 of a rounding error.
+            return np.full((self.num_fixed, self.num_fixed), np.nan)
         return factor.fixed_covariance()
 
     def zi_covariance(self):
