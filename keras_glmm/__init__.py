@@ -1,9 +1,10 @@
 """keras_glmm: generalized linear mixed models as Keras 3 layers, fitted by variational inference."""
 
-import os as _os
+from keras_glmm import startup as _startup
 
-# TensorFlow's C++ start-up chatter is noise for a statistics user.
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter is noise for a statistics user: imported here
+# first, quietly, unless the user set TF_CPP_MIN_LOG_LEVEL (keras_glmm.startup).
+_startup.import_tensorflow()
 
 from keras_glmm import datasets, distribute, families, layers, serving, streaming  # noqa: E402
 from keras_glmm import composition, losses  # noqa: E402

@@ -47,6 +47,7 @@ __all__ = [
     "SEPARATION_MAX_ROWS",
     "aliased_columns",
     "check_fit_data",
+    "check_intercept",
     "check_levels",
     "check_response",
     "collinearity",
@@ -510,3 +511,51 @@ def check_fit_data(design, inputs: dict, y: np.ndarray | None, checks: Checks) -
             "the response perfectly",
             "separation",
         )
+
+
+# The intercept check of the array API looks at this many rows (a uniform sample).
+INTERCEPT_SAMPLE_ROWS = 10_000
+
+
+def check_intercept(x, intercept=True, seed=0):
+    """Refuses a fixed design `x` without an intercept unless the model says it has none.
+
+    lme4's fixed part has an intercept unless the formula says `0 +` or `- 1`. The
+    array API (`GLMM(...)` fitted on `{"x": ...}`) takes `x` as it comes, and an `x`
+    without a column of ones left the mean of the response to the random effects:
+    with groups of sd 1 around a mean of 1.5 the groups' sd came out 1.59. So with
+    `intercept=True` (GLMM's default) the constant must lie in the span of `x`'s
+    columns (a column of ones, or a full dummy coding, `0 + f`): the least-squares
+    residual of a column of ones on `x`, over a uniform sample of at most
+    `INTERCEPT_SAMPLE_ROWS` rows, must vanish (below 1e-6 of its norm).
+    `intercept=False` is the user's word that the model has none (lme4's `0 +`).
+
+    Raises:
+        ValueError: naming the input and the two ways out.
+    """
+    if not intercept:
+        return
+    x = np.asarray(x, "float64")
+    if x.ndim == 1:
+        x = x[:, None]
+    if len(x) > INTERCEPT_SAMPLE_ROWS:
+        rows = np.random.default_rng(seed).choice(len(x), INTERCEPT_SAMPLE_ROWS, replace=False)
+        x = x[np.sort(rows)]
+    ones = np.ones(len(x))
+    if len(x) == 0:
+        return
+    if x.shape[1]:
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-300)  # column scaling: lstsq's rank decision
+        coef = np.linalg.lstsq(x / scale, ones, rcond=None)[0]
+        residual = ones - (x / scale) @ coef
+    else:
+        residual = ones
+    if np.linalg.norm(residual) <= 1e-6 * np.sqrt(len(x)):
+        return
+    raise ValueError(
+        f"Input 'x' ({x.shape[1]} column(s)) has no intercept: no column of ones, and no columns "
+        "that add up to a constant (a full dummy coding), so the random effects would take up the "
+        "mean of the response and their sds would be overstated. Add a column of ones to x (lme4's "
+        "models have an intercept unless the formula says `0 +`), or pass GLMM(..., intercept=False) "
+        "for a model without one."
+    )

@@ -418,7 +418,7 @@ class _Checker:
         if signature is None:
             where = (" (offsets and the response take no C(), Q() or splines)"
                      if self.role == "value" and isinstance(func, ast.Name) and func.id in DESIGN_FUNCTIONS else "")
-            raise self.refuse(node, f"a call of '{what}'{where}")
+            raise self.refuse(node, f"a call of '{what}'{where}{_r_hint(what, node, self)}")
         if len(node.args) < signature.required and not node.keywords:
             raise self.refuse(node, f"{what}() needs {signature.required} argument(s)")
         if len(node.args) > len(signature.positional):
@@ -431,6 +431,25 @@ class _Checker:
                 allowed = [k for k, _ in signature.keywords]
                 raise self.refuse(node, f"the keyword {kw.arg or '**'}= of {what}() (allowed: {allowed or 'none'})")
             self.argument(kind, kw.value)
+
+
+# R's functions of a formula and what this language says instead (`_r_hint`).
+_R_FUNCTIONS = {
+    "factor": "use C({arg}) for a factor (R's factor())",
+    "as.factor": "use C({arg}) for a factor (R's as.factor())",
+    "ordered": "use C({arg}, Poly) for an ordered factor's polynomial contrasts (R's ordered())",
+    "relevel": "use C({arg}, Treatment('level')) for another reference level (R's relevel())",
+    "as.numeric": "a numeric column needs no call: write {arg}",
+}
+
+
+def _r_hint(what: str, node: ast.Call, visitor) -> str:
+    """`: use C(period) for a factor (R's factor())` for R's spelling, else ''."""
+    hint = _R_FUNCTIONS.get(what)
+    if hint is None:
+        return ""
+    arg = visitor.show(node.args[0]) if node.args else "x"
+    return ": " + hint.format(arg=arg)
 
 
 def _parse(text: str, where: str) -> tuple[ast.AST, dict[str, str]]:
@@ -533,7 +552,9 @@ def check_terms(rhs: str, where: str, columns=None) -> None:
     try:
         factors = _factors(rhs, None if columns is None else columns.names)
     except Exception as e:  # noqa: BLE001 - formulaic's parser errors vary
-        raise _refusal(where, f"formulaic cannot parse '{rhs}': {e}") from None
+        call = re.search(r"\bas\.factor\(\s*([^()]*?)\s*\)", rhs)  # `as` is Python's keyword
+        hint = "" if call is None else "; " + _R_FUNCTIONS["as.factor"].format(arg=call.group(1) or "x")
+        raise _refusal(where, f"formulaic cannot parse '{rhs}': {e}{hint}") from None
     for expr, method in factors:
         if method == "literal":
             continue  # formulaic reads these with ast.literal_eval

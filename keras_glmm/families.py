@@ -20,6 +20,7 @@ convention of a public method that handles dtypes and validation and a private
 """
 
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -1735,6 +1736,30 @@ def _np_log1mexp(a):
     return np.where(a > -math.log(2.0), np.log(-np.expm1(a)), np.log1p(-np.exp(a)))
 
 
+# R's spelling of a family with its link, as a string: `binomial(link = "probit")`,
+# `poisson(link='log')`, `Gamma("inverse")`, `gaussian()`.
+_R_FAMILY_CALL = re.compile(
+    r"""^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*\(\s*(?:(?:link\s*=\s*)?(["']?)([A-Za-z0-9_.]+)\2\s*)?\)\s*$""")
+
+
+def _r_family_call(name, link):
+    """`("binomial", "probit")` from R's `'binomial(link="probit")'`; other names pass unchanged.
+
+    A link given both in the string and as `link=` must be the same link.
+    """
+    if not isinstance(name, str):
+        return name, link
+    match = _R_FAMILY_CALL.match(name)
+    if match is None:
+        return name, link
+    family, written = match.group(1), match.group(3)
+    if written is not None and link is not None and str(getattr(link, "name", link)).lower() != written.lower():
+        raise ValueError(
+            f"Family {name!r} names the link {written!r} but `link` is {getattr(link, 'name', link)!r}: "
+            "give the link once.")
+    return family, link if written is None else written
+
+
 def get_family(name_or_family, link=None):
     """Returns a :class:`Family` instance.
 
@@ -1744,8 +1769,11 @@ def get_family(name_or_family, link=None):
         -> nbinom1,
         ``"bernoulli"`` -> binomial, ``"zip"`` -> zero_inflated_poisson,
         ``"zinb"`` -> zero_inflated_negative_binomial, ``"cumulative_logit"`` and
-        ``"cumulative_probit"`` -> ordinal with that link), a ``Family`` subclass, or an instance
-        (returned as is when ``link`` is None, else rebuilt with ``link``).
+        ``"cumulative_probit"`` -> ordinal with that link), R's call of a family
+        as a string (``'binomial(link = "probit")'``, ``"poisson(link='log')"``,
+        ``'Gamma("inverse")'``, ``"gaussian()"``: the family and its link), a
+        ``Family`` subclass, or an instance (returned as is when ``link`` is
+        None, else rebuilt with ``link``).
       link: link name or ``Link``; None -> the family's canonical link.
 
     Raises:
@@ -1759,6 +1787,7 @@ def get_family(name_or_family, link=None):
         return type(name_or_family)(link)
     if isinstance(name_or_family, type) and issubclass(name_or_family, Family):
         return name_or_family(link)
+    name_or_family, link = _r_family_call(name_or_family, link)
     key = str(name_or_family).strip().lower()
     if key in _NAMED_LINKS:  # a family and its link in one name
         key, named = _NAMED_LINKS[key]

@@ -12,6 +12,7 @@ units of the response and covariates.
 import keras
 import numpy as np
 import tensorflow as tf
+from keras_glmm import checks as checks_lib
 from keras_glmm import response as response_lib
 from keras_glmm.layers import triangular
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
@@ -119,6 +120,12 @@ def check_data(model, x, y):
     if "x" not in x:
         raise ValueError("Inputs need 'x', the fixed-effects design (a column of ones for an intercept).")
     out = {"x": _as_float_matrix(x["x"], "x", model=model)}
+    fixed = model.fixed_effects
+    if (getattr(model, "design", None) is None and isinstance(fixed, (keras.layers.Dense, VariationalFixedEffects))
+            and not fixed.use_bias):
+        # The array API with a linear fixed part: no formula says whether the model has an
+        # intercept (a network, or a Dense with a bias, carries its own).
+        checks_lib.check_intercept(out["x"], getattr(model, "intercept", True))
     num_rows = out["x"].shape[0]
     for layer in model.terms:
         if layer.name not in x:

@@ -3,6 +3,7 @@
 import contextlib
 import math
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -13,8 +14,12 @@ from keras_glmm import composition  # networks as fixed effects (keras_glmm.comp
 from keras_glmm import families as families_lib
 from keras_glmm.batches import minibatches
 from keras_glmm import checks as checks_lib
-from keras_glmm import inference, initialization, prediction
 from keras_glmm import degrees_of_freedom, profile as profile_lib
+from keras_glmm import estimates
+from keras_glmm import frames
+from keras_glmm import inference, initialization, prediction
+from keras_glmm import keywords
+from keras_glmm import plots
 from keras_glmm import response as response_lib
 from keras_glmm import ordinal as ordinal_lib
 from keras_glmm import results as results_lib
@@ -173,6 +178,12 @@ class GLMM(keras.Model):
             covariates; `from_formula(..., ziformula=...)` builds it). Such a model
             is fitted in memory by the engine only (`fit`'s default): stochastic
             VI, minibatches, files and `export` raise a ValueError saying so.
+        intercept: whether the model has an intercept (lme4's models do, unless the
+            formula says `0 +`). A formula model's formula decides; for arrays, `x`
+            must then carry it (a column of ones, or columns adding up to one, as a
+            full dummy coding), or the fit raises a ValueError
+            (`keras_glmm.checks.check_intercept`): without it the random effects
+            would take up the mean. `intercept=False` fits a model without one.
 
     Inputs: a dict with `"x"` `(batch, p)`, one entry per random-effects layer (its
     level indices), `name + "_z"` covariates for layers with slopes, optionally
@@ -206,9 +217,11 @@ class GLMM(keras.Model):
         memory_budget=MEMORY_BUDGET,
         agq_points=None,
         zero_inflation=None,
+        intercept=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.intercept = bool(intercept)
         self.family = families_lib.get_family(family, link=link)
         self.quadrature_points = quadrature_points
         if posterior not in POSTERIORS:
@@ -265,6 +278,7 @@ class GLMM(keras.Model):
         self.design = None  # set by from_formula: the frozen formula -> arrays schema
         self._data_initialized = False
         self._training_arrays = None
+        self._training_index = None  # the training frame's row index (keras_glmm.frames)
         self._training_source = None  # the files of a fit streamed from them
         self._stream_scan = None  # keras_glmm.streaming.Scan of the files the model knows
         self._solver = None  # the engine, during a fit by it
@@ -470,7 +484,9 @@ class GLMM(keras.Model):
         if streaming.is_source(x):
             return self._fit_files(x, y, batch_size, epochs, verbose, callbacks, steps_per_epoch, **kwargs)
         seed = kwargs.pop("seed", None)  # the minibatches' shuffle
+        frame = isinstance(x, pd.DataFrame)
         x, y = self._fit_inputs(x, y)
+        self._training_index = self._frame_index if frame else None
         if not isinstance(x, dict):
             self._require_in_memory("a tf.data pipeline is fitted by stochastic VI")
             if seed is not None:
@@ -736,6 +752,8 @@ class GLMM(keras.Model):
             "convergence": None if solver.check is None else solver.check.as_dict(),
             "estimator": solver.estimator,
         }
+        # The float64 estimates for reporting (the layers hold float32: keras_glmm.estimates).
+        self._engine_fit["estimates"] = estimates.record(self, results)
         failure = solver.check.message() if solver.check is not None and not solver.check.passed else None
         self._finish_fit(x, y, history, solver.converged, None, callbacks, elbo=report["elbo"], failure=failure)
         return history
@@ -985,6 +1003,9 @@ class GLMM(keras.Model):
         Returns:
             A compiled `GLMM`; `model.fit(data)` fits it.
         """
+        keywords.check_keywords(kwargs, keywords.parameters(  # R's `REML=`, a typo: a did-you-mean
+            cls.__init__, exclude=("random_effects", "zero_inflation")) | {"name", "dtype", "trainable"},
+            f"{cls.__name__}.from_formula()")
         family_obj = families_lib.get_family(family, link=link)
         checks = checks_lib.resolve_checks(checks, family_obj)
         if ziformula is not None and "zi_odds" not in family_obj.dispersion_params:
@@ -1043,6 +1064,7 @@ class GLMM(keras.Model):
         # KL's scaling) and start from the GLM fit now, so that `fit` on a tf.data
         # pipeline of the same data works as well as `fit(data)`.
         x, y = model._frame_arrays(data, weights=weights)
+        model._formula_index = model._frame_index  # the rows `glmm` fits next
         checks_lib.check_fit_data(design, x, y, checks)  # separation of a binomial response
         model._formula_arrays = model.prepare(x, y)[:2]  # for `glmm`, which fits them next
         return model
@@ -1078,6 +1100,7 @@ class GLMM(keras.Model):
                 if weights is not None and not isinstance(weights, str):
                     weights = np.asarray(weights)[complete]
                 data = data.loc[complete]
+        self._frame_index = data.index  # results for these rows are indexed so (keras_glmm.frames)
         return design.arrays(data, weights=weights, with_response=with_response)
 
     @property
@@ -1153,6 +1176,9 @@ class GLMM(keras.Model):
         if "zi_odds" not in self.family.dispersion_params:
             raise ValueError(f"Family {self.family.name!r} has no zero-inflation: it is not zero-inflated.")
         if self.zero_inflation is not None:
+            recorded = estimates.current(self)
+            if recorded is not None and recorded["zi"] is not None:
+                return recorded["zi"].copy()
             return self.zero_inflation.get_weights()[0].reshape(-1).astype("float64")
         return np.array([math.log(self.dispersion()["zi_odds"])])
 
@@ -1304,14 +1330,34 @@ class GLMM(keras.Model):
         """An lme4-like summary (a string; `model.summary()` keeps its Keras meaning)."""
         return results_lib.report(self)
 
+    def plot_ranef(self, max_levels=None, prob=0.95):
+        """lme4's `dotplot(ranef(fit, condVar = TRUE))`: a matplotlib Figure (`keras_glmm.plots`)."""
+        return plots.ranef_figure(self, max_levels=max_levels, prob=prob)
+
+    def plot_residuals(self):
+        """Residuals vs fitted and normal Q-Q plots: a matplotlib Figure (`keras_glmm.plots`)."""
+        return plots.residuals_figure(self)
+
     def fitted(self):
-        """Fitted response means of the training rows, random effects included."""
-        return self.predict_response(None)
+        """Fitted response means of the training rows, random effects included: a Series
+        indexed like the training data frame's rows, an array after a fit on arrays."""
+        return frames.series(self.predict_response(None), self._rows_index(None), "fitted")
 
     def residuals(self):
-        """Response residuals `y - fitted()` of the training rows (proportions for binomial)."""
+        """Response residuals `y - fitted()` of the training rows (proportions for binomial):
+        a Series indexed like the training data frame's rows, an array after a fit on arrays."""
         x, y = self._require_fit()
-        return response_lib.proportion(y) - self.fitted()
+        return frames.series(response_lib.proportion(y) - np.asarray(self.fitted()), self._rows_index(None),
+                             "residuals")
+
+    def _rows_index(self, newdata):
+        """The pandas index of the rows a result is for (`keras_glmm.frames`), or None for arrays."""
+        if isinstance(newdata, pd.DataFrame):
+            return self._frame_index  # the rows `_prediction_inputs` just kept
+        if newdata is None and self._training_arrays is not None and self._training_index is not None:
+            if len(self._training_index) == len(self._training_arrays[1]):
+                return self._training_index
+        return None
 
     def _kept_terms(self, re_form):
         """The terms a `re_form` keeps: all (None), none (`~0`, `NA`), or those it names."""
@@ -1384,10 +1430,12 @@ class GLMM(keras.Model):
                 `fit`, `lower`, `upper` at `level` (`keras_glmm.prediction`).
 
         Returns:
-            A numpy array, one value per row (a DataFrame with `interval`). For an
-            ordinal model a DataFrame of each row's category probabilities, one column
-            per category (`type="link"`: clmm's `eta = x' beta + z' b`, without the
-            intercept the thresholds replace).
+            One value per row: a pandas Series indexed like `newdata`'s rows (the
+            training frame's for `newdata=None`), a numpy array for arrays; a
+            DataFrame `fit`, `lower`, `upper` with `interval`. For an ordinal model a
+            DataFrame of each row's category probabilities, one column per category
+            (`type="link"`: clmm's `eta = x' beta + z' b`, without the intercept the
+            thresholds replace).
         """
         if interval is not None:
             return prediction.predict_interval(self, newdata, re_form, allow_new_levels, type, interval, level)
@@ -1397,10 +1445,10 @@ class GLMM(keras.Model):
         out = self.predict(x, verbose=0)
         if ordinal_lib.is_ordinal(self.family):  # category probabilities; clmm's eta has no intercept
             if type == "link":
-                return ordinal_lib.link_without_intercept(self, out["eta"])
+                return frames.series(ordinal_lib.link_without_intercept(self, out["eta"]), self._rows_index(newdata))
             return ordinal_lib.probabilities(self, out["eta"], newdata.index if isinstance(newdata, pd.DataFrame)
                                              else None)
-        return out["mean"] if type == "response" else out["eta"]
+        return frames.series(out["mean"] if type == "response" else out["eta"], self._rows_index(newdata))
 
     def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
         """Keras's `predict`; a data frame (formula models) gives `predict_response`'s means.
@@ -1424,10 +1472,15 @@ class GLMM(keras.Model):
         compiled = self.steps_per_execution
         if compiled == 1:
             return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
-        self.steps_per_execution, self.predict_function = 1, None
+        # The one-step function is kept between calls (not as an attribute, which a
+        # SavedModel would try to save): a new one per call made TensorFlow warn of
+        # retracing from the sixth prediction on.
+        self.steps_per_execution, self.predict_function = 1, _ONE_STEP_PREDICT.get(self)
         try:
             return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps, callbacks=callbacks)
         finally:
+            if self.predict_function is not None:
+                _ONE_STEP_PREDICT[self] = self.predict_function
             self.steps_per_execution, self.predict_function = compiled, None
 
     def _response_of(self, newdata, trials):
@@ -1477,9 +1530,15 @@ class GLMM(keras.Model):
         family: quantiles of the draws are prediction intervals. Binomial draws use
         the rows' own trials (`trials=`, or newdata's columns); a gaussian model's
         prior weights divide the rows' variance.
+
+        Returns:
+            For a data frame (or a formula model's training rows, `newdata=None`) a
+            DataFrame indexed like its rows with columns `draw_1` ... (one per draw);
+            for arrays a numpy array `(num_draws, rows)`.
         """
         _check_positive_integer(num_draws, "num_draws")
         x = self._prediction_inputs(newdata, re_form, True)
+        index = self._rows_index(newdata)
         trials, weights = self._response_of(newdata, trials)
         out = self.predict(x, verbose=0)
         eta_var = out["eta_var"].astype("float64")
@@ -1489,7 +1548,8 @@ class GLMM(keras.Model):
             eta_var = eta_var + np.einsum("ij,jk,ik->i", xx, vcov, xx)
         rng = np.random.default_rng(seed)
         eta = out["eta"][None, :] + np.sqrt(eta_var)[None, :] * rng.standard_normal((num_draws, len(eta_var)))
-        return self._sample_response(eta, trials, weights, rng, row_params=self._row_params(out))
+        return frames.draws(self._sample_response(eta, trials, weights, rng, row_params=self._row_params(out)),
+                            index, "draw")
 
     def _row_params(self, out):
         """The parameters that vary by row (a zero-inflation with covariates), from `predict`'s output."""
@@ -1520,9 +1580,15 @@ class GLMM(keras.Model):
         `re.form = NA`: all drawn); fixed effects and dispersion at their estimates;
         binomial trials and a gaussian model's prior weights are the rows' own (see
         `keras_glmm.prediction.simulate`).
+
+        Returns:
+            For a data frame (`newdata`, or the training frame), lme4's layout: a
+            DataFrame indexed like its rows with columns `sim_1` ... `sim_<nsim>`;
+            for arrays a numpy array `(nsim, rows)`.
         """
         _check_positive_integer(nsim, "nsim")
-        return prediction.simulate(self, nsim=nsim, seed=seed, newdata=newdata, re_form=re_form, trials=trials)
+        values = prediction.simulate(self, nsim=nsim, seed=seed, newdata=newdata, re_form=re_form, trials=trials)
+        return frames.draws(values, self._rows_index(newdata), "sim")
 
     def elbo(self, x, y=None):
         """The ELBO of a data set and its parts (totals, not per row).
@@ -1565,7 +1631,13 @@ class GLMM(keras.Model):
         return kl
 
     def coefficients(self):
-        """Fixed-effect estimates (posterior means), `(p,)`, in the columns of `x`."""
+        """Fixed-effect estimates (posterior means), `(p,)` float64, in the columns of `x`."""
+        recorded = estimates.current(self)  # the engine's own float64 values
+        if recorded is not None:
+            return recorded["beta"].copy()
+        return self._weight_coefficients().astype("float64")
+
+    def _weight_coefficients(self):
         if isinstance(self.fixed_effects, VariationalFixedEffects):
             return self.fixed_effects.coefficients()[0]
         weights = self.fixed_effects.get_weights()
@@ -1574,7 +1646,11 @@ class GLMM(keras.Model):
 
     def dispersion(self):
         """The family's dispersion parameters as floats (e.g. `{"scale": 0.755}`)."""
-        return {k: float(v) for k, v in self.head.params().items()}
+        params = {k: float(v) for k, v in self.head.params().items()}
+        recorded = estimates.current(self)  # the engine's own float64 values
+        if recorded is not None:
+            params.update({k: v for k, v in recorded["dispersion"].items() if k in params})
+        return params
 
     def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
         """Exports for serving; a formula model's signature takes raw grouping levels.
@@ -1623,6 +1699,7 @@ class GLMM(keras.Model):
                 "reml": self.reml,
                 "memory_budget": self.memory_budget,
                 "agq_points": self.agq_points,
+                "intercept": self.intercept,
                 "zero_inflation": None if self.zero_inflation is None else keras.saving.serialize_keras_object(
                     self.zero_inflation),
                 "weights": getattr(self, "_weights", None) if isinstance(
@@ -1651,6 +1728,10 @@ class GLMM(keras.Model):
         return model
 
 
+# Each model's one-step predict function (see `GLMM.predict`), dropped with the model.
+_ONE_STEP_PREDICT = weakref.WeakKeyDictionary()
+
+
 def _check_positive_integer(value, name):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
@@ -1666,22 +1747,35 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
     ```
 
     Args:
-        formula: an lme4 formula.
+        formula: an lme4 formula. The fixed part has an intercept unless it says
+            `0 +` or `- 1`, as in lme4; a factor is `C(f)` (R's `factor(f)` is
+            refused with an error saying so).
         data: a pandas DataFrame, or files (`kg.read_csv`, `kg.read_parquet`)
             streamed in chunks.
-        family: a family name or `keras_glmm.families.Family`.
+        family: a family name, R's call of one as a string
+            (`'binomial(link = "probit")'`, `'Gamma("inverse")'`), or a
+            `keras_glmm.families.Family`.
         weights: binomial trials for a proportion response.
         **options: `GLMM.from_formula` options (`link`, `reml`, `posterior`,
             `na_action`, `sample_rows`, `ziformula`, `checks`, ...) and `fit` options (`epochs`, `callbacks`,
             `verbose`, `batch_size`, `steps_per_epoch`; for files `shuffle_buffer`
-            and `seed`).
+            and `seed`). Any other name is a TypeError with the name meant:
+            `REML=True` -> "did you mean reml=True?" (`keras_glmm.keywords`).
 
     Returns:
-        The fitted `GLMM`.
+        The fitted `GLMM`. Its results are float64 (the engine's estimates);
+        for a data frame `predict_response`, `fitted` and `residuals` are Series
+        indexed like its rows, `simulate` and `posterior_predictive` DataFrames
+        of a row per observation (`keras_glmm.frames`); `plot_ranef()` and
+        `plot_residuals()` draw them (`keras_glmm.plots`).
     """
     fit_keys = (
         "epochs", "callbacks", "verbose", "batch_size", "steps_per_epoch", "shuffle_buffer", "seed",
     )
+    # Unknown names (R's `REML=`, a typo) fail here with a did-you-mean, not inside Keras.
+    keywords.check_keywords(options, keywords.parameters(
+        GLMM.from_formula, GLMM.__init__, exclude=("formula", "data", "random_effects", "zero_inflation"),
+    ) | set(fit_keys) | {"name", "dtype", "trainable"}, "glmm()")
     fit_options = {k: options.pop(k) for k in fit_keys if k in options}
     model = GLMM.from_formula(formula, data, family=family, weights=weights, **options)
     arrays = model.__dict__.pop("_formula_arrays", None)
@@ -1689,4 +1783,5 @@ def glmm(formula, data, family="gaussian", weights=None, **options):
         model.fit(data, **fit_options)
     else:  # the data frame's arrays, checked and coded once
         model.fit(*arrays, **fit_options)
+        model._training_index = model.__dict__.pop("_formula_index", None)  # results indexed like `data`
     return model

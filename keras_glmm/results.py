@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
-from scipy import stats
+from scipy import special
 
+from keras_glmm import estimates
 from keras_glmm import response as response_lib
 
 
@@ -62,11 +63,27 @@ def term_levels(model, term):
 
 
 def conditional_mean(model, term):
-    return term.conditional_mean()
+    """Each level's posterior mean `(L, k)`, float64: the engine's values after its fit."""
+    recorded = estimates.term_value(model, term, "level_means")
+    return term.conditional_mean().astype("float64") if recorded is None else recorded
 
 
 def conditional_stddev(model, term):
-    return term.conditional_stddev()
+    """Each level's posterior sd `(L, k)`, float64: the engine's values after its fit."""
+    recorded = estimates.term_value(model, term, "level_stddev")
+    return term.conditional_stddev().astype("float64") if recorded is None else recorded
+
+
+def prior_stddev(model, term):
+    """A term's standard deviations `(k,)`, float64: the engine's values after its fit."""
+    recorded = estimates.term_value(model, term, "stddev")
+    return np.asarray(term.prior_stddev(), "float64") if recorded is None else recorded
+
+
+def prior_correlation(model, term):
+    """A term's correlation matrix `(k, k)`, float64: the engine's values after its fit."""
+    recorded = estimates.term_value(model, term, "correlation")
+    return np.asarray(term.prior_correlation(), "float64") if recorded is None else recorded
 
 
 # ---------------------------------------------------------------- variance
@@ -88,8 +105,8 @@ def varcorr(model):
         seen[group] = count + 1
         grp = group if count == 0 else f"{group}.{count}"
         names = term_columns(model, term)
-        sd = term.prior_stddev()
-        corr = term.prior_correlation()
+        sd = prior_stddev(model, term)
+        corr = prior_correlation(model, term)
         for j, name in enumerate(names):
             rows.append({"grp": grp, "var1": name, "var2": None, "vcov": sd[j] ** 2, "sdcor": sd[j]})
         for a in range(len(names)):
@@ -238,7 +255,7 @@ def coef_table(fixef, vcov, t_values=False):
         return pd.DataFrame({"Estimate": fixef.values, "Std. Error": se, "t value": z}, index=fixef.index)
     return pd.DataFrame(
         {"Estimate": fixef.values, "Std. Error": se, "z value": z,
-         "Pr(>|z|)": 2 * stats.norm.sf(np.abs(z))},
+         "Pr(>|z|)": 2 * special.ndtr(-np.abs(z))},  # 2 P(Z > |z|)
         index=fixef.index,
     )
 

@@ -16,13 +16,13 @@ what is specific to a mixed model under `log_dir/glmm`, so both can share one
 """
 
 import io
-import math
 
 import keras
 import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from keras_glmm import plots
 from keras_glmm import results as results_lib
 
 RUN_NAME = "glmm"
@@ -40,53 +40,17 @@ def _code_block(text):
 
 
 def caterpillar_figure(model, max_levels=None):
-    """A matplotlib `Figure` (Agg, no pyplot state) of each term's conditional means.
+    """Each term's conditional means with 95% intervals: `keras_glmm.plots.ranef_figure`.
 
-    One panel per term and effect: the levels' posterior means sorted, with
-    +-1.96 posterior sd bars, lme4's `dotplot(ranef(fit, condVar = TRUE))`.
+    lme4's `dotplot(ranef(fit, condVar = TRUE))`, one way of drawing it for
+    `fit.plot_ranef()` and TensorBoard alike.
 
     Args:
         model: a `GLMM`.
-        max_levels: draw at most this many levels per panel (evenly spaced in the
+        max_levels: draw at most this many levels per factor (evenly spaced in the
             sorted order); None draws all.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels = []
-    for term in model.terms:
-        group = results_lib.term_group(model, term)
-        names = results_lib.term_columns(model, term)
-        mean = np.asarray(results_lib.conditional_mean(model, term), "float64")
-        sd = np.asarray(results_lib.conditional_stddev(model, term), "float64")
-        for j, name in enumerate(names):
-            panels.append((f"{group}: {name}", mean[:, j], sd[:, j]))
-    count = max(len(panels), 1)
-    columns = min(count, 3)
-    rows = math.ceil(count / columns)
-    figure = Figure(figsize=(4.0 * columns, 3.2 * rows), dpi=80)
-    FigureCanvasAgg(figure)
-    for i, (title, mean, sd) in enumerate(panels):
-        axes = figure.add_subplot(rows, columns, i + 1)
-        order = np.argsort(mean)
-        if max_levels is not None and len(order) > max_levels:
-            order = order[np.linspace(0, len(order) - 1, max_levels).round().astype(int)]
-        position = np.arange(len(order))
-        axes.errorbar(
-            mean[order], position, xerr=1.96 * sd[order], fmt="o", markersize=2.5,
-            elinewidth=0.8, color="tab:blue", ecolor="tab:gray",
-        )
-        axes.axvline(0.0, color="black", linewidth=0.6)
-        axes.set_title(title, fontsize=9)
-        axes.set_yticks([])
-        axes.set_ylabel("level (sorted)", fontsize=8)
-        axes.tick_params(labelsize=7)
-    if not panels:
-        axes = figure.add_subplot(1, 1, 1)
-        axes.text(0.5, 0.5, "no random effects", ha="center", va="center")
-        axes.set_axis_off()
-    figure.tight_layout()
-    return figure
+    return plots.ranef_figure(model, max_levels=max_levels)
 
 
 def figure_to_png(figure):

@@ -405,6 +405,27 @@ def test_fatalities():
     assert (df["state"].value_counts() == 7).all()
 
 
+def test_salamanders():
+    df = datasets.load_salamanders()
+    assert df.shape == (644, 9) and "load_salamanders" in datasets.__all__
+    _assert_categorical(df["site"], n_levels=23)
+    assert list(df["site"].cat.categories[:2]) == ["R-1", "R-2"] and df["site"].cat.categories[-1] == "VF-11"
+    _assert_categorical(df["mined"], levels=["yes", "no"])  # R's order: glmmTMB's `minedno`
+    _assert_categorical(df["spp"], levels=["GP", "PR", "DM", "EC-A", "EC-L", "DES-L", "DF"])
+    assert df["count"].dtype == np.int64 and int(df["count"].sum()) == 852 and int((df["count"] == 0).sum()) == 387
+    # The same rows as the glmmTMB reference cases' copy (tests/data/salamanders.csv).
+    reference = pd.read_csv(pathlib.Path(__file__).parent / "data" / "salamanders.csv")
+    for column in reference.columns:
+        if reference[column].dtype == object:
+            assert (df[column].astype(str) == reference[column]).all(), column
+        else:
+            np.testing.assert_array_equal(df[column].to_numpy(), reference[column].to_numpy())
+    from keras_glmm.design import Design
+
+    design = Design.from_data("count ~ spp + mined + (1|site)", df, family_name="poisson")
+    assert design.fixed_columns[-1] == "minedno" and design.fixed_columns[1] == "sppPR"
+
+
 @pytest.mark.parametrize(
     "loader, formula, family, n_fixed, groups",
     [

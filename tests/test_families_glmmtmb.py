@@ -288,7 +288,7 @@ def test_ziformula_draws_use_each_rows_probability(zi_fit, salamanders):
     weights = weights / weights.sum()
     eta, pi, _ = _by_hand(zi_fit, salamanders.assign(site="none"))  # without the sites' effects
     p0 = pi + (1.0 - pi) * (np.exp(-np.exp(eta[:, None] + sd * nodes[None, :])) @ weights)
-    draws = zi_fit.simulate(nsim=300, seed=3)
+    draws = zi_fit.simulate(nsim=300, seed=3).to_numpy().T  # (nsim, rows)
     mined = (salamanders["mined"] == "yes").to_numpy()
     for rows in (mined, ~mined):
         assert np.mean(draws[:, rows] == 0) == pytest.approx(np.mean(p0[rows]), abs=0.01)
@@ -297,7 +297,7 @@ def test_ziformula_draws_use_each_rows_probability(zi_fit, salamanders):
     x = zi_fit.design.fixed_matrix(new)
     v = sd**2 + np.einsum("ij,jk,ik->i", x, zi_fit.vcov().to_numpy(), x)
     draws = zi_fit.posterior_predictive(new, num_draws=100_000, seed=4)
-    np.testing.assert_allclose(draws.mean(0), (1.0 - pi) * np.exp(eta + v / 2), rtol=0.04)
+    np.testing.assert_allclose(draws.mean(axis=1), (1.0 - pi) * np.exp(eta + v / 2), rtol=0.04)
 
 
 def test_ziformula_keras_round_trip(zi_fit, salamanders, tmp_path):

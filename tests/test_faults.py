@@ -186,7 +186,7 @@ def test_seeded_draws_repeat_and_other_seeds_differ(family, sleep_fit):
     assert not np.array_equal(fit.posterior_predictive(new, num_draws=50, seed=12), first)
     assert not np.array_equal(fit.posterior_predictive(new, num_draws=50), fit.posterior_predictive(new, num_draws=50))
     sims = fit.simulate(3, seed=5)
-    assert sims.shape == (3, len(data))
+    assert sims.shape == (len(data), 3) and list(sims.columns) == ["sim_1", "sim_2", "sim_3"]  # lme4's layout
     np.testing.assert_array_equal(fit.simulate(3, seed=5), sims)
     assert not np.array_equal(fit.simulate(3, seed=6), sims)
 
@@ -330,7 +330,7 @@ def test_empty_inputs_give_empty_results_and_draws_need_a_positive_count(sleep_f
     assert fit.predict_response(empty).shape == (0,)  # was UnboundLocalError
     assert fit.predict_response(empty, type="link").shape == (0,)
     assert fit.predict(empty).shape == (0,)
-    assert fit.posterior_predictive(empty, num_draws=4, seed=0).shape == (4, 0)
+    assert fit.posterior_predictive(empty, num_draws=4, seed=0).shape == (0, 4)  # rows x draws
     x, _ = fit._frame_arrays(empty, with_response=False)
     assert {k: v.shape for k, v in fit.predict(x).items()}["mean"] == (0,)
     for bad in (0, -1, 2.5, True):

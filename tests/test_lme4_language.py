@@ -69,9 +69,9 @@ def test_posterior_predictive_draws_the_new_rows_trials():
     new["incidence"] = 10
     new["size"] = 50
     draws = fit.posterior_predictive(new, num_draws=4000, seed=0)
-    assert draws.max() <= 50 and draws.max() > 5  # out of 50 trials, not 0/1 or the old sizes
+    assert draws.to_numpy().max() <= 50 and draws.to_numpy().max() > 5  # out of 50 trials, not 0/1 or the old sizes
     mean = fit.predict_response(new)  # a probability
-    np.testing.assert_allclose(draws.mean(0), 50 * mean, rtol=0.15)
+    np.testing.assert_allclose(draws.mean(axis=1), 50 * mean, rtol=0.15)  # rows x draws
     with pytest.raises(ValueError, match="need the new rows' trials"):
         fit.posterior_predictive(new.drop(columns=["incidence"]), num_draws=10)
     trials = fit.posterior_predictive({**fit._prediction_inputs(new, None, True)}, num_draws=50, seed=0,

@@ -108,4 +108,4 @@ def test_posterior_predictive_uses_the_new_rows_weights():
     draws = fit.posterior_predictive(new, num_draws=4000, seed=0)
     sigma = fit.dispersion()["scale"]
     # Row variance sigma^2 / w beside the (shared) linear predictor's variance.
-    assert np.var(draws[:, 0]) - np.var(draws[:, 1]) == pytest.approx(sigma**2 * (1 - 1 / 100), rel=0.1)
+    assert np.var(draws.iloc[0]) - np.var(draws.iloc[1]) == pytest.approx(sigma**2 * (1 - 1 / 100), rel=0.1)

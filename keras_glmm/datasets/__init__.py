@@ -28,6 +28,7 @@ loader                        rows      what                                    
 :func:`load_fatalities`       336       US traffic deaths, 48 states x 7 years       R package AER
 :func:`load_kb07`             1,790     response times, crossed subject x item       Kronmueller & Barr (2007)
 :func:`load_wine`             72        wine bitterness rated 1-5 by 9 judges        R package ordinal
+:func:`load_salamanders`      644       salamander counts by site, species, mining   R package glmmTMB
 ============================  ========  ===========================================  ==========================
 
 References:
@@ -56,6 +57,7 @@ from keras_glmm.datasets._loaders import (
     load_pastes,
     load_penicillin,
     load_radon,
+    load_salamanders,
     load_scotssec,
     load_sleepstudy,
     load_star,
@@ -80,6 +82,7 @@ __all__ = [
     "load_pastes",
     "load_penicillin",
     "load_radon",
+    "load_salamanders",
     "load_scotssec",
     "load_sleepstudy",
     "load_star",

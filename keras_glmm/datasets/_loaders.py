@@ -37,6 +37,7 @@ __all__ = [
     "load_pastes",
     "load_penicillin",
     "load_radon",
+    "load_salamanders",
     "load_scotssec",
     "load_sleepstudy",
     "load_star",
@@ -731,5 +732,55 @@ def load_wine() -> pd.DataFrame:
             "contact": _categorical(df["contact"]),
             "bottle": _categorical(df["bottle"]),
             "judge": _categorical(df["judge"]),
+
+
+# glmmTMB's factor levels, in R's order (so that coefficients are named as glmmTMB names
+# them: sppPR, ..., minedno).
+_SALAMANDER_SITES = [f"R-{i}" for i in range(1, 13)] + [f"VF-{i}" for i in range(1, 12)]
+_SALAMANDER_SPECIES = ["GP", "PR", "DM", "EC-A", "EC-L", "DES-L", "DF"]
+
+
+def load_salamanders() -> pd.DataFrame:
+    """Loads ``Salamanders`` from glmmTMB (Price et al., 2016; Brooks et al., 2017).
+
+    Repeated counts of salamanders of seven species or life stages at 23 sites
+    in Appalachian streams, some affected by mountaintop-removal coal mining:
+    644 rows, many of them zeros (glmmTMB's zero-inflation example,
+    ``glmmTMB(count ~ spp + mined + (1|site), ziformula = ~mined, family = poisson)``).
+    The file is glmmTMB 1.1.5's data as R writes it
+    (``write.csv(glmmTMB::Salamanders, row.names = FALSE)``, gzipped).
+
+    Returns:
+        A DataFrame with columns ``site`` (category, R's levels ``"R-1"``..
+        ``"R-12"``, ``"VF-1"``..``"VF-11"``), ``mined`` (category, ``"yes"``,
+        ``"no"`` in R's order: the coefficient is ``minedno``), ``cover``,
+        ``DOP``, ``Wtemp``, ``DOY`` (float, standardized: cover objects, days
+        since precipitation, water temperature, day of year), ``sample`` (int,
+        1-4, the repeated visit), ``spp`` (category ``"GP"``, ``"PR"``, ``"DM"``,
+        ``"EC-A"``, ``"EC-L"``, ``"DES-L"``, ``"DF"``, R's order) and ``count``
+        (int).
+
+    References:
+        Price, S. J., Muncy, B. L., Bonner, S. J., Drayer, A. N. and Barton, C. D.
+        (2016). Effects of mountaintop removal mining and valley filling on the
+        occupancy and abundance of stream salamanders. *Journal of Applied
+        Ecology* 53, 459-468.
+
+        Brooks, M. E. et al. (2017). glmmTMB balances speed and flexibility among
+        packages for zero-inflated generalized linear mixed modeling. *The R
+        Journal* 9(2), 378-400.
+    """
+    df = _read_csv("salamanders.csv.gz")
+    return pd.DataFrame(
+        {
+            "site": _categorical(df["site"], categories=_SALAMANDER_SITES),
+            "mined": _categorical(df["mined"], categories=["yes", "no"]),
+            "cover": df["cover"].astype(np.float64),
+            "sample": df["sample"].astype(np.int64),
+            "DOP": df["DOP"].astype(np.float64),
+            "Wtemp": df["Wtemp"].astype(np.float64),
+            "DOY": df["DOY"].astype(np.float64),
+            "spp": _categorical(df["spp"], categories=_SALAMANDER_SPECIES),
+            "count": df["count"].astype(np.int64),
         }
     )
