@@ -732,6 +732,8 @@ def load_wine() -> pd.DataFrame:
             "contact": _categorical(df["contact"]),
             "bottle": _categorical(df["bottle"]),
             "judge": _categorical(df["judge"]),
+        }
+    )
 
 
 # glmmTMB's factor levels, in R's order (so that coefficients are named as glmmTMB names
