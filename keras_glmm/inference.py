@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from keras_glmm import prediction
 from keras_glmm import profile as profile_lib
 from keras_glmm import response as response_lib
 from keras_glmm.engine.solver import VariationalSolver
@@ -178,7 +179,7 @@ def bootstrap(model, nsim=500, seed=None, n_jobs=1):
     if not gaussian:
         # Dispersions other than a gaussian's sigma are refitted but not reported.
         names = [n for n in names if n != "sigma"]
-    simulated = np.asarray(model.simulate(nsim=nsim, seed=seed), "float64")
+    simulated = np.asarray(prediction.simulate(model, nsim=nsim, seed=seed), "float64")  # (nsim, rows)
     responses = [simulated[s] for s in range(nsim)]
     if n_jobs == -1:
         n_jobs = multiprocessing.cpu_count()

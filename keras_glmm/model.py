@@ -1341,7 +1341,10 @@ class GLMM(keras.Model):
     def fitted(self):
         """Fitted response means of the training rows, random effects included: a Series
         indexed like the training data frame's rows, an array after a fit on arrays."""
-        return frames.series(self.predict_response(None), self._rows_index(None), "fitted")
+        fitted = self.predict_response(None)
+        if isinstance(fitted, pd.DataFrame):  # an ordinal model's category probabilities
+            return fitted
+        return frames.series(np.asarray(fitted), self._rows_index(None), "fitted")
 
     def residuals(self):
         """Response residuals `y - fitted()` of the training rows (proportions for binomial):

@@ -216,7 +216,8 @@ def _formulas(node):
 def reference_formulas():
     """Every formula of the reference files: the bundled copies, and the shared folder where present."""
     files = sorted(glob.glob(str(refs.FOLDER / "*.json")))
-    files += sorted(glob.glob("/work/shared/reference/*.json"))
+    # The project's shared reference folder beside the clone, where present (CI has one).
+    files += sorted(glob.glob(str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "*.json")))
     found = {}
     for name in files:
         with open(name) as f:

@@ -299,7 +299,7 @@ def test_confidence_interval_of_the_population_mean_is_wald(fm, sleep):
     own = fm.predict_response(new, interval="confidence")
     np.testing.assert_allclose(own["fit"], fm.predict_response(new), rtol=1e-6)
     assert np.all(own["upper"] - own["lower"] > table["upper"] - table["lower"])
-    assert isinstance(fm.predict_response(new), np.ndarray)  # no interval: as before
+    assert isinstance(fm.predict_response(new), pd.Series)  # no interval: one value per row
 
 
 def test_prediction_interval_of_a_new_subject(fm, sleep):
@@ -325,17 +325,20 @@ def test_prediction_interval_of_a_new_subject(fm, sleep):
 def test_simulate_re_form_and_newdata(fm, sleep):
     sigma = fm.sigma()
     # re_form=None: every random effect held at its conditional mean, only the residual drawn.
-    held = fm.simulate(4000, seed=0, re_form=None)
+    # A data-frame fit answers in lme4's layout (rows x sim_1..); (nsim, rows) here.
+    held = fm.simulate(4000, seed=0, re_form=None).to_numpy().T
     np.testing.assert_allclose(held.mean(axis=0), fm.fitted(), atol=5 * sigma / math.sqrt(4000))  # 180 rows
     assert held.std(axis=0).mean() == pytest.approx(sigma, rel=0.02)
     # The default (lme4's re.form = NA): subjects drawn afresh, Var = z' Sigma z + sigma^2.
-    drawn = fm.simulate(4000, seed=0)
+    drawn = fm.simulate(4000, seed=0).to_numpy().T
     s0 = fm.varcorr()["sdcor"].iloc[0]
     assert drawn[:, 0].var() == pytest.approx(s0**2 + sigma**2, rel=0.08)  # Days = 0
-    np.testing.assert_array_equal(drawn, fm.simulate(4000, seed=0))
+    np.testing.assert_array_equal(drawn, fm.simulate(4000, seed=0).to_numpy().T)
     # newdata with two new subjects: each drawn once for all its rows.
     new = pd.DataFrame({"Days": [0, 0, 0], "Subject": ["a", "a", "b"], "Reaction": 0.0})
     sims = fm.simulate(3000, seed=1, newdata=new, re_form=None)
+    assert list(sims.index) == [0, 1, 2] and list(sims.columns[:2]) == ["sim_1", "sim_2"]
+    sims = sims.to_numpy().T
     assert sims.shape == (3000, 3)
     cov = np.cov(sims.T)
     assert cov[0, 1] == pytest.approx(s0**2, rel=0.15)  # the same new subject

@@ -64,7 +64,7 @@ si <- read(file.path(data_dir, "sitka.csv"), c("tree", "treat"))
 g <- glmer(size ~ treat + t + I(t^2) + (1|tree), data = si, family = Gamma(link = "log"))
 vc <- as.data.frame(VarCorr(g))
 out[["sitka_gamma_log_lme4"]] <- list(
-  data = "sitka.csv", formula = "size ~ treat + t + I(t^2) + (1|tree)", family = "gamma", link = "log",
+  data = "sitka.csv", formula = "size ~ treat + t + I(t**2) + (1|tree)", formula_r = "size ~ treat + t + I(t^2) + (1|tree)", family = "gamma", link = "log",
   engine = "lme4::glmer (Laplace)", varcorr = lapply(seq_len(nrow(vc)), function(i) as.list(vc[i, ])),
   sigma = sigma(g), pwrss = unname(g@devcomp$cmp[["pwrss"]]), nobs = nobs(g),
   sigma_glmmTMB = sigma(glmmTMB(size ~ treat + t + I(t^2) + (1|tree), data = si, family = Gamma(link = "log"))))
