@@ -839,17 +839,18 @@ class VariationalSolver:
             if escaped is None:
                 result = result.without_unconfirmed_negatives()
         approximate = self.phase == "quadrature" and not self.quadrature_status.get("exact")
-        if self.polishes >= MAX_POLISHES or approximate:
-            # A quadrature rule not verified exact has a gradient only as good as the
-            # rule: polishing its optimum costs evaluations and means nothing more.
-            self.check = result
-            return
+        # A quadrature rule not verified exact has a gradient only as good as the rule:
+        # going on from its optimum costs evaluations and means nothing more.
+        final = self.polishes >= MAX_POLISHES or approximate
         if result.passed:
-            start = self._restart_from_bounds(x)
+            start = None if final else self._restart_from_bounds(x)
             if start is None:
                 self.check = result
                 self._land_on_bounds()
                 return
+        elif final:
+            self.check = result
+            return
         else:
             start = self._polish(escaped if result.negative_eigenvalues else x)
         self.polishes += 1
