@@ -104,3 +104,20 @@ def test_rank_one_covariance_lands_on_the_boundary():
     np.testing.assert_allclose(fit.fixef().values, [1.07478, 0.2097533333], rtol=1e-4)
     np.testing.assert_allclose(np.sqrt(np.diag(fit.vcov().values)), [0.2761791796, 0.2731545384], rtol=1e-3)
     assert fit.is_singular() and fit.converged_
+
+
+def test_degenerate_nested_design_with_the_checks_off_reaches_the_model_it_contains():
+    """`(1 | Subject/Days)` has one row per `Days:Subject` level: lme4 refuses it (the
+    guard rails do too, `tests/test_guard_rails.py`). Asked to fit it anyway, the fit
+    must reach at least the logLik of `(1 | Subject)`, which it contains (the engine
+    once stopped 15 nats below, at -912.20, and called it converged): the residual and
+    `Days:Subject` variances share one flat direction."""
+    sleep = kg.datasets.load_sleepstudy()
+    quiet = {"nobs_vs_nlev": "ignore", "nobs_vs_nre": "ignore"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        fit = kg.glmm("Reaction ~ Days + (1 | Subject/Days)", sleep, checks=quiet)
+    contained = kg.glmm("Reaction ~ Days + (1 | Subject)", sleep)
+    assert fit.logLik() >= contained.logLik() - 1e-6
+    assert contained.logLik() == pytest.approx(-897.0393, abs=1e-4)  # lme4's
+    assert fit.converged_
