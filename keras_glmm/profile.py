@@ -45,6 +45,7 @@ from scipy import stats
 
 from keras_glmm import response as response_lib
 from keras_glmm import results as results_lib
+from keras_glmm.engine.quasi_newton import lbfgsb
 from keras_glmm.engine.solver import VariationalSolver, _semidefinite_cholesky
 
 # Relative step of the forward differences of the map from lme4's scale to theta.
@@ -308,17 +309,10 @@ class GaussianDeviance:
         solver = VariationalSolver(family=self.model.family, **args)
         theta0 = self._theta_hat() if start is None else start
 
-        def objective(theta):
-            with solver._threads():
-                half, grad = solver._conjugate_objective(theta)
-            if not math.isfinite(half):
-                return 1e300, np.zeros_like(theta)
-            return 2.0 * half, 2.0 * grad
-
-        bounds = [(None if not np.isfinite(low) else low, None) for low in solver.parameters.lower]
-        result = scipy.optimize.minimize(objective, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                         options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 1000})
-        return float(result.fun), result.x
+        with solver._threads():  # the engine minimizes half the deviance D
+            theta, half = lbfgsb(solver._conjugate_objective, theta0, solver.parameters.lower,
+                                 max_iterations=1000, max_evaluations=15_000)
+        return float(2.0 * half), theta
 
     def _theta_hat(self):
         return self.engine_point(self.estimates)[0]

@@ -49,7 +49,10 @@ their own, and moving them into the later columns makes the probed direction an
 uncorrelated effect rather than one fully correlated with a slope).
 """
 
+import math
+
 import numpy as np
+import scipy.optimize
 
 
 class BoundedBFGS:
@@ -191,13 +194,19 @@ class BoundedBFGS:
         bounded = np.isfinite(self.lower)
         near = bounded & (self.x > self.lower) & (self.g > 0) & (
             self.x - np.where(bounded, self.lower, 0.0) < 1e-2 * self._start_distance)
-        if not near.any():
-            return
+        if near.any():
+            self.take_bounds(near, slack=1e-12)
+
+    def take_bounds(self, near, slack):
+        """Puts the variables of the mask `near` on their bounds if `f` rises by at most
+        `slack (1 + |f|)` there; returns whether it did (else the point is unchanged)."""
         x_new = np.where(near, self.lower, self.x)
         f_new, g_new = self.function(x_new)
         self.evaluations += 1
-        if np.isfinite(f_new) and f_new <= self.f + 1e-12 * (1.0 + abs(self.f)):
+        if np.isfinite(f_new) and f_new <= self.f + slack * (1.0 + abs(self.f)):
             self.x, self.f, self.g = x_new, f_new, g_new
+            return True
+        return False
 
     def _use_curvature(self):
         """Sets the inverse Hessian from `curvature(x)` on the free variables, if positive definite."""
@@ -267,3 +276,36 @@ class BoundedBFGS:
             else:
                 alpha *= 0.1
         return None
+
+
+def evaluate_safely(function, x):
+    """`function(x)`, or `(inf, nan)` where a trial point far out overflows (a dispersion's
+    `exp`, a singular Schur complement): line searches step back from it."""
+    try:
+        return function(x)
+    except (OverflowError, FloatingPointError, np.linalg.LinAlgError):
+        return math.inf, np.full(len(x), np.nan)
+
+
+def lbfgsb(function, x0, lower, max_iterations=20_000, max_evaluations=50_000):
+    """scipy's L-BFGS-B on `function` (`x -> (f, gradient)`) subject to `x >= lower`.
+
+    Returns:
+        `(x, f)`: the best point it evaluated (trial points that overflow, or give a
+        non-finite value or gradient, count as a wall the line search steps back from).
+    """
+    best = [math.inf, np.array(x0, dtype=np.float64)]
+
+    def objective(v):
+        value, gradient = evaluate_safely(function, v)
+        if not np.isfinite(value) or not np.all(np.isfinite(gradient)):
+            return 1e300, np.zeros_like(v)
+        if value < best[0]:
+            best[0], best[1] = value, v.copy()
+        return value, gradient
+
+    bounds = [(lo, None) if np.isfinite(lo) else (None, None) for lo in lower]
+    scipy.optimize.minimize(objective, best[1], jac=True, method="L-BFGS-B", bounds=bounds,
+                            options={"maxiter": max_iterations, "maxfun": max_evaluations,
+                                     "ftol": 1e-15, "gtol": 1e-9})
+    return best[1], best[0]

@@ -84,13 +84,12 @@ import warnings
 import time
 
 import numpy as np
-import scipy.optimize
 from threadpoolctl import ThreadpoolController
 
 from keras_glmm.engine import convergence
 from keras_glmm.engine.blocked import BlockedSystem
 from keras_glmm.engine.quadrature import AdaptiveQuadrature, design_of, next_points
-from keras_glmm.engine.quasi_newton import BoundedBFGS
+from keras_glmm.engine.quasi_newton import BoundedBFGS, evaluate_safely, lbfgsb
 from keras_glmm.engine.structure import Structure
 
 # lme4's isSingular: a diagonal entry of a (relative) covariance factor below this.
@@ -226,15 +225,6 @@ def _semidefinite_cholesky(sigma):
         out[j, j] = math.sqrt(pivot)
         out[j + 1:, j] = (sigma[j + 1:, j] - out[j + 1:, :j] @ out[j, :j]) / out[j, j]
     return out
-
-
-def _evaluate(function, vector):
-    """`function(vector)`, or `(inf, nan)` where a trial point far out overflows (a dispersion's
-    `exp`, a singular Schur complement): L-BFGS-B and the escapes step back from it."""
-    try:
-        return function(vector)
-    except (OverflowError, FloatingPointError, np.linalg.LinAlgError):
-        return math.inf, np.full(len(vector), np.nan)
 
 
 def _lambda_rows(z, lam):
@@ -868,23 +858,10 @@ class VariationalSolver:
         return names
 
     def _polish(self, x):
-        """L-BFGS-B (scipy) from `x` on the current phase's objective: the best point it saw."""
-        function = self.optimizer.function
-        best = [self.optimizer.f, x.copy()]
-
-        def objective(v):
-            value, gradient = _evaluate(function, v)
-            if not np.isfinite(value) or not np.all(np.isfinite(gradient)):
-                return 1e300, np.zeros_like(v)  # the line search steps back
-            if value < best[0]:
-                best[0], best[1] = value, v.copy()
-            return value, gradient
-
-        lower = self.optimizer.lower
-        bounds = [(lo, None) if np.isfinite(lo) else (None, None) for lo in lower]
-        scipy.optimize.minimize(objective, x, jac=True, method="L-BFGS-B", bounds=bounds,
-                                options={"maxiter": 20_000, "maxfun": 50_000, "ftol": 1e-15, "gtol": 1e-9})
-        return best[1]
+        """L-BFGS-B (scipy) from `x` on the current phase's objective: the best point it saw,
+        or `x` where nothing beat the optimizer's current value."""
+        best, value = lbfgsb(self.optimizer.function, x, self.optimizer.lower)
+        return best if value < self.optimizer.f else x
 
     def _land_on_bounds(self):
         """Puts the entries a hair above their bound (below lme4's singularity tolerance) on it.
@@ -900,11 +877,7 @@ class VariationalSolver:
         near = bounded & (opt.x > opt.lower) & (opt.x - np.where(bounded, opt.lower, 0.0) < SINGULAR_TOLERANCE)
         if not near.any():
             return
-        x_new = np.where(near, opt.lower, opt.x)
-        f_new, g_new = opt.function(x_new)
-        if np.isfinite(f_new) and f_new <= opt.f + 1e-10 * (1.0 + abs(opt.f)):
-            opt.x, opt.f, opt.g = x_new, f_new, g_new
-        else:
+        if not opt.take_bounds(near, slack=1e-10):
             opt.function(opt.x)  # the state of the current point again
         if self.phase == "variational":
             self._accept()
@@ -952,7 +925,7 @@ class VariationalSolver:
                 for length in (1.0, 0.3, 0.1, 0.03, 0.01):
                     trial = base.copy()
                     trial[column] = length * scale * direction
-                    value = _evaluate(function, trial)[0]
+                    value = evaluate_safely(function, trial)[0]
                     if np.isfinite(value) and value < f0 - 1e-10 * (1.0 + abs(f0)):
                         end = self._polish(trial)
                         end_f = function(end)[0]
@@ -981,7 +954,7 @@ class VariationalSolver:
         for length in (1.0, 0.3, 0.1, 0.03, 0.01, 0.001):
             for sign in (1.0, -1.0):
                 trial = np.maximum(x + sign * length * scale * direction, lower)
-                value = _evaluate(function, trial)[0]
+                value = evaluate_safely(function, trial)[0]
                 if np.isfinite(value) and value < f0 - 1e-10 * (1.0 + abs(f0)):
                     function(x)  # the state of the current point again
                     return trial
