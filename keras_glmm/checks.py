@@ -29,8 +29,9 @@ Where: the design's checks (rank, collinearity, one level) in
 response, separation) in :func:`check_fit_data`, on the arrays of a data frame.
 For files (`keras_glmm.streaming`) the counts use the scan's row count, the
 response and separation are not checked (a sample of a rare outcome may be
-constant or separated when the files are not), and the design's checks run on the
-scan's sample with the family's defaults.
+constant or separated when the files are not; asking for them with `checks=` is an
+error, `ALL_ROW_CHECKS`), and the design's checks run on the scan's sample as
+`checks` says.
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class Checks:
 
 
 _KEYS = tuple(f.name for f in fields(Checks) if f.name != "lmer")
+# The checks that need every row of the fit (`check_fit_data`): not run on files.
+ALL_ROW_CHECKS = ("response_not_const", "separation")
 
 
 def resolve_checks(checks=None, family="gaussian") -> Checks:

@@ -1007,6 +1007,7 @@ class GLMM(keras.Model):
             cls.__init__, exclude=("random_effects", "zero_inflation")) | {"name", "dtype", "trainable"},
             f"{cls.__name__}.from_formula()")
         family_obj = families_lib.get_family(family, link=link)
+        asked = dict(checks) if isinstance(checks, dict) else {}
         checks = checks_lib.resolve_checks(checks, family_obj)
         if ziformula is not None and "zi_odds" not in family_obj.dispersion_params:
             raise ValueError(
@@ -1024,9 +1025,15 @@ class GLMM(keras.Model):
                     "Files are fitted in minibatches by stochastic VI: posterior='joint' and REML need "
                     "the data in memory (read them into a data frame)."
                 )
+            all_rows = sorted(set(asked) & set(checks_lib.ALL_ROW_CHECKS))
+            if all_rows:
+                raise ValueError(
+                    f"checks {all_rows} need every row in memory and are not run on files (a sample of "
+                    "the rows can be constant or separated where the files are not): read the files into "
+                    "a data frame to have them, or leave these keys out.")
             scan = streaming.scan(
                 data, formula, family_obj, weights=weights, na_action=na_action,
-                sample_rows=sample_rows or streaming.SAMPLE_ROWS,
+                sample_rows=sample_rows or streaming.SAMPLE_ROWS, checks=checks,
             )
             design = scan.design
             checks_lib.check_levels(design.random, scan.num_rows, checks)  # the sample had too few rows

@@ -916,6 +916,7 @@ def scan(
     na_action="raise",
     sample_rows=SAMPLE_ROWS,
     seed=0,
+    checks=None,
 ) -> Scan:
     """One pass over files: the design of a formula, level counts and a sample of rows.
 
@@ -933,6 +934,8 @@ def scan(
         sample_rows: size of the uniform sample of rows kept (the reservoir) for
             the fixed-effects coding and the GLM starting point.
         seed: seed of the sample.
+        checks: lme4's guard rails (`keras_glmm.checks.resolve_checks`) for the
+            design's checks, run on the sample (rank, collinearity, one level).
 
     Returns:
         A `Scan`.
@@ -1027,7 +1030,8 @@ def scan(
         extra += _extra_rows(sample, lacking, reader)
         frame = pd.concat([sample, *extra], ignore_index=True) if extra else sample
         design = Design.from_data(
-            spec, frame, family_obj.name, weights=weights, na_action=na_action, group_levels=levels
+            spec, frame, family_obj.name, weights=weights, na_action=na_action, group_levels=levels,
+            checks=checks,
         )
         lacking = _missing_categories(design, tracked, list(sample.columns))
         if not lacking:

@@ -287,3 +287,19 @@ def test_constant_response_stops(sleep):
     model = kg.GLMM.from_formula("c ~ Days + (1 | Subject)", sleep.assign(c=3), family="poisson",
                                  checks={"response_not_const": "ignore"})
     np.testing.assert_allclose(model.fixed_effects.get_weights()[0][:, 0], [np.log(3.0), 0.0], atol=1e-6)  # GLM start
+
+
+def test_files_take_the_design_checks_and_refuse_the_all_row_checks(sleep, tmp_path):
+    """A streamed fit honours `checks=` for the checks its scan runs (the rank check: 'stop'
+    raises as for a frame) and refuses those it cannot run on files, rather than
+    ignoring them."""
+    path = tmp_path / "sleep.csv"
+    sleep.assign(Days2=2 * sleep["Days"]).to_csv(path, index=False)
+    source = kg.read_csv(str(path))
+    with pytest.raises(ValueError, match=r"column rank deficient .*'Days2' = 2 \* 'Days'"):
+        kg.GLMM.from_formula("Reaction ~ Days + Days2 + (1 | Subject)", source, checks={"rank_x": "stop"})
+    with pytest.warns(UserWarning, match=LME4_RANK_MESSAGE):
+        model = kg.GLMM.from_formula("Reaction ~ Days + Days2 + (1 | Subject)", source)
+    assert model.design.fixed_dropped == ["Days2"]
+    with pytest.raises(ValueError, match=r"checks \['separation'\] need every row in memory"):
+        kg.GLMM.from_formula("Reaction ~ Days + (1 | Subject)", source, checks={"separation": "stop"})
