@@ -1025,6 +1025,10 @@ class GLMM(keras.Model):
                     "Files are fitted in minibatches by stochastic VI: posterior='joint' and REML need "
                     "the data in memory (read them into a data frame)."
                 )
+            if ordinal_lib.is_ordinal(family_obj):
+                raise ValueError(
+                    "An ordinal model is fitted in memory (its categories and thresholds are learned "
+                    "from every row), not from files: read them into a data frame.")
             all_rows = sorted(set(asked) & set(checks_lib.ALL_ROW_CHECKS))
             if all_rows:
                 raise ValueError(
@@ -1676,6 +1680,12 @@ class GLMM(keras.Model):
             raise ValueError(
                 "A model with a zero-inflation probability with covariates (ziformula) has no SavedModel "
                 "export: save it with model.save('model.keras') and predict with predict_response.")
+        if ordinal_lib.is_ordinal(self.family):
+            # Its answer is a probability per category (predict_response), which the
+            # serving graph does not compute: refused rather than serving something else.
+            raise ValueError(
+                "An ordinal model has no SavedModel export (its predictions are category probabilities): "
+                "save it with model.save('model.keras') and predict with predict_response.")
         with serving.written_to(filepath):  # a full disk: an OSError naming the path
             if self.design is not None and format == "tf_saved_model" and input_signature is None:
                 return serving.export_saved_model(self, filepath)

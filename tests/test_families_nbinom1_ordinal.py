@@ -248,3 +248,16 @@ def test_two_categories_are_the_binomial_model(wine):
     np.testing.assert_allclose(ordinal.fixef(), binomial.fixef().drop("(Intercept)"), atol=1e-4)
     assert ordinal.fixef(component="thresholds").iloc[0] == pytest.approx(-binomial.fixef()["(Intercept)"], abs=1e-4)
     assert ordinal.logLik() == pytest.approx(binomial.logLik(), abs=1e-6)
+
+
+def test_ordinal_models_refuse_files_and_export(tmp_path):
+    """Neither path computes an ordinal model's answer (category probabilities from every
+    row's categories): both are refused with a message, not run."""
+    wine = kg.datasets.load_wine()
+    path = tmp_path / "wine.csv"
+    wine.to_csv(path, index=False)
+    with pytest.raises(ValueError, match="ordinal model is fitted in memory"):
+        kg.GLMM.from_formula("rating ~ temp + contact + (1|judge)", kg.read_csv(str(path)), family="ordinal")
+    fit = kg.glmm("rating ~ temp + contact + (1|judge)", wine, family="ordinal", epochs=2)
+    with pytest.raises(ValueError, match="ordinal model has no SavedModel export"):
+        fit.export(str(tmp_path / "served"))
