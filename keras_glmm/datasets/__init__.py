@@ -39,52 +39,7 @@ References:
     mixed-effects models using lme4. *Journal of Statistical Software* 67(1).
 """
 
-from keras_glmm.datasets._loaders import (
-    load_bacteria,
-    load_cbpp,
-    load_cbpp_olre,
-    load_dyestuff,
-    load_dyestuff2,
-    load_egsingle,
-    load_fatalities,
-    load_gcsemv,
-    load_grouseticks,
-    load_guimmun,
-    load_guprenat,
-    load_insteval,
-    load_kb07,
-    load_oxboys,
-    load_pastes,
-    load_penicillin,
-    load_radon,
-    load_salamanders,
-    load_scotssec,
-    load_sleepstudy,
-    load_star,
-    load_wine,
-)
+from keras_glmm.datasets import _loaders
+from keras_glmm.datasets._loaders import *  # noqa: F403 - the loaders are this package's API
 
-__all__ = [
-    "load_bacteria",
-    "load_cbpp",
-    "load_cbpp_olre",
-    "load_dyestuff",
-    "load_dyestuff2",
-    "load_egsingle",
-    "load_fatalities",
-    "load_gcsemv",
-    "load_grouseticks",
-    "load_guimmun",
-    "load_guprenat",
-    "load_insteval",
-    "load_kb07",
-    "load_oxboys",
-    "load_pastes",
-    "load_penicillin",
-    "load_radon",
-    "load_salamanders",
-    "load_scotssec",
-    "load_sleepstudy",
-    "load_star",
-    "load_wine",
-]
+__all__ = list(_loaders.__all__)

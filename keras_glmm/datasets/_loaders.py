@@ -33,6 +33,7 @@ __all__ = [
     "load_guimmun",
     "load_guprenat",
     "load_insteval",
+    "load_kb07",
     "load_oxboys",
     "load_pastes",
     "load_penicillin",
