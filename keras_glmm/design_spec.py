@@ -121,7 +121,7 @@ from __future__ import annotations
 import ast
 import math
 import sys
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -133,6 +133,7 @@ from formulaic.transforms import contrasts as formulaic_contrasts
 from formulaic.utils.sentinels import UNSET
 from formulaic.utils.variables import Variable
 
+from keras_glmm import json_fields as field
 from keras_glmm.expressions import (
     ExpressionError,
     check_expression,
@@ -425,127 +426,43 @@ def write(design: Any, zi_rhs: str | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
-# Checking the document's fields (names and types)
+# The schema: each field checked by name and type, and decoded (keras_glmm.json_fields)
 # --------------------------------------------------------------------------
 
-Check = Callable[[Any, str], Any]
+_TERM = field.object_of({"expr": field.string, "group": field.string, "correlated": field.boolean})
 
 
-def _invalid(path: str, expected: str, value: Any) -> DesignSpecError:
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return DesignSpecError(f"saved design: field '{path}' must be {expected}, got {shown}")
-
-
-def _string(value: Any, path: str) -> str:
-    if not isinstance(value, str):
-        raise _invalid(path, "a string", value)
-    return value
-
-
-def _boolean(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise _invalid(path, "true or false", value)
-    return value
-
-
-def _integer(value: Any, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _invalid(path, "an integer", value)
-    return value
-
-
-def _finite(value: Any, path: str) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _invalid(path, "a finite number", value)
-    return value
-
-
-def _one_of(*choices: Any) -> Check:
-    def check(value, path):
-        if value not in choices or isinstance(value, bool) != any(isinstance(c, bool) for c in choices):
-            raise _invalid(path, "one of " + ", ".join(repr(c) for c in choices), value)
-        return value
-    return check
-
-
-def _nullable(check: Check) -> Check:
-    return lambda value, path: None if value is None else check(value, path)
-
-
-def _list_of(check: Check) -> Check:
-    def checked(value, path):
-        if not isinstance(value, list):
-            raise _invalid(path, "a list", value)
-        return [check(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    return checked
-
-
-def _map_of(check: Check) -> Check:
-    def checked(value, path):
-        if not isinstance(value, dict):
-            raise _invalid(path, "an object", value)
-        return {_string(k, f"{path} key"): check(v, f"{path}.{k}") for k, v in value.items()}
-    return checked
-
-
-def _fields(value: Any, path: str, fields: dict[str, Check], optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``value`` as an object of exactly ``fields`` (``optional`` ones may be absent), each checked."""
-    if not isinstance(value, dict):
-        raise _invalid(path or "the document", "an object", value)
-    prefix = f"{path}." if path else ""
-    for key in value:
-        if key not in fields:
-            raise DesignSpecError(
-                f"saved design: unknown field '{prefix}{key}' (format version {FORMAT_VERSION} has "
-                f"{sorted(fields)} there)")
-    for key in fields:
-        if key not in value and key not in optional:
-            raise DesignSpecError(f"saved design: missing field '{prefix}{key}'")
-    return {key: check(value[key], prefix + key) for key, check in fields.items() if key in value}
-
-
-def _object(fields: dict[str, Check], optional: tuple[str, ...] = ()) -> Check:
-    return lambda value, path: _fields(value, path, fields, optional)
-
-
-_strings = _list_of(_string)
-_numbers = _list_of(_finite)
-_matrix_check = _list_of(_numbers)
-_term = _object({"expr": _string, "group": _string, "correlated": _boolean})
-
-
-def _category_value(value_type: str) -> Check:
+def _category_value(value_type: str) -> field.Check:
     if value_type.startswith("timestamp"):
         unit = value_type[len("timestamp["):-1]
 
         def timestamp(value, path):
             try:
-                return pd.Timestamp(_string(value, path)).as_unit(unit)
+                return pd.Timestamp(field.string(value, path)).as_unit(unit)
             except ValueError:
-                raise _invalid(path, "an ISO timestamp", value) from None
+                raise field.invalid(path, "an ISO timestamp", value) from None
         return timestamp
-    return {"string": _string, "integer": _integer, "float": _finite,
-            "boolean": _boolean}[value_type]
+    return {"string": field.string, "integer": field.integer, "float": field.finite,
+            "boolean": field.boolean}[value_type]
 
 
 def _contrasts(value: Any, path: str, value_type: str) -> Any:
     if not isinstance(value, dict):
-        raise _invalid(path, "an object", value)
-    name = _one_of(*_CONTRASTS)(value.get("name"), f"{path}.name")
+        raise field.invalid(path, "an object", value)
+    name = field.one_of(*_CONTRASTS)(value.get("name"), f"{path}.name")
     category = _category_value(value_type)
-    fields: dict[str, Check] = {"name": _string, "levels": _list_of(category)}
+    fields: dict[str, field.Check] = {"name": field.string, "levels": field.list_of(category)}
     if name in ("treatment", "sas"):
-        fields["base"] = _nullable(category)
+        fields["base"] = field.nullable(category)
     elif name in ("helmert",):
-        fields.update(reverse=_boolean, scale=_boolean)
+        fields.update(reverse=field.boolean, scale=field.boolean)
     elif name == "diff":
-        fields["backward"] = _boolean
+        fields["backward"] = field.boolean
     elif name == "poly":
-        fields["scores"] = _nullable(_numbers)
+        fields["scores"] = field.nullable(field.numbers)
     elif name == "custom":
-        fields.update(matrix=_matrix_check, names=_nullable(_strings))
-    checked = _fields(value, path, fields)
+        fields.update(matrix=field.matrix, names=field.nullable(field.strings))
+    checked = field.fields_of(value, path, fields)
     cls, _ = _CONTRASTS[name]
     if name in ("treatment", "sas"):
         contrasts = cls() if checked["base"] is None else cls(base=checked["base"])
@@ -557,96 +474,96 @@ def _contrasts(value: Any, path: str, value_type: str) -> Any:
 
 
 def _variable(value: Any, path: str) -> Variable:
-    checked = _fields(value, path, {"name": _string, "source": _nullable(_one_of(*_SOURCES)),
-                                    "roles": _list_of(_one_of(*_ROLES))})
+    checked = field.fields_of(value, path, {"name": field.string, "source": field.nullable(field.one_of(*_SOURCES)),
+                                    "roles": field.list_of(field.one_of(*_ROLES))})
     return Variable(checked["name"], roles=checked["roles"], source=checked["source"])
 
 
 def _factor(value: Any, path: str) -> dict[str, Any]:
-    kind = _nullable(_one_of(*_FACTOR_KINDS))(value.get("kind") if isinstance(value, dict) else None,
+    kind = field.nullable(field.one_of(*_FACTOR_KINDS))(value.get("kind") if isinstance(value, dict) else None,
                                               f"{path}.kind")
-    fields: dict[str, Check] = {"kind": lambda v, p: v, "variables": _list_of(_variable)}
+    fields: dict[str, field.Check] = {"kind": lambda v, p: v, "variables": field.list_of(_variable)}
     if kind != "categorical":
-        return _fields(value, path, fields)
+        return field.fields_of(value, path, fields)
     value_type = value.get("value_type")
     types = ("string", "integer", "float", "boolean") + tuple(f"timestamp[{u}]" for u in _TIMESTAMP_UNITS)
-    _one_of(*types)(value_type, f"{path}.value_type")
-    fields.update(value_type=_string, categories=_list_of(_category_value(value_type)),
+    field.one_of(*types)(value_type, f"{path}.value_type")
+    fields.update(value_type=field.string, categories=field.list_of(_category_value(value_type)),
                   contrasts=lambda v, p: _contrasts(v, p, value_type))
-    return _fields(value, path, fields)
+    return field.fields_of(value, path, fields)
 
 
-def _state_value(kind: str) -> Check:
+def _state_value(kind: str) -> field.Check:
     base = kind.rstrip("?")
-    check = {"number": _finite, "integer": _integer, "boolean": _boolean, "numbers": _numbers,
-             "matrix": lambda v, p: np.array(_matrix_check(v, p)),
-             "degree_map": lambda v, p: {_degree(k, p): x for k, x in _map_of(_finite)(v, p).items()}}[base]
-    return _nullable(check) if kind.endswith("?") else check
+    check = {"number": field.finite, "integer": field.integer, "boolean": field.boolean, "numbers": field.numbers,
+             "matrix": lambda v, p: np.array(field.matrix(v, p)),
+             "degree_map": lambda v, p: {_degree(k, p): x for k, x in field.map_of(field.finite)(v, p).items()}}[base]
+    return field.nullable(check) if kind.endswith("?") else check
 
 
 def _degree(key: str, path: str) -> int:
     if not key.isdigit():
-        raise _invalid(f"{path} key", "a degree (a whole number as text)", key)
+        raise field.invalid(f"{path} key", "a degree (a whole number as text)", key)
     return int(key)
 
 
 def _transform(value: Any, path: str) -> dict[str, Any]:
-    function = _one_of(*_TRANSFORM_STATES)(value.get("function") if isinstance(value, dict) else None,
+    function = field.one_of(*_TRANSFORM_STATES)(value.get("function") if isinstance(value, dict) else None,
                                            f"{path}.function")
     kinds = _TRANSFORM_STATES[function]
-    state = _object({name: _state_value(kind) for name, kind in kinds.items()}, tuple(kinds))
-    return _fields(value, path, {"function": _string, "state": state})
+    state = field.object_of({name: _state_value(kind) for name, kind in kinds.items()}, tuple(kinds))
+    return field.fields_of(value, path, {"function": field.string, "state": state})
 
 
-_coding = _object({
-    "rhs": _string,
-    "terms": _list_of(_object({
-        "term": _string,
-        "columns": _strings,
-        "scoped": _list_of(_object({
-            "factors": _list_of(_object({"expr": _string, "reduced": _boolean})),
-            "scale": _finite,
+_coding = field.object_of({
+    "rhs": field.string,
+    "terms": field.list_of(field.object_of({
+        "term": field.string,
+        "columns": field.strings,
+        "scoped": field.list_of(field.object_of({
+            "factors": field.list_of(field.object_of({"expr": field.string, "reduced": field.boolean})),
+            "scale": field.finite,
         })),
     })),
-    "factors": _map_of(_factor),
-    "transforms": _map_of(_transform),
+    "factors": field.map_of(_factor),
+    "transforms": field.map_of(_transform),
 })
 
-_DOCUMENT = _object({
-    "format": _one_of(FORMAT),
-    "format_version": _integer,
-    "formula": _object({"text": _string, "response": _nullable(_string), "fixed": _string,
-                        "random": _list_of(_term), "offsets": _strings}),
-    "family": _string,
-    "na_action": _one_of("raise", "omit"),
-    "weights": _nullable(_one_of("trials", "prior")),
-    "response": _object({
-        "kind": _nullable(_one_of("continuous", "binary", "cbind", "proportion", "ordinal")),
-        "levels": _nullable(_strings),
-        "columns": _strings,
+_DOCUMENT = field.object_of({
+    "format": field.one_of(FORMAT),
+    "format_version": field.integer,
+    "formula": field.object_of({"text": field.string, "response": field.nullable(field.string), "fixed": field.string,
+                        "random": field.list_of(_TERM), "offsets": field.strings}),
+    "family": field.string,
+    "na_action": field.one_of("raise", "omit"),
+    "weights": field.nullable(field.one_of("trials", "prior")),
+    "response": field.object_of({
+        "kind": field.nullable(field.one_of("continuous", "binary", "cbind", "proportion", "ordinal")),
+        "levels": field.nullable(field.strings),
+        "columns": field.strings,
     }),
-    "offset_columns": _strings,
-    "fixed": _object({"coding": _coding, "columns": _strings, "formulaic_columns": _strings,
-                      "dropped": _strings}),
-    "random": _list_of(_object({
-        "term": _term,
-        "name": _string,
-        "group_columns": _strings,
-        "group_kinds": _list_of(_one_of(*KINDS)),
-        "levels": _strings,
-        "keys": _strings,
-        "columns": _strings,
-        "intercept": _boolean,
+    "offset_columns": field.strings,
+    "fixed": field.object_of({"coding": _coding, "columns": field.strings, "formulaic_columns": field.strings,
+                      "dropped": field.strings}),
+    "random": field.list_of(field.object_of({
+        "term": _TERM,
+        "name": field.string,
+        "group_columns": field.strings,
+        "group_kinds": field.list_of(field.one_of(*KINDS)),
+        "levels": field.strings,
+        "keys": field.strings,
+        "columns": field.strings,
+        "intercept": field.boolean,
         "coding": _coding,
     })),
-    "zero_inflation": _nullable(_object({"formula": _string, "coding": _nullable(_coding),
-                                         "columns": _strings, "formulaic_columns": _strings})),
+    "zero_inflation": field.nullable(field.object_of({"formula": field.string, "coding": field.nullable(_coding),
+                                         "columns": field.strings, "formulaic_columns": field.strings})),
 })
 
 
 def _check_version(config: Any) -> None:
     if not isinstance(config, dict):
-        raise _invalid("the document", "an object", config)
+        raise field.invalid("the document", "an object", config)
     if "format_version" not in config and config.get("format") == 1 and "spec" in config:
         raise DesignSpecError(
             "saved design: this model was saved in design format version 1 (keras_glmm's earlier format, "
@@ -804,8 +721,11 @@ def read(config: Any) -> dict[str, Any]:
         ExpressionError: an expression outside the formula language, under
             Keras's safe mode (the default).
     """
-    _check_version(config)
-    doc = _DOCUMENT(config, "")
+    try:
+        _check_version(config)
+        doc = _DOCUMENT(config, "")
+    except field.FieldError as e:
+        raise DesignSpecError(f"saved design: {e}") from None
     if not unsafe_deserialization_enabled():
         try:
             _check_expressions(doc)
