@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -28,23 +29,27 @@ from formulaic import model_matrix
 from formulaic.errors import FactorEvaluationError
 
 from keras_glmm.data_columns import expr_columns, missing_name, unknown_column
-from keras_glmm.expressions import FORMULA_CONTEXT
+from keras_glmm.expressions import FORMULA_CONTEXT, check_formula
 from keras_glmm.formula import _unquote
 from keras_glmm.levels import level_key
 
 __all__ = [
     "C_CALL",
+    "ZI_WHERE",
     "build_matrix",
     "categorical_factors",
     "check_known_levels",
     "dependent_columns",
     "drop_unused_categories",
+    "formula_columns",
     "formula_variables",
     "formulaic_errors",
     "lme4_name",
     "refuse_datetimes",
     "spec_matrix",
 ]
+
+ZI_WHERE = "the zero-inflation formula (ziformula)"  # how messages name the ziformula
 
 
 def _split_top(text: str, sep: str) -> list[str]:
@@ -250,3 +255,52 @@ def formula_variables(rhs: str, data: pd.DataFrame, where: str) -> list[str]:
     found = mm.model_spec.variables_by_source.get("data", set())
     return [c for c in data.columns if str(c) in found]
 
+
+def formula_columns(spec: Any, data: pd.DataFrame, zi_rhs: str | None = None) -> dict[str, list[str]]:
+    """The data columns each part of the formula uses, checked to exist in ``data``.
+
+    Returns:
+        A dict of column lists: ``"response"`` and ``"offset"`` (named in
+        those expressions), ``"group"`` (grouping factors), ``"fixed"`` and
+        ``"random"`` (variables of the fixed part and of the random-effect
+        terms' left-hand sides, as formulaic finds them), ``"zi"`` (those of
+        the zero-inflation formula's right-hand side ``zi_rhs``) and ``"used"``
+        (all of them, in ``data``'s column order).
+    """
+    check_formula(spec, data.columns, zi_rhs)  # in the language, names are columns: before any evaluation
+    # Columns named by the response and offsets (evaluated by us, not formulaic).
+    response_cols: list[str] = []
+    if spec.response is not None:
+        exprs = spec.cbind() or (spec.response,)
+        for e in exprs:
+            response_cols += [c for c in expr_columns(e, data.columns) if c not in response_cols]
+    offset_cols: list[str] = []
+    for e in spec.offsets:
+        offset_cols += [c for c in expr_columns(e, data.columns) if c not in offset_cols]
+
+    # Unknown-column checks that do not need formulaic.
+    group_cols: list[str] = []
+    for term in spec.random:
+        for col in term.group_columns():
+            if col not in data.columns:
+                raise unknown_column(col, f"the grouping factor of random-effect term {term}", data)
+            if col not in group_cols:
+                group_cols.append(col)
+
+    # formulaic's own variables are known only after a first pass over the data.
+    fixed_vars = formula_variables(spec.fixed_rhs(), data, "the fixed effects")
+    random_vars = [
+        v for t in spec.random for v in formula_variables(t.expr, data, f"random-effect term {t}")
+    ]
+    zi_vars = [] if zi_rhs is None else formula_variables(zi_rhs, data, ZI_WHERE)
+    used_set = {*response_cols, *offset_cols, *group_cols, *fixed_vars, *random_vars, *zi_vars}
+    used = [c for c in data.columns if c in used_set or str(c) in used_set]
+    return {
+        "response": response_cols,
+        "offset": offset_cols,
+        "group": group_cols,
+        "fixed": fixed_vars,
+        "random": list(dict.fromkeys(random_vars)),
+        "zi": zi_vars,
+        "used": used,
+    }

@@ -75,16 +75,17 @@ from keras_glmm import checks as checks_lib
 from keras_glmm import design_spec
 from keras_glmm import response as response_lib
 from keras_glmm.coding import (
+    ZI_WHERE,
     build_matrix,
     dependent_columns,
     drop_unused_categories,
-    formula_variables,
+    formula_columns,
     lme4_name,
     refuse_datetimes,
     spec_matrix,
 )
-from keras_glmm.data_columns import as_frame, eval_expr, expr_columns, float_array, row_labels, unknown_column
-from keras_glmm.expressions import ExpressionError, check_formula
+from keras_glmm.data_columns import as_frame, eval_expr, float_array, row_labels, unknown_column
+from keras_glmm.expressions import ExpressionError
 from keras_glmm.formula import FormulaSpec, parse_formula
 from keras_glmm.random_terms import RandomTermDesign, build_random, unique_names
 from keras_glmm.response_coding import learn_response, response_array, weights_array
@@ -104,7 +105,6 @@ from keras_glmm.random_terms import group_levels as _group_levels  # noqa: F401
 __all__ = ["Design", "RandomTermDesign", "lme4_name"]
 
 
-_ZI_WHERE = "the zero-inflation formula (ziformula)"
 
 
 def _zi_rhs(ziformula: str) -> str:
@@ -115,7 +115,7 @@ def _zi_rhs(ziformula: str) -> str:
     try:
         spec = parse_formula(text if "~" in text else "~ " + text)
     except ExpressionError as e:  # said of the ziformula, not of a formula's fixed effects
-        raise e.for_part(_ZI_WHERE, ziformula) from None
+        raise e.for_part(ZI_WHERE, ziformula) from None
     if spec.response is not None:
         raise ValueError(f"ziformula must be one-sided ('~ x'); '{ziformula}' has a response, '{spec.response}'")
     if spec.random:
@@ -214,8 +214,6 @@ class Design:
     fixed_dropped: list[str] = field(default_factory=list)
     _response_columns: list[str] = field(default_factory=list, repr=False)
     _offset_columns: list[str] = field(default_factory=list, repr=False)
-
-    # ---------------------------------------------------------------- config
 
     # ---------------------------------------------------------------- config
 
@@ -376,64 +374,15 @@ class Design:
                 design.prior_weights(data, weights if isinstance(weights, str) else weight_array)
         return design
 
-    @classmethod
-    def _formula_columns(
-        cls, spec: FormulaSpec, data: pd.DataFrame, zi_rhs: str | None = None
-    ) -> dict[str, list[str]]:
-        """The data columns each part of the formula uses, checked to exist in ``data``.
-
-        Returns:
-            A dict of column lists: ``"response"`` and ``"offset"`` (named in
-            those expressions), ``"group"`` (grouping factors), ``"fixed"`` and
-            ``"random"`` (variables of the fixed part and of the random-effect
-            terms' left-hand sides, as formulaic finds them), ``"zi"`` (those of
-            the zero-inflation formula's right-hand side ``zi_rhs``) and ``"used"``
-            (all of them, in ``data``'s column order).
-        """
-        check_formula(spec, data.columns, zi_rhs)  # in the language, names are columns: before any evaluation
-        # Columns named by the response and offsets (evaluated by us, not formulaic).
-        response_cols: list[str] = []
-        if spec.response is not None:
-            exprs = spec.cbind() or (spec.response,)
-            for e in exprs:
-                response_cols += [c for c in expr_columns(e, data.columns) if c not in response_cols]
-        offset_cols: list[str] = []
-        for e in spec.offsets:
-            offset_cols += [c for c in expr_columns(e, data.columns) if c not in offset_cols]
-
-        # Unknown-column checks that do not need formulaic.
-        group_cols: list[str] = []
-        for term in spec.random:
-            for col in term.group_columns():
-                if col not in data.columns:
-                    raise unknown_column(col, f"the grouping factor of random-effect term {term}", data)
-                if col not in group_cols:
-                    group_cols.append(col)
-
-        # formulaic's own variables are known only after a first pass over the data.
-        fixed_vars = formula_variables(spec.fixed_rhs(), data, "the fixed effects")
-        random_vars = [
-            v for t in spec.random for v in formula_variables(t.expr, data, f"random-effect term {t}")
-        ]
-        zi_vars = [] if zi_rhs is None else formula_variables(zi_rhs, data, _ZI_WHERE)
-        used_set = {*response_cols, *offset_cols, *group_cols, *fixed_vars, *random_vars, *zi_vars}
-        used = [c for c in data.columns if c in used_set or str(c) in used_set]
-        return {
-            "response": response_cols,
-            "offset": offset_cols,
-            "group": group_cols,
-            "fixed": fixed_vars,
-            "random": list(dict.fromkeys(random_vars)),
-            "zi": zi_vars,
-            "used": used,
-        }
+    # The columns of each part of a formula (streaming's scan asks for them too).
+    _formula_columns = staticmethod(formula_columns)
 
     # ------------------------------------------------------- zero inflation
 
     def _learn_zero_inflation(self, ziformula: str, zi_rhs: str, data: pd.DataFrame) -> None:
         """Freezes the zero-inflation columns (none for a constant probability)."""
         self.ziformula = ziformula
-        mm = build_matrix(zi_rhs, data, _ZI_WHERE)
+        mm = build_matrix(zi_rhs, data, ZI_WHERE)
         columns = list(mm.model_spec.column_names)
         if not columns:
             raise ValueError(
@@ -459,7 +408,7 @@ class Design:
         if bad.any():
             col = int(np.flatnonzero(bad.any(axis=0))[0])
             raise ValueError(
-                f"{_ZI_WHERE}: column '{self.zi_columns[col]}' is not finite at rows "
+                f"{ZI_WHERE}: column '{self.zi_columns[col]}' is not finite at rows "
                 f"{row_labels(index, bad[:, col])}"
             )
         return matrix
@@ -469,7 +418,7 @@ class Design:
         if self.zi_spec is None:
             raise ValueError("this design has no zero-inflation columns (a constant zero-inflation, or none)")
         data = as_frame(data)
-        return self._finite_zi(spec_matrix(self.zi_spec, data, _ZI_WHERE), data.index)
+        return self._finite_zi(spec_matrix(self.zi_spec, data, ZI_WHERE), data.index)
 
     # ------------------------------------------------------------ response
 

@@ -134,6 +134,7 @@ from formulaic.utils.sentinels import UNSET
 from formulaic.utils.variables import Variable
 
 from keras_glmm import json_fields as field
+from keras_glmm.coding import ZI_WHERE
 from keras_glmm.expressions import (
     ExpressionError,
     check_expression,
@@ -151,7 +152,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "DesignSpecError", "read", "unsafe_deseri
 FORMAT = "keras_glmm.design"
 FORMAT_VERSION = 2
 
-_ZI_WHERE = "the zero-inflation formula (ziformula)"
 _REFUSED = "The saved model's formula design (config.json) was refused under Keras's safe_mode:"
 _TRUST = ("A saved file may have been altered to run code: load it with safe_mode=False only if you trust "
           "its source.")
@@ -378,7 +378,7 @@ def write(design: Any, zi_rhs: str | None) -> dict[str, Any]:
     if design.ziformula is not None:
         zero_inflation = {
             "formula": design.ziformula,
-            "coding": None if design.zi_spec is None else coding_json(design.zi_spec, zi_rhs, _ZI_WHERE),
+            "coding": None if design.zi_spec is None else coding_json(design.zi_spec, zi_rhs, ZI_WHERE),
             "columns": [str(c) for c in design.zi_columns],
             "formulaic_columns": [str(c) for c in design.zi_formulaic_columns],
         }
@@ -606,7 +606,7 @@ def _codings(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         out.append((f"random-effect term ({t['expr']} | {t['group']})", r["coding"]))
     zero = doc["zero_inflation"]
     if zero is not None and zero["coding"] is not None:
-        out.append((_ZI_WHERE, zero["coding"]))
+        out.append((ZI_WHERE, zero["coding"]))
     return out
 
 
@@ -750,7 +750,7 @@ def read(config: Any) -> dict[str, Any]:
         "fixed_formulaic_columns": doc["fixed"]["formulaic_columns"],
         "fixed_dropped": doc["fixed"]["dropped"],
         "ziformula": zero["formula"],
-        "zi_spec": None if zero["coding"] is None else coding_spec(zero["coding"], _ZI_WHERE),
+        "zi_spec": None if zero["coding"] is None else coding_spec(zero["coding"], ZI_WHERE),
         "zi_columns": zero["columns"],
         "zi_formulaic_columns": zero["formulaic_columns"],
     }
