@@ -81,7 +81,7 @@ field is required, no other field is allowed)::
         "scoped": [{"factors": [{"expr": str, "reduced": bool}], "scale": number}]
       }],
       "factors": {EXPR: {               # every factor of the terms, by its expression
-        "kind": "numerical" | "categorical" | "constant" | null,   # null: not encoded
+        "kind": "numerical" | "categorical" | "constant" | "unknown" | null,  # null: not encoded
         "variables": [{"name": str, "source": "data" | "transforms" | "context" | null,
                        "roles": ["value" | "callable"]}],
         # categorical factors only:
@@ -188,7 +188,7 @@ _TRANSFORM_STATES: dict[str, dict[str, str]] = {
     "cc": {**_SPLINE, "cyclic": "boolean", "constraints": "matrix?"},
     "Q": {},  # formulaic's quoted-name lookup: stateful by formulaic's mark, with no state
 }
-_FACTOR_KINDS = ("numerical", "categorical", "constant")
+_FACTOR_KINDS = ("numerical", "categorical", "constant", "unknown")
 _SOURCES = ("data", "transforms", "context")
 _ROLES = ("value", "callable")
 _TIMESTAMP_UNITS = ("s", "ms", "us", "ns")
@@ -474,15 +474,18 @@ def _contrasts(value: Any, path: str, value_type: str) -> Any:
 
 
 def _variable(value: Any, path: str) -> Variable:
-    checked = field.fields_of(value, path, {"name": field.string, "source": field.nullable(field.one_of(*_SOURCES)),
-                                    "roles": field.list_of(field.one_of(*_ROLES))})
+    checked = field.fields_of(value, path, {
+        "name": field.string,
+        "source": field.nullable(field.one_of(*_SOURCES)),
+        "roles": field.list_of(field.one_of(*_ROLES)),
+    })
     return Variable(checked["name"], roles=checked["roles"], source=checked["source"])
 
 
 def _factor(value: Any, path: str) -> dict[str, Any]:
-    kind = field.nullable(field.one_of(*_FACTOR_KINDS))(value.get("kind") if isinstance(value, dict) else None,
-                                              f"{path}.kind")
-    fields: dict[str, field.Check] = {"kind": lambda v, p: v, "variables": field.list_of(_variable)}
+    given = value.get("kind") if isinstance(value, dict) else None
+    kind = field.nullable(field.one_of(*_FACTOR_KINDS))(given, f"{path}.kind")
+    fields: dict[str, field.Check] = {"kind": lambda v, p: kind, "variables": field.list_of(_variable)}
     if kind != "categorical":
         return field.fields_of(value, path, fields)
     value_type = value.get("value_type")
@@ -494,10 +497,14 @@ def _factor(value: Any, path: str) -> dict[str, Any]:
 
 
 def _state_value(kind: str) -> field.Check:
-    base = kind.rstrip("?")
-    check = {"number": field.finite, "integer": field.integer, "boolean": field.boolean, "numbers": field.numbers,
-             "matrix": lambda v, p: np.array(field.matrix(v, p)),
-             "degree_map": lambda v, p: {_degree(k, p): x for k, x in field.map_of(field.finite)(v, p).items()}}[base]
+    check = {
+        "number": field.finite,
+        "integer": field.integer,
+        "boolean": field.boolean,
+        "numbers": field.numbers,
+        "matrix": lambda v, p: np.array(field.matrix(v, p)),
+        "degree_map": lambda v, p: {_degree(k, p): x for k, x in field.map_of(field.finite)(v, p).items()},
+    }[kind.rstrip("?")]
     return field.nullable(check) if kind.endswith("?") else check
 
 
@@ -508,8 +515,8 @@ def _degree(key: str, path: str) -> int:
 
 
 def _transform(value: Any, path: str) -> dict[str, Any]:
-    function = field.one_of(*_TRANSFORM_STATES)(value.get("function") if isinstance(value, dict) else None,
-                                           f"{path}.function")
+    given = value.get("function") if isinstance(value, dict) else None
+    function = field.one_of(*_TRANSFORM_STATES)(given, f"{path}.function")
     kinds = _TRANSFORM_STATES[function]
     state = field.object_of({name: _state_value(kind) for name, kind in kinds.items()}, tuple(kinds))
     return field.fields_of(value, path, {"function": field.string, "state": state})
@@ -532,8 +539,13 @@ _coding = field.object_of({
 _DOCUMENT = field.object_of({
     "format": field.one_of(FORMAT),
     "format_version": field.integer,
-    "formula": field.object_of({"text": field.string, "response": field.nullable(field.string), "fixed": field.string,
-                        "random": field.list_of(_TERM), "offsets": field.strings}),
+    "formula": field.object_of({
+        "text": field.string,
+        "response": field.nullable(field.string),
+        "fixed": field.string,
+        "random": field.list_of(_TERM),
+        "offsets": field.strings,
+    }),
     "family": field.string,
     "na_action": field.one_of("raise", "omit"),
     "weights": field.nullable(field.one_of("trials", "prior")),
@@ -543,8 +555,9 @@ _DOCUMENT = field.object_of({
         "columns": field.strings,
     }),
     "offset_columns": field.strings,
-    "fixed": field.object_of({"coding": _coding, "columns": field.strings, "formulaic_columns": field.strings,
-                      "dropped": field.strings}),
+    "fixed": field.object_of({
+        "coding": _coding, "columns": field.strings, "formulaic_columns": field.strings, "dropped": field.strings,
+    }),
     "random": field.list_of(field.object_of({
         "term": _TERM,
         "name": field.string,
@@ -556,8 +569,12 @@ _DOCUMENT = field.object_of({
         "intercept": field.boolean,
         "coding": _coding,
     })),
-    "zero_inflation": field.nullable(field.object_of({"formula": field.string, "coding": field.nullable(_coding),
-                                         "columns": field.strings, "formulaic_columns": field.strings})),
+    "zero_inflation": field.nullable(field.object_of({
+        "formula": field.string,
+        "coding": field.nullable(_coding),
+        "columns": field.strings,
+        "formulaic_columns": field.strings,
+    })),
 })
 
 
