@@ -719,7 +719,7 @@ def coding_spec(coding: dict[str, Any], where: str) -> Any:
     for call, t in coding["transforms"].items():
         if _call_function(call) != t["function"]:
             raise DesignSpecError(f"saved design: {where}: the state of '{call}' is said to be of {t['function']}()")
-    # How design.coding builds every matrix (formulaic's model_matrix with na_action="raise").
+    # As keras_glmm.coding.build_matrix builds every coding (model_matrix, na_action="raise", pandas).
     return base.update(na_action="raise", output="pandas", structure=structure,
                        encoder_state=encoder_state, transform_state=transform_state)
 

@@ -140,7 +140,9 @@ def _numeric_like(text: str) -> bool:
 
 
 def column_levels(series: pd.Series) -> list[str]:
-    """Observed levels of one grouping column, as strings, in level order."""
+    """The keys of a column's observed levels, in level order: a categorical
+    column's category order (unused categories dropped, like lme4's ``factor()``),
+    otherwise the sorted unique values (numerically when every key is numeric-like)."""
     if isinstance(series.dtype, pd.CategoricalDtype):
         used = np.unique(series.cat.codes.to_numpy())
         cats = series.cat.categories
@@ -167,7 +169,7 @@ def column_levels(series: pd.Series) -> list[str]:
 
 
 def column_strings(series: pd.Series) -> np.ndarray:
-    """Each row's level string (object array); ``None`` where missing."""
+    """Each row's level key (object array); ``None`` where missing."""
     codes, uniques = pd.factorize(series, use_na_sentinel=True)
     names = np.array(level_keys(uniques) + [None], dtype=object)
     return names[np.where(codes < 0, len(uniques), codes)]
