@@ -14,9 +14,9 @@ expression is parsed with :mod:`ast` and checked against the allow-list
   and so for ``ziformula`` and ``re_form`` too;
 * by :meth:`keras_glmm.design.Design.from_data`, again with the data's
   columns: every name must be a column;
-* by ``Design.from_config`` (loading a saved model), with the columns the
-  saved design records, unless Keras's safe mode was turned off explicitly
-  (``load_model(..., safe_mode=False)``,
+* by :func:`keras_glmm.design_spec.read` (loading a saved model), with the
+  columns the saved design records (:func:`saved_columns`), unless Keras's
+  safe mode was turned off explicitly (``load_model(..., safe_mode=False)``,
   ``keras.config.enable_unsafe_deserialization()``).
 
 The language (``e`` an expression):
@@ -53,9 +53,8 @@ from __future__ import annotations
 import ast
 import functools
 import re
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -67,10 +66,10 @@ __all__ = [
     "VALUE_FUNCTIONS",
     "check_expression",
     "check_formula",
-    "check_saved_design",
-    "check_saved_random_term",
+    "check_group",
+    "check_response",
     "check_terms",
-    "unsafe_deserialization_enabled",
+    "saved_columns",
 ]
 
 
@@ -501,7 +500,7 @@ def _check_structure(text: str, where: str, role: str) -> None:
     _Checker(text, where, role, None, aliases).value(node)
 
 
-def _check_response(text: str, where: str, columns) -> None:
+def check_response(text: str, where: str, columns) -> None:
     """A response: ``cbind(a, b)`` of two expressions, or one expression."""
     node, _ = _parse(text, where)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "cbind":
@@ -567,7 +566,7 @@ def check_terms(rhs: str, where: str, columns=None) -> None:
         check_expression(expr, where, "design", columns)
 
 
-def _check_group(group: str, where: str, columns) -> None:
+def check_group(group: str, where: str, columns) -> None:
     """A grouping factor: ``g`` or ``a:b`` of column names (backticks allowed)."""
     parts = re.findall(r"`[^`]*`|[^:]+", group) if isinstance(group, str) else []
     if not parts or ":".join(parts) != group:
@@ -598,10 +597,10 @@ def check_formula(spec, columns=None, ziformula_rhs: str | None = None) -> None:
     columns = _columns(columns)
     try:
         if spec.response is not None:
-            _check_response(spec.response, f"the response {spec.response}", columns)
+            check_response(spec.response, f"the response {spec.response}", columns)
         check_terms(spec.fixed_rhs(), "the fixed effects", columns)
         for term in spec.random:
-            _check_group(term.group, f"the grouping factor of random-effect term {term}", columns)
+            check_group(term.group, f"the grouping factor of random-effect term {term}", columns)
             check_terms(term.expr, f"random-effect term {term}", columns)
         for offset in spec.offsets:
             check_expression(offset, f"offset({offset})", "value", columns)
@@ -614,150 +613,11 @@ def check_formula(spec, columns=None, ziformula_rhs: str | None = None) -> None:
 
 
 # --------------------------------------------------------------------------
-# A saved design (config.json of a .keras file)
+# A saved design
 # --------------------------------------------------------------------------
 
 
-_REFUSED = "The saved model's formula design (config.json) was refused under Keras's safe_mode:"
-_TRUST = ("A saved file may have been altered to run code: load it with safe_mode=False only if you trust "
-          "its source.")
-
-
-def unsafe_deserialization_enabled() -> bool:
-    """Whether the user turned Keras's safe mode off (``load_model(..., safe_mode=False)``,
-    ``keras.config.enable_unsafe_deserialization()``).
-
-    Keras has no public reader of the flag; ``serialization_lib.in_safe_mode()``
-    is what its own ``Lambda.from_config`` reads. ``None`` (outside any loading
-    scope) counts as safe, as Keras's layers count it: only an explicit
-    ``False`` turns the check off.
-    """
-    if "keras" not in sys.modules:
-        return False
-    try:
-        from keras.src.saving import serialization_lib
-    except ImportError:  # pragma: no cover - a Keras without it: stay safe
-        return False
-    return serialization_lib.in_safe_mode() is False
-
-
-def _saved_columns(config: dict[str, Any]) -> _Columns:
-    """The columns a saved design records: its formulaic specs' data variables, the
-    response's, the offsets' and the grouping columns."""
-    names: list[str] = []
-
-    def spec_columns(spec_config):
-        if not isinstance(spec_config, dict):
-            return
-        for structure in spec_config.get("structure", []):
-            for scoped in structure.get("scoped_terms", []):
-                for factor in scoped.get("factors", []):
-                    for item in factor.get("variables") or []:
-                        if len(item) == 3 and item[2] == "data":
-                            names.append(str(item[0]))
-
-    spec_columns(config.get("fixed_spec"))
-    spec_columns(config.get("zi_spec"))
-    for term in config.get("random", []):
-        spec_columns(term.get("model_spec"))
-        names.extend(str(c) for c in term.get("group_columns", []))
-    names.extend(str(c) for c in config.get("response_columns", []))
-    names.extend(str(c) for c in config.get("offset_columns", []))
-    return _Columns(tuple(dict.fromkeys(names)), saved=True)
-
-
-def _check_model_spec_config(spec_config: Any, where: str, columns: _Columns) -> None:
-    # Only the right-hand side is parsed on load; the saved structure's factors
-    # must be among its factors (design.py refuses others), so checking it
-    # checks every factor formulaic will evaluate.
-    if spec_config is None:
-        return
-    if not isinstance(spec_config, dict) or "rhs" not in spec_config:
-        raise _refusal(where, "a saved model spec without its formula")
-    check_terms(spec_config["rhs"], where, columns)
-
-
-def check_saved_design(config: dict[str, Any], parse_formula: Callable[[str], Any]) -> None:
-    """Refuses a saved design (``Design.get_config()``) any expression of which is
-    not in the language, before anything is rebuilt or evaluated, unless the user
-    turned Keras's safe mode off. Every name must be a column the design records.
-
-    Args:
-        config: The design's config, as read from ``config.json``.
-        parse_formula: :func:`keras_glmm.formula.parse_formula` (passed in: that
-            module imports this one), for the stored formula and ziformula.
-    """
-    if unsafe_deserialization_enabled():
-        return
-    try:
-        _check_saved_design(config, parse_formula)
-    except ExpressionError as e:
-        raise ExpressionError(f"{_REFUSED} {e} {_TRUST}") from None
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise ExpressionError(f"{_REFUSED} the design is malformed ({type(e).__name__}: {e}). {_TRUST}") from None
-
-
-def _parsed(parse_formula: Callable[[str], Any], text: Any, what: str):
-    if not isinstance(text, str):
-        raise ExpressionError(f"{what} {text!r} is not a formula string")
-    try:
-        return parse_formula(text)  # checks its structure
-    except ExpressionError:
-        raise
-    except ValueError as e:
-        raise ExpressionError(f"{what} '{text}' does not parse: {e}") from None
-
-
-def _check_saved_design(config: dict[str, Any], parse_formula: Callable[[str], Any]) -> None:
-    if not isinstance(config, dict) or not isinstance(config.get("spec"), dict):
-        raise ExpressionError("the design has no formula spec")
-    columns = _saved_columns(config)
-    s = config["spec"]
-    check_formula(_parsed(parse_formula, s["formula"], "the formula"), columns)
-    # The stored pieces are what is used, not a parse of the formula: each is checked.
-    if s.get("response") is not None:
-        _check_response(s["response"], f"the response {s['response']}", columns)
-    fixed = s.get("fixed")
-    if not isinstance(fixed, str) or "~" not in fixed:
-        raise ExpressionError(f"the fixed part {fixed!r} is not a formula")
-    lhs, rhs = fixed.split("~", 1)
-    if lhs.strip():
-        _check_response(lhs.strip(), f"the response {lhs.strip()}", columns)
-    check_terms(rhs, "the fixed effects", columns)
-    for t in s.get("random", []):
-        _check_group(t["group"], f"the grouping factor of random-effect term ({t['expr']} | {t['group']})", columns)
-        check_terms(t["expr"], f"random-effect term ({t['expr']} | {t['group']})", columns)
-    for offset in s.get("offsets", []):
-        check_expression(offset, f"offset({offset})", "value", columns)
-    _check_model_spec_config(config.get("fixed_spec"), "the fixed effects", columns)
-    for r in config.get("random", []):
-        _check_saved_random_term(r, columns)
-    zi = config.get("ziformula")
-    if zi is not None:
-        text = zi.strip() if isinstance(zi, str) else zi
-        check_formula(_parsed(parse_formula, text if "~" in text else "~ " + text, "the ziformula"), columns)
-    _check_model_spec_config(config.get("zi_spec"), "the zero-inflation formula (ziformula)", columns)
-
-
-def check_saved_random_term(config: dict[str, Any]) -> None:
-    """Refuses a saved random-effect term (``RandomTermDesign.get_config()``) whose
-    expression, grouping factor or model spec is not in the language, unless the
-    user turned Keras's safe mode off (see :func:`check_saved_design`)."""
-    if unsafe_deserialization_enabled():
-        return
-    try:
-        _check_saved_random_term(config, _saved_columns({"random": [config]}))
-    except ExpressionError as e:
-        raise ExpressionError(f"{_REFUSED} {e} {_TRUST}") from None
-    except (KeyError, TypeError, AttributeError) as e:
-        raise ExpressionError(f"{_REFUSED} the term is malformed ({type(e).__name__}: {e}). {_TRUST}") from None
-
-
-def _check_saved_random_term(config: dict[str, Any], columns: _Columns) -> None:
-    t = config.get("term") if isinstance(config, dict) else None
-    if not isinstance(t, dict):
-        raise ExpressionError("a saved random-effect term without its term")
-    where = f"random-effect term ({t.get('expr')} | {t.get('group')})"
-    _check_group(t.get("group"), f"the grouping factor of {where}", columns)
-    check_terms(t.get("expr"), where, columns)
-    _check_model_spec_config(config.get("model_spec"), where, columns)
+def saved_columns(names: Iterable[Any]) -> _Columns:
+    """The columns a saved design records (:mod:`keras_glmm.design_spec`), for ``columns=``:
+    a name outside them is refused as "not one of the columns the saved design records"."""
+    return _Columns(tuple(dict.fromkeys(str(n) for n in names)), saved=True)

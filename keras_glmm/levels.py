@@ -53,6 +53,8 @@ __all__ = [
     "KINDS",
     "column_codes",
     "column_kind",
+    "column_levels",
+    "column_strings",
     "combine_keys",
     "frame_codes",
     "level_key",
@@ -127,6 +129,50 @@ def column_kind(values: Any) -> str:
     if pd.api.types.is_float_dtype(dtype):
         return "float32" if np.dtype(getattr(dtype, "numpy_dtype", dtype)) == np.float32 else "float64"
     return "string"
+
+
+def _numeric_like(text: str) -> bool:
+    try:
+        float(text)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def column_levels(series: pd.Series) -> list[str]:
+    """The keys of a column's observed levels, in level order: a categorical
+    column's category order (unused categories dropped, like lme4's ``factor()``),
+    otherwise the sorted unique values (numerically when every key is numeric-like)."""
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        used = np.unique(series.cat.codes.to_numpy())
+        cats = series.cat.categories
+        raw = [cats[c] for c in used if c >= 0]
+    else:
+        raw = list(pd.unique(series.dropna()))
+        if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
+            raw.sort()
+        else:
+            strs = [level_key(v) for v in raw]
+            if strs and all(_numeric_like(s) for s in strs):
+                keys = [float(s) for s in strs]
+                raw = [r for _, r in sorted(zip(keys, raw, strict=True), key=lambda t: t[0])]
+            else:
+                raw = [r for _, r in sorted(zip(strs, raw, strict=True), key=lambda t: t[0])]
+    out: list[str] = []
+    seen: set[str] = set()
+    for v in raw:
+        s = level_key(v)
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def column_strings(series: pd.Series) -> np.ndarray:
+    """Each row's level key (object array); ``None`` where missing."""
+    codes, uniques = pd.factorize(series, use_na_sentinel=True)
+    names = np.array(level_keys(uniques) + [None], dtype=object)
+    return names[np.where(codes < 0, len(uniques), codes)]
 
 
 def column_codes(values: Any) -> tuple[np.ndarray, list[str]]:

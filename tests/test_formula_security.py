@@ -21,6 +21,7 @@ import keras_glmm as kg
 import reference_data as refs
 from keras_glmm import expressions
 from keras_glmm.design import _EVAL_NAMESPACE, Design
+from keras_glmm.design_spec import DesignSpecError
 from keras_glmm.expressions import ExpressionError, check_expression, check_formula
 from keras_glmm.formula import parse_formula
 
@@ -189,13 +190,50 @@ def test_a_tampered_saved_design_is_refused(tmp_path, formula, kwargs, old):
 
 def test_a_malformed_saved_design_is_refused_with_a_message():
     config = json.loads(design_config("y ~ x + (1 | g)", frame()))
-    del config["spec"]["formula"]
-    with pytest.raises(ExpressionError, match=r"refused under Keras's safe_mode: the design is malformed \(KeyError"):
+    del config["formula"]["text"]
+    with pytest.raises(DesignSpecError, match=r"missing field 'formula.text'"):
         Design.from_config(config)
     config = json.loads(design_config("y ~ x + (1 | g)", frame()))
     config["random"][0]["term"]["group"] = "g[0]"
     with pytest.raises(ExpressionError, match=r"grouping factor 'g\[0\]': 'g\[0\]' is not a column name"):
         Design.from_config(config)
+
+
+def _hostile_fields(config):
+    """Edits of a saved design that name code or smuggle fields in (each must be refused)."""
+    coding = config["fixed"]["coding"]
+    yield ("an unknown field", r"unknown field 'fixed.coding.factors.C\(f, Sum\).__reduce__'",
+           lambda c: c["fixed"]["coding"]["factors"]["C(f, Sum)"].update(__reduce__="os.system"))
+    yield ("a contrast named by its class", r"field 'fixed.coding.factors.C\(f, Sum\).contrasts.name' must be one of",
+           lambda c: c["fixed"]["coding"]["factors"]["C(f, Sum)"]["contrasts"].update(
+               name="formulaic.transforms.contrasts.CustomContrasts"))
+    yield ("a transform of another function", r"field 'fixed.coding.transforms.scale\(x\).function' must be one of",
+           lambda c: c["fixed"]["coding"]["transforms"]["scale(x)"].update(function="eval"))
+    yield ("a state that is not a number", r"field 'fixed.coding.transforms.scale\(x\).state.center' must be a "
+           "finite number", lambda c: c["fixed"]["coding"]["transforms"]["scale(x)"]["state"].update(
+               center={"__np__": "object"}))
+    yield ("a top-level field", r"unknown field 'pickle'", lambda c: c.update(pickle="gASV"))
+    assert "C(f, Sum)" in coding["factors"] and "scale(x)" in coding["transforms"]
+
+
+def test_a_hostile_field_of_a_saved_design_is_refused_even_with_safe_mode_off(tmp_path):
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    text = design_config("y ~ C(f, Sum) + scale(x) + (1 | g)", frame())
+    for what, message, edit in _hostile_fields(json.loads(text)):
+        for safe in (True, False):
+            config = json.loads(text)
+            edit(config)
+            with SafeModeScope(safe), pytest.raises(DesignSpecError, match=message):
+                Design.from_config(config)
+    # A stateful-transform call that is not in the language is refused under safe mode.
+    sentinel = tmp_path / "pwned"
+    config = json.loads(text)
+    transforms = config["fixed"]["coding"]["transforms"]
+    transforms[f"scale({payload(sentinel)})"] = transforms.pop("scale(x)")
+    with pytest.raises(ExpressionError, match="refused under Keras's safe_mode"):
+        Design.from_config(config)
+    assert not sentinel.exists()
 
 
 # ------------------------------------------------------------ the language users rely on
