@@ -135,7 +135,7 @@ def test_gaussian_profiled_gradient_matches_finite_differences(reml):
     x, terms, y = _gaussian_data()
     solver = VariationalSolver(x, terms, y, families.get_family("gaussian"), reml=reml)
     vector = np.array([0.9, 0.2, 0.4, 0.7, 0.3])
-    _check_gradient(solver._conjugate_objective, vector)
+    _check_gradient(solver.stage.objective, vector)
 
 
 def test_gaussian_average_information_matches_the_hessian_at_the_optimum():
@@ -145,12 +145,12 @@ def test_gaussian_average_information_matches_the_hessian_at_the_optimum():
     while not solver.converged:
         solver.step()
     vector = solver.optimizer.x
-    ai = solver._conjugate_curvature(vector)
+    ai = solver.stage.curvature(vector)
     hessian = np.empty_like(ai)
     for j in range(len(vector)):
         e = np.zeros_like(vector)
         e[j] = 1e-5
-        hessian[:, j] = (solver._conjugate_objective(vector + e)[1] - solver._conjugate_objective(vector - e)[1]) / 2e-5
+        hessian[:, j] = (solver.stage.objective(vector + e)[1] - solver.stage.objective(vector - e)[1]) / 2e-5
     # AI-REML's approximation is the expected information: close to the observed one.
     np.testing.assert_allclose(np.diag(ai), np.diag(hessian), rtol=0.1)
     assert np.linalg.norm(ai - hessian) < 0.1 * np.linalg.norm(hessian)
@@ -168,7 +168,7 @@ def test_glmm_envelope_gradient_matches_finite_differences(family):
     # The envelope theorem needs q at its optimum for each evaluation: the inner loop
     # converges tightly, so differences of the profiled ELBO are its gradient.
     vector = np.array([0.8, 0.1, 0.3, 0.6])
-    _check_gradient(solver._glmm_objective, vector, steps=1e-5, rtol=1e-3, atol=1e-4)
+    _check_gradient(solver.stage.objective, vector, steps=1e-5, rtol=1e-3, atol=1e-4)
 
 
 def test_bounded_bfgs_stops_on_the_bound_of_a_quadratic():
