@@ -371,18 +371,18 @@ class ExactLikelihood:
         x = optimizer.x.copy()
         value = optimizer.f
         kept = self.last
-        for d in list(range(len(quadrature.points)))[::-1]:  # nested: inner first
-            if self._settled[d]:
+        for dimension in list(range(len(quadrature.points)))[::-1]:  # nested: inner first
+            if self._settled[dimension]:
                 continue
             old_points = list(quadrature.points)
             trial = list(quadrature.points)
-            trial[d] = next_points(trial[d])
+            trial[dimension] = next_points(trial[dimension])
             # Row-nodes this rung would take (its check, and re-optimizing if it moves).
             rung = quadrature.nodes_per_evaluation(trial) * (1 + AGQ_EVALUATIONS / 2)
             limit = self._limit(trial, rung)
             if limit is not None:
                 self._finish_check(False, f"not checked at {self.describe_points(trial)}: {limit}; "
-                                          f"agq_points={trial[d]} starts there")
+                                          f"agq_points={trial[dimension]} starts there")
                 return None
             quadrature.set_points(trial)
             finer_value, finer_gradient = self.objective(x)
@@ -397,7 +397,7 @@ class ExactLikelihood:
             change = abs(finer_value - value) if np.isfinite(finer_value) else math.inf
             status.ladder.append(Rung(points=list(trial), loglik_change=change, reoptimize_gain=gain))
             if change <= AGQ_TOLERANCE and gain <= AGQ_TOLERANCE:
-                self._settled[d] = True
+                self._settled[dimension] = True
                 status.checks.append(f"checked at {self.describe_points(trial)}: logLik moved {change:.1e}, "
                                      f"re-optimizing would gain {gain:.1e} nats")
                 quadrature.set_points(old_points)  # the coarser rule is as good: cheaper from here on
@@ -410,7 +410,7 @@ class ExactLikelihood:
                 return None
             # Moved: optimize again with the finer rule, from here, with the curvature so far.
             status.points = list(quadrature.points)
-            self._settled = [False if j == d else settled for j, settled in enumerate(self._settled)]
+            self._settled = [False if j == dimension else settled for j, settled in enumerate(self._settled)]
             return BoundedBFGS(self.objective, x, optimizer.lower, tolerance=1e-10, inverse_hessian=inverse_hessian)
         self._finish_check(True, "; ".join(status.checks))
         return None
@@ -419,7 +419,8 @@ class ExactLikelihood:
         status = self.status
         seconds = time.perf_counter() - self._began
         status.checked, status.exact = True, exact
-        status.points, status.seconds, status.evaluations = list(self.quadrature.points), seconds, self.clock.evaluations
+        status.points, status.seconds = list(self.quadrature.points), seconds
+        status.evaluations = self.clock.evaluations
         rule = self.describe_points()
         if exact:
             status.estimator = (f"exact ML by adaptive Gauss-Hermite quadrature, {rule} ({note}; {seconds:.1f} s, "

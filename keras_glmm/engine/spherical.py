@@ -86,8 +86,10 @@ class SphericalAlgebra:
                 continue
             pair = structure.pairs[a, b]
             per_row = block_covariance[pair.row_pair]
-            term = np.einsum("ia,iab,ib->i", rows[a], per_row, rows[b]) if per_row.shape[1] * per_row.shape[2] > 1 else (
-                rows[a][:, 0] * per_row[:, 0, 0] * rows[b][:, 0])
+            if per_row.shape[1] * per_row.shape[2] > 1:
+                term = np.einsum("ia,iab,ib->i", rows[a], per_row, rows[b])
+            else:
+                term = rows[a][:, 0] * per_row[:, 0, 0] * rows[b][:, 0]
             variance += term if a == b else 2.0 * term
         return np.maximum(variance, 0.0)
 
