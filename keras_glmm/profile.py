@@ -76,16 +76,9 @@ def solver_arguments(model, x, y, reml=None):
     """Keyword arguments of the engine's `VariationalSolver` for `model` on `(x, y)`
     (the same as `GLMM._engine_solver` builds; plain arrays, so they pickle)."""
     response, trials = response_lib.split(np.asarray(y, "float64"))
-    num_rows = len(response)
-    terms = []
-    for term in model.terms:
-        z = np.ones((num_rows, 1)) if term.intercept else np.zeros((num_rows, 0))
-        if term.num_covariates:
-            z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
-        terms.append((term.name, np.asarray(x[term.name]), z, term.num_levels, term.covariance == "full"))
     offset = x.get("offset")
     return dict(
-        x=np.asarray(x["x"], "float64"), terms=terms, y=response, trials=trials,
+        x=np.asarray(x["x"], "float64"), terms=results_lib.engine_terms(model, x), y=response, trials=trials,
         weights=response_lib.prior_weights(x),
         offset=None if offset is None else np.asarray(offset, "float64"),
         reml=model.reml if reml is None else reml, fixed_params=dict(model.head.fixed_params),

@@ -24,6 +24,7 @@ import numpy as np
 
 from keras_glmm.engine.quadrature import next_points
 from keras_glmm.engine.quasi_newton import BoundedBFGS
+from keras_glmm.engine.stage import Stage
 
 # Adaptive quadrature's nodes per dimension: with 25 the exact log-likelihoods of
 # the reference cases are reproduced to 1e-4 nats or better (40: 1e-9).
@@ -141,7 +142,7 @@ class QuadratureClock:
     evaluations: int = 0
 
 
-class ExactLikelihood:
+class ExactLikelihood(Stage):
     """`-log L` by adaptive quadrature as an objective, its plan and its node check.
 
     Args:
@@ -208,9 +209,7 @@ class ExactLikelihood:
 
     def accept(self, vector):
         """The point at `vector` with each level's posterior moments from the quadrature."""
-        if not np.array_equal(self.last.vector, vector):
-            self.objective(vector)
-        last = self.last
+        last = self.evaluated(vector)
         moments = last.gradients["moments"]
         means = [mean for mean, _ in moments]
         expected = last.gradients["expected_log_likelihood"]
@@ -218,9 +217,6 @@ class ExactLikelihood:
             last, means=means, covariance={(b, b): c for b, (_, c) in enumerate(moments)},
             eta=self.algebra.linear_predictor(last.lambdas, means, last.beta), elbo=-last.value,
             expected_log_likelihood=expected, kl=expected + last.value)
-
-    def report(self, point):
-        return {"elbo": point.elbo, "expected_log_likelihood": point.expected_log_likelihood, "kl": point.kl}
 
     # ------------------------------------------------------------ the plan
     def describe_points(self, points=None):

@@ -28,6 +28,7 @@ import math
 import numpy as np
 
 from keras_glmm.engine.spherical import trace_random
+from keras_glmm.engine.stage import Stage
 
 
 @dataclasses.dataclass
@@ -59,7 +60,7 @@ class LinearMixedPoint:
     level_scores: list
 
 
-class LinearMixed:
+class LinearMixed(Stage):
     """The profiled (restricted) likelihood of a gaussian identity-link model as an objective.
 
     Args:
@@ -68,9 +69,6 @@ class LinearMixed:
         y, weights, offset: `(n,)` response, prior weights (precisions) and offset.
         reml: the restricted likelihood.
     """
-
-    phase = "variational"  # the one phase: its answer is exact
-    num_leading = 0  # the vector is the outer parameters alone
 
     def __init__(self, algebra, parameters, y, weights, offset, reml):
         self.algebra = algebra
@@ -88,17 +86,6 @@ class LinearMixed:
         self.sum_log_weights = float(np.sum(np.log(weights[weights > 0])))
         self.num_observations = int(np.sum(weights > 0))
         self.last = None  # the point of the last evaluation
-
-    @property
-    def lower(self):
-        return self.parameters.lower
-
-    def parameter_names(self):
-        return list(self.parameters.names)
-
-    def fixed_by_information(self):
-        """No fixed effects in the vector: the joint Hessian is all by differences."""
-        return 0
 
     def objective(self, vector):
         """`-log L` (ML) or `-log L_R` (REML) at `vector`, with its gradient."""
@@ -129,22 +116,15 @@ class LinearMixed:
 
     def curvature(self, vector):
         """The average information at `vector`, the residual variance profiled out."""
-        if not np.array_equal(self.last.vector, vector):
-            self.objective(vector)
-        point = self.last
+        point = self.evaluated(vector)
         marginal = (self.y - self.offset - self.structure.fixed_block.z @ point.beta) / point.sigma2
         return self.algebra.average_information(self.parameters, point.lambdas, point.factor, point.means,
                                                 point.level_scores, self.weights, scale=point.sigma2,
                                                 extra=marginal)
 
-    def accept(self, vector):
-        """The point at `vector` (the optimizer's current one), evaluated if it was not the last."""
-        if not np.array_equal(self.last.vector, vector):
-            self.objective(vector)
-        return self.last
-
     def report(self, point):
-        """The ELBO (the log-likelihood) and its parts at `point`."""
+        """The ELBO (the log-likelihood) and its parts at `point` (computed here: the
+        objective's evaluations need only the log-likelihood)."""
         elbo = -point.value
         square = float(sum(np.sum(means**2) for means in point.means)) / point.sigma2
         k = sum(block.size for block in self.structure.random_blocks)

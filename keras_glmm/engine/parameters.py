@@ -25,6 +25,22 @@ def semidefinite_cholesky(sigma):
     return out
 
 
+def check_zi_design(zi_design, family, fixed_params, num_rows):
+    """`zi_design` as float64 `(n, q)`, or a ValueError saying what is wrong with it."""
+    if "zi_odds" not in family.dispersion_params:
+        raise ValueError(f"`zi_design` needs a zero-inflated family; {family.name!r} is not one.")
+    if "zi_odds" in fixed_params:
+        raise ValueError("`zi_design` and a fixed `zi_odds` exclude each other.")
+    zi = np.asarray(zi_design, dtype=np.float64)
+    if zi.ndim != 2 or len(zi) != num_rows or not zi.shape[1]:
+        raise ValueError(f"`zi_design` must be ({num_rows}, q) with q >= 1. Received shape {zi.shape}.")
+    rank = np.linalg.matrix_rank(zi)
+    if rank < zi.shape[1]:
+        raise ValueError(f"`zi_design` has rank {rank} with {zi.shape[1]} columns: its coefficients are not "
+                         "identified (drop the columns that are linear combinations of the others).")
+    return zi
+
+
 class Parameters:
     """Packs the lower-triangular factors `Lambda_t` (and log-dispersions) into a vector.
 

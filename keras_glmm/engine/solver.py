@@ -49,7 +49,7 @@ from keras_glmm.engine import covariances
 from keras_glmm.engine.blocked import BlockedSystem
 from keras_glmm.engine.exact_likelihood import AGQ_POINTS, ExactLikelihood, initial_status
 from keras_glmm.engine.linear_mixed import LinearMixed
-from keras_glmm.engine.parameters import Parameters
+from keras_glmm.engine.parameters import Parameters, check_zi_design
 from keras_glmm.engine.quadrature import AdaptiveQuadrature, design_of
 from keras_glmm.engine.quasi_newton import BoundedBFGS
 from keras_glmm.engine.spherical import SphericalAlgebra
@@ -126,7 +126,7 @@ class VariationalSolver:
         self.fixed_params = dict(fixed_params or {})
         names = [] if self.conjugate else [p for p in family.dispersion_params if p not in self.fixed_params]
         if zi_design is not None:
-            zi_design = self._check_zi_design(zi_design, n)
+            zi_design = check_zi_design(zi_design, family, self.fixed_params, n)
             names.remove("zi_odds")
         self.parameters = Parameters(self.structure.random_blocks, names, zi_design)
         self.num_rows = n
@@ -154,21 +154,6 @@ class VariationalSolver:
         self.state = None
         self.joint = covariances.JointHessian(self._conditional_covariance)
         self.drive = ConvergenceDrive(self.parameters, self.joint)
-
-    def _check_zi_design(self, zi_design, num_rows):
-        """`zi_design` as float64 `(n, q)`, or a ValueError saying what is wrong with it."""
-        if "zi_odds" not in self.family.dispersion_params:
-            raise ValueError(f"`zi_design` needs a zero-inflated family; {self.family.name!r} is not one.")
-        if "zi_odds" in self.fixed_params:
-            raise ValueError("`zi_design` and a fixed `zi_odds` exclude each other.")
-        zi = np.asarray(zi_design, dtype=np.float64)
-        if zi.ndim != 2 or len(zi) != num_rows or not zi.shape[1]:
-            raise ValueError(f"`zi_design` must be ({num_rows}, q) with q >= 1. Received shape {zi.shape}.")
-        rank = np.linalg.matrix_rank(zi)
-        if rank < zi.shape[1]:
-            raise ValueError(f"`zi_design` has rank {rank} with {zi.shape[1]} columns: its coefficients are not "
-                             "identified (drop the columns that are linear combinations of the others).")
-        return zi
 
     @property
     def phase(self):

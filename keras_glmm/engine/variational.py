@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from keras_glmm.engine.spherical import trace_random
+from keras_glmm.engine.stage import Stage
 
 
 @dataclasses.dataclass
@@ -100,7 +101,7 @@ class InnerStart:
     lambdas: list = None
 
 
-class Variational:
+class Variational(Stage):
     """The negative ELBO of a GLMM at the optimal `q`, as an objective of the outer parameters.
 
     Args:
@@ -112,9 +113,6 @@ class Variational:
         num_points: quadrature points for families without closed forms.
     """
 
-    phase = "variational"
-    num_leading = 0  # the vector is the outer parameters alone
-
     def __init__(self, algebra, parameters, family, y, trials, weights, fixed_params, num_points):
         self.algebra = algebra
         self.structure = algebra.structure
@@ -125,17 +123,6 @@ class Variational:
         self.num_points = num_points
         self.last = None  # the point of the last evaluation
         self.inner_start = None  # set by `start`, then by `accept`
-
-    @property
-    def lower(self):
-        return self.parameters.lower
-
-    def parameter_names(self):
-        return list(self.parameters.names)
-
-    def fixed_by_information(self):
-        """No fixed effects in the vector: the joint Hessian is all by differences."""
-        return 0
 
     # ------------------------------------------------------------ the rows
     def expected(self, eta, variance, dispersion):
@@ -294,9 +281,7 @@ class Variational:
         weights `h`, scores `g`); dispersion parameters get the curvature of the
         expected log-likelihood in their logarithm, by a difference of gradients.
         """
-        if not np.array_equal(self.last.vector, vector):
-            self.objective(vector)
-        point = self.last
+        point = self.evaluated(vector)
         parameters = self.parameters
         d = parameters.num_theta
         out = np.zeros((len(vector), len(vector)))
@@ -327,12 +312,7 @@ class Variational:
 
     def accept(self, vector):
         """The point at `vector` (the optimizer's current one); the next inner fits start from it."""
-        if not np.array_equal(self.last.vector, vector):
-            self.objective(vector)
-        last = self.last
+        last = self.evaluated(vector)
         self.inner_start = InnerStart(means=last.means, beta=last.beta, curvature=last.posterior.curvature,
                                       lambdas=last.lambdas)
         return last
-
-    def report(self, point):
-        return {"elbo": point.elbo, "expected_log_likelihood": point.expected_log_likelihood, "kl": point.kl}
