@@ -13,6 +13,7 @@ from keras_glmm import families
 from keras_glmm.engine import Structure, TooLarge, VariationalSolver
 from keras_glmm.engine import blocked
 from keras_glmm.engine.blocked import BlockedSystem
+from keras_glmm.engine.covariances import conditional_covariance
 from keras_glmm.engine.quasi_newton import BoundedBFGS
 
 
@@ -100,6 +101,49 @@ def test_factorization_with_a_standard_deviation_at_zero():
     assert factor.logdet == pytest.approx(np.linalg.slogdet(a)[1], abs=1e-9)
     np.testing.assert_allclose(factor.selected_inverse()[0, 0], np.broadcast_to(np.eye(2), (40, 2, 2)),
                                atol=1e-12)
+
+
+def test_conditional_covariance_is_the_schur_complement_of_the_random_effects():
+    """The fixed effects' Laplace covariance (`results.fixed_vcov` after stochastic VI, the
+    engine's at a VI optimum): `(X'WX - X'WZ (Z'WZ + Sigma^-1)^-1 Z'WX)^-1` densely, and with
+    an sd at 0 (no `Sigma^-1`) the same in `Lambda`'s coordinates."""
+    x, terms, rng = _design(4)
+    structure = Structure(x, terms)
+    system = BlockedSystem(structure)
+    weights = rng.uniform(0.2, 2.0, structure.num_rows)
+    lambdas = [np.array([[0.9, 0.0], [0.3, 0.5]]), np.array([[0.7]]), np.array([[0.4]])]
+    a, k = _dense(structure, lambdas, weights)
+    expected = np.linalg.inv(a[k:, k:] - a[k:, :k] @ np.linalg.solve(a[:k, :k], a[:k, k:]))
+    np.testing.assert_allclose(conditional_covariance(system, lambdas, weights), expected, rtol=1e-10)
+    # Through Sigma^-1 = (Lambda Lambda')^-1, as the sparse formula of stochastic VI's results had it.
+    n = structure.num_rows
+    design = []
+    precision = []
+    for b, block in enumerate(structure.random_blocks):
+        rows = np.zeros((n, block.size))
+        for e in range(block.num_effects):
+            rows[np.arange(n), block.index * block.num_effects + e] = block.z[:, e]
+        design.append(rows)
+        precision.append(np.kron(np.eye(block.num_levels), np.linalg.inv(lambdas[b] @ lambdas[b].T)))
+    z = np.concatenate(design, axis=1)
+    zwz = z.T @ (weights[:, None] * z) + _block_diagonal(precision)
+    zwx = z.T @ (weights[:, None] * x)
+    schur = x.T @ (weights[:, None] * x) - zwx.T @ np.linalg.solve(zwz, zwx)
+    np.testing.assert_allclose(conditional_covariance(system, lambdas, weights), np.linalg.inv(schur), rtol=1e-8)
+    lambdas[1] = np.zeros((1, 1))  # a variance at 0: Sigma has no inverse, Lambda's coordinates do not need one
+    a, k = _dense(structure, lambdas, weights)
+    expected = np.linalg.inv(a[k:, k:] - a[k:, :k] @ np.linalg.solve(a[:k, :k], a[:k, k:]))
+    np.testing.assert_allclose(conditional_covariance(system, lambdas, weights), expected, rtol=1e-10)
+
+
+def _block_diagonal(blocks):
+    size = sum(len(block) for block in blocks)
+    out = np.zeros((size, size))
+    start = 0
+    for block in blocks:
+        out[start:start + len(block), start:start + len(block)] = block
+        start += len(block)
+    return out
 
 
 def test_memory_budget_names_the_term():
