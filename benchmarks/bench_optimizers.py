@@ -6,7 +6,7 @@ two 8 x 8 covariance factors, 72 variance parameters, the profiled log-likelihoo
 logLik -14293.1588 with bobyqa in 222 s (`tests/reference/lme4_reference_maximal.json`).
 
 Each optimizer starts from the engine's starting point and minimizes the same
-function (`VariationalSolver._conjugate_objective`); times are the optimizer's
+function (`LinearMixed.objective`); times are the optimizer's
 alone (one BLAS thread, as the engine runs it):
 
 - the engine's bounded BFGS with the average-information curvature alone (its
@@ -79,16 +79,16 @@ class Counted:
 
 
 def run_bounded_bfgs(solver, x0, budget):
-    f = Counted(solver._conjugate_objective)
-    opt = quasi_newton.BoundedBFGS(f, x0, solver.parameters.lower, curvature=solver._conjugate_curvature,
-                                   refresh=True, tolerance=1e-12, canonical=solver._canonical_vector)
+    f = Counted(solver.stage.objective)
+    opt = quasi_newton.BoundedBFGS(f, x0, solver.parameters.lower, curvature=solver.stage.curvature,
+                                   refresh=True, tolerance=1e-12, canonical=solver.parameters.canonical)
     while not opt.step() and f.count < budget:
         pass
     return f
 
 
 def run_lbfgsb(solver, x0, budget):
-    f = Counted(solver._conjugate_objective)
+    f = Counted(solver.stage.objective)
     bounds = [(lo, None) if np.isfinite(lo) else (None, None) for lo in solver.parameters.lower]
     scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                             options={"maxfun": budget, "maxiter": budget, "ftol": 1e-15, "gtol": 1e-9})
@@ -98,7 +98,7 @@ def run_lbfgsb(solver, x0, budget):
 def run_nlopt_bobyqa(solver, x0, budget):
     import nlopt
 
-    f = Counted(solver._conjugate_objective)
+    f = Counted(solver.stage.objective)
     opt = nlopt.opt(nlopt.LN_BOBYQA, len(x0))
     opt.set_lower_bounds(np.where(np.isfinite(solver.parameters.lower), solver.parameters.lower, -1e10))
     opt.set_min_objective(lambda x, grad: f.value(x))
@@ -117,7 +117,7 @@ def run_nlopt_bobyqa(solver, x0, budget):
 def run_pybobyqa(solver, x0, budget):
     import pybobyqa
 
-    f = Counted(solver._conjugate_objective)
+    f = Counted(solver.stage.objective)
     lower = np.where(np.isfinite(solver.parameters.lower), solver.parameters.lower, -1e10)
     pybobyqa.solve(f.value, np.array(x0, dtype=np.float64), bounds=(lower, np.full(len(x0), 1e10)),
                    maxfun=budget, rhobeg=0.2, rhoend=1e-8, seek_global_minimum=False, scaling_within_bounds=False)
@@ -135,7 +135,7 @@ def main():
             ("scipy L-BFGS-B, exact gradient", run_lbfgsb),
             ("NLopt LN_BOBYQA (derivative-free)", run_nlopt_bobyqa),
             ("Py-BOBYQA (derivative-free)", run_pybobyqa)]
-    with solver._threads():
+    with solver.threads():
         for name, run in runs:
             try:
                 start = time.perf_counter()

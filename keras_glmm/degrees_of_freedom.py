@@ -47,7 +47,7 @@ def _fixed_covariance(deviance, v):
     """`sigma^2 (A^-1)_beta` at `v = (theta, sigma)`."""
     theta, sigma = v[:-1], v[-1]
     deviance.value(theta, sigma)
-    return sigma * sigma * deviance.solver._last["factor"].fixed_covariance()
+    return sigma * sigma * deviance.solver.stage.last.factor.fixed_covariance()
 
 
 def satterthwaite(model):
@@ -88,7 +88,7 @@ def satterthwaite(model):
 def _reml_sigma(deviance, theta):
     """A REML fit's `sigma^2 = r2 / (n - p)` at `theta` (the profiled REML optimum)."""
     deviance.value(theta, 1.0)
-    return float(np.sqrt(deviance.solver._last["sigma2"]))
+    return float(np.sqrt(deviance.solver.stage.last.sigma2))
 
 
 def _covariance_patterns(model, x):

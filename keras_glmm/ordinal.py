@@ -133,9 +133,8 @@ def threshold_covariance(solver, intercept):
     if len(names) != len(family.dispersion_params):
         return None  # a gap held fixed: no joint covariance of the thresholds
     wanted = [intercept] + [solver.num_fixed + par.num_theta + par.dispersion_names.index(n) for n in names]
-    with solver._threads():
-        block = solver._joint_covariance(np.array(wanted))
-    gaps = [solver.state["dispersion"][n] for n in names]
+    block = solver.joint_covariance(np.array(wanted))
+    gaps = [solver.state.dispersion[n] for n in names]
     k = family.num_categories - 1
     jacobian = np.zeros((k, 1 + len(gaps)))
     jacobian[:, 0] = -1.0

@@ -9,9 +9,9 @@ GLS estimate `beta(theta)` (which does not depend on `sigma`):
 D(theta, sigma) = log|A_uu(theta)| + r2(theta) / sigma^2 + n log(2 pi sigma^2) - sum log w
 ```
 
-The engine's `_conjugate_objective` is `D` with `sigma` profiled out,
+The engine's `LinearMixed.objective` is `D` with `sigma` profiled out,
 `D(theta, sigma_hat(theta)) / 2` with `sigma_hat^2 = r2 / n`, so with
-`s2 = sigma_hat^2(theta)` and `D* = 2 _conjugate_objective(theta)`:
+`s2 = sigma_hat^2(theta)` and `D* = 2 LinearMixed.objective(theta)`:
 
 ```
 D(theta, sigma) = D* + n (log(sigma^2 / s2) + s2 / sigma^2 - 1)
@@ -46,7 +46,8 @@ from scipy import stats
 from keras_glmm import response as response_lib
 from keras_glmm import results as results_lib
 from keras_glmm.engine.quasi_newton import lbfgsb
-from keras_glmm.engine.solver import VariationalSolver, _semidefinite_cholesky
+from keras_glmm.engine.parameters import semidefinite_cholesky
+from keras_glmm.engine.solver import VariationalSolver
 
 # Relative step of the forward differences of the map from lme4's scale to theta.
 JACOBIAN_STEP = 1e-7
@@ -75,16 +76,9 @@ def solver_arguments(model, x, y, reml=None):
     """Keyword arguments of the engine's `VariationalSolver` for `model` on `(x, y)`
     (the same as `GLMM._engine_solver` builds; plain arrays, so they pickle)."""
     response, trials = response_lib.split(np.asarray(y, "float64"))
-    num_rows = len(response)
-    terms = []
-    for term in model.terms:
-        z = np.ones((num_rows, 1)) if term.intercept else np.zeros((num_rows, 0))
-        if term.num_covariates:
-            z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
-        terms.append((term.name, np.asarray(x[term.name]), z, term.num_levels, term.covariance == "full"))
     offset = x.get("offset")
     return dict(
-        x=np.asarray(x["x"], "float64"), terms=terms, y=response, trials=trials,
+        x=np.asarray(x["x"], "float64"), terms=results_lib.engine_terms(model, x), y=response, trials=trials,
         weights=response_lib.prior_weights(x),
         offset=None if offset is None else np.asarray(offset, "float64"),
         reml=model.reml if reml is None else reml, fixed_params=dict(model.head.fixed_params),
@@ -168,30 +162,31 @@ class GaussianDeviance:
     # --------------------------------------------------------- engine scale
     @property
     def dof(self):
-        s = self.solver
-        return s.num_observations - (s.num_fixed if s.reml else 0)
+        linear_mixed = self.solver.stage
+        return linear_mixed.num_observations - (linear_mixed.num_fixed if linear_mixed.reml else 0)
 
     def value(self, theta, sigma, gradient=False):
         """`D(theta, sigma)`, and `(dD/dtheta, dD/dsigma)` with `gradient=True`."""
-        with self.solver._threads():  # one BLAS thread for small dense blocks, as the engine's own fit
+        with self.solver.threads():  # one BLAS thread for small dense blocks, as the engine's own fit
             return self._value(theta, sigma, gradient)
 
     def _value(self, theta, sigma, gradient):
-        s = self.solver
-        half, _ = s._conjugate_objective(theta)
+        linear_mixed = self.solver.stage
+        half, _ = linear_mixed.objective(theta)
         if not math.isfinite(half):
             return (math.inf, None) if gradient else math.inf
-        last = s._last
-        s2, n = last["sigma2"], self.dof
+        last = linear_mixed.last
+        s2, n = last.sigma2, self.dof
         sigma2 = sigma * sigma
         value = 2.0 * half + n * (math.log(sigma2 / s2) + s2 / sigma2 - 1.0)
         if not gradient:
             return value
         # Fisher's identity at sigma: the scores divided by sigma^2, not by s2.
-        residual = s.y - last["eta"]
-        level_residual = s.structure.level_sums(s.weights * residual / sigma2)
-        grads = s._lambda_gradients(last["lambdas"], last["u"], level_residual, s.cross, last["cov"])
-        d_theta = -2.0 * s.parameters.gradient(grads)
+        residual = linear_mixed.y - last.eta
+        level_residual = linear_mixed.structure.level_sums(linear_mixed.weights * residual / sigma2)
+        grads = linear_mixed.algebra.lambda_gradients(last.lambdas, last.means, level_residual, linear_mixed.cross,
+                                                      last.covariance)
+        d_theta = -2.0 * linear_mixed.parameters.gradient(grads)
         d_sigma = 2.0 * n / sigma - 2.0 * n * s2 / sigma**3
         return value, np.append(d_theta, d_sigma)
 
@@ -215,7 +210,7 @@ class GaussianDeviance:
             if k > 2 and np.linalg.eigvalsh(corr)[0] < -1e-12:
                 return None
             cov = sd[:, None] * corr * sd[None, :]
-            lam = _semidefinite_cholesky(cov) if term.covariance == "full" else np.diag(sd)
+            lam = semidefinite_cholesky(cov) if term.covariance == "full" else np.diag(sd)
             lambdas[self.blocks[j]] = lam / sigma
         return self.solver.parameters.pack(lambdas), sigma
 
@@ -309,8 +304,8 @@ class GaussianDeviance:
         solver = VariationalSolver(family=self.model.family, **args)
         theta0 = self._theta_hat() if start is None else start
 
-        with solver._threads():  # the engine minimizes half the deviance D
-            theta, half = lbfgsb(solver._conjugate_objective, theta0, solver.parameters.lower,
+        with solver.threads():  # the engine minimizes half the deviance D
+            theta, half = lbfgsb(solver.stage.objective, theta0, solver.parameters.lower,
                                  max_iterations=1000, max_evaluations=15_000)
         return float(2.0 * half), theta
 
@@ -340,7 +335,7 @@ class Profile:
     def _ml_beta(self):
         d = self.deviance
         d.value(*d.engine_point(d.estimates))
-        return np.asarray(d.solver._last["beta"]).copy()
+        return np.asarray(d.solver.stage.last.beta).copy()
 
     def estimate(self, i):
         nv = len(self.deviance.names)

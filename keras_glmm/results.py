@@ -9,18 +9,18 @@ import warnings
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 from scipy import special
 
 from keras_glmm import estimates
 from keras_glmm import response as response_lib
-
-
+from keras_glmm.engine import covariances
+from keras_glmm.engine.blocked import BlockedSystem, TooLarge
+from keras_glmm.engine.parameters import semidefinite_cholesky
+from keras_glmm.engine.structure import Structure
 # A standard deviation below this fraction of its effect's scale, or a correlation
 # within this distance of +-1, is a boundary ("singular") fit, as lme4's isSingular
 # (tol 1e-4 on the relative Cholesky factor).
-SINGULAR_TOLERANCE = 1e-4
+from keras_glmm.engine.verification import SINGULAR_TOLERANCE
 
 
 def fixed_names(model):
@@ -185,64 +185,51 @@ def _boundary_components(model, boundary):
 
 
 # ---------------------------------------------------------------- vcov
-def _second_derivative(model, y, eta, params):
-    """`-d^2 log p(y_i | eta_i) / d eta_i^2` at each row (observed information)."""
-    y, trials = response_lib.split(np.asarray(y, "float64"))
-    eta = np.asarray(eta, "float64")
-    _, _, second, _ = model.family.log_prob_derivatives(y, eta, params, trials=trials)
-    return -second
-
-
-def _random_design(model, x):
-    """Sparse Z (n x K) over all terms and the block-diagonal prior precision."""
-    blocks, precisions = [], []
-    n = len(x["x"])
+def engine_terms(model, x):
+    """The engine's `(name, level_index, z, num_levels, correlated)` of each of the model's
+    terms on the rows `x` (`keras_glmm.engine.Structure`), `z` with the intercept first."""
+    num_rows = len(x["x"])
+    terms = []
     for term in model.terms:
-        k = term.num_effects
-        index = np.asarray(x[term.name])
-        z = np.ones((n, 1)) if term.intercept else np.zeros((n, 0))
+        z = np.ones((num_rows, 1)) if term.intercept else np.zeros((num_rows, 0))
         if term.num_covariates:
             z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
-        rows = np.repeat(np.arange(n), k)
-        cols = (index[:, None] * k + np.arange(k)).reshape(-1)
-        blocks.append(sp.csr_matrix((z.reshape(-1), (rows, cols)), shape=(n, term.num_levels * k)))
-        precisions.append(sp.kron(sp.identity(term.num_levels), np.linalg.inv(term.prior_covariance())))
-    return sp.hstack(blocks).tocsc(), sp.block_diag(precisions).tocsc()
+        terms.append((term.name, np.asarray(x[term.name]), z, term.num_levels, term.covariance == "full"))
+    return terms
 
 
 def fixed_vcov(model, x, y):
-    """Covariance of the fixed-effect estimates, `(p, p)`.
+    """Covariance of the fixed-effect estimates, `(p, p)`, after stochastic VI.
 
     The Laplace (Hessian) covariance at the optimum, conditional on the variance
     components: with `W` the observed information of each row's linear predictor
-    and `P` the prior precision of the random effects,
+    and `Sigma = Lambda Lambda'` each term's covariance,
 
     ```
-    H = [[X'WX, X'WZ], [Z'WX, Z'WZ + P]],   vcov(beta) = (X'WX - X'WZ (Z'WZ + P)^-1 Z'WX)^-1
+    vcov(beta) = (X'WX - X'WZ (Z'WZ + Sigma^-1)^-1 Z'WX)^-1
     ```
 
     which for a Gaussian model is lme4's `(X' V^-1 X)^-1`. Mean-field VI's own
-    posterior would understate these (Goplerud, Papaspiliopoulos & Zanella 2023);
-    the sparse Schur complement is exact and costs one sparse LU of `Z'WZ + P`.
+    posterior would understate these (Goplerud, Papaspiliopoulos & Zanella 2023).
+    The engine's blocked factorization computes it, in `Lambda`'s coordinates (a
+    variance at 0 is no matter): `keras_glmm.engine.covariances.conditional_covariance`,
+    the same as a fit by the engine reports for its VI optimum.
     """
     pred = model(x, training=False)
-    params = model.dispersion()
-    w = _second_derivative(model, y, pred["eta"].numpy(), params)
-    w = np.maximum(w, 0.0)  # a row with negative curvature adds no information
-    prior = response_lib.prior_weights(x)
-    if prior is not None:
-        w = w * prior
-    X = np.asarray(x["x"], "float64")
-    Wd = sp.diags(w)
-    xtwx = X.T @ (w[:, None] * X)
-    if not model.terms:
-        return np.linalg.inv(xtwx)
-    Z, P = _random_design(model, x)
-    hbb = (Z.T @ Wd @ Z + P).tocsc()
-    hbx = np.asarray(Z.T @ (w[:, None] * X))
-    solved = spla.splu(hbb).solve(hbx)
-    schur = xtwx - hbx.T @ solved
-    return np.linalg.inv(schur)
+    response, trials = response_lib.split(np.asarray(y, "float64"))
+    eta = np.asarray(pred["eta"].numpy(), "float64")
+    information = covariances.observed_information(model.family, response, eta, model.dispersion(), trials=trials,
+                                                   weights=response_lib.prior_weights(x))
+    structure = Structure(np.asarray(x["x"], "float64"), engine_terms(model, x))
+    try:
+        system = BlockedSystem(structure, memory_budget=model.memory_budget)
+    except TooLarge as err:
+        raise TooLarge(f"The fixed effects' covariance needs the engine's blocked factorization: {err} "
+                       "Raise `memory_budget`.") from err
+    lambdas = [None] * structure.num_random
+    for j, term in enumerate(model.terms):
+        lambdas[structure.order[j]] = semidefinite_cholesky(np.asarray(term.prior_covariance(), "float64"))
+    return covariances.conditional_covariance(system, lambdas, information)
 
 
 def coef_table(fixef, vcov, t_values=False):

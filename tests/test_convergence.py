@@ -18,7 +18,7 @@ import pytest
 import keras_glmm as kg
 import reference_data as refs
 from keras_glmm.engine import convergence
-from keras_glmm.engine import solver as solver_lib
+from keras_glmm.engine import verification
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -56,8 +56,8 @@ def test_a_false_convergence_is_caught_and_reported(monkeypatch):
     """Without L-BFGS-B and the restarts, the quasi-Newton method stops short on kb07's
     maximal model; the check says so with lme4's words and numbers, and `converged_`
     is False."""
-    monkeypatch.setattr(solver_lib, "MANY_PARAMETERS", 10_000)
-    monkeypatch.setattr(solver_lib, "MAX_POLISHES", 0)
+    monkeypatch.setattr(verification, "MANY_PARAMETERS", 10_000)
+    monkeypatch.setattr(verification, "MAX_POLISHES", 0)
     case = refs.MAXIMAL["kb07_max"]
     with pytest.warns(RuntimeWarning, match="Model failed to converge"):
         fit = kg.glmm(case["formula"], kg.datasets.load_kb07())

@@ -13,6 +13,7 @@ from keras_glmm import families
 from keras_glmm.engine import Structure, TooLarge, VariationalSolver
 from keras_glmm.engine import blocked
 from keras_glmm.engine.blocked import BlockedSystem
+from keras_glmm.engine.covariances import conditional_covariance
 from keras_glmm.engine.quasi_newton import BoundedBFGS
 
 
@@ -102,6 +103,49 @@ def test_factorization_with_a_standard_deviation_at_zero():
                                atol=1e-12)
 
 
+def test_conditional_covariance_is_the_schur_complement_of_the_random_effects():
+    """The fixed effects' Laplace covariance (`results.fixed_vcov` after stochastic VI, the
+    engine's at a VI optimum): `(X'WX - X'WZ (Z'WZ + Sigma^-1)^-1 Z'WX)^-1` densely, and with
+    an sd at 0 (no `Sigma^-1`) the same in `Lambda`'s coordinates."""
+    x, terms, rng = _design(4)
+    structure = Structure(x, terms)
+    system = BlockedSystem(structure)
+    weights = rng.uniform(0.2, 2.0, structure.num_rows)
+    lambdas = [np.array([[0.9, 0.0], [0.3, 0.5]]), np.array([[0.7]]), np.array([[0.4]])]
+    a, k = _dense(structure, lambdas, weights)
+    expected = np.linalg.inv(a[k:, k:] - a[k:, :k] @ np.linalg.solve(a[:k, :k], a[:k, k:]))
+    np.testing.assert_allclose(conditional_covariance(system, lambdas, weights), expected, rtol=1e-10)
+    # Through Sigma^-1 = (Lambda Lambda')^-1, as the sparse formula of stochastic VI's results had it.
+    n = structure.num_rows
+    design = []
+    precision = []
+    for b, block in enumerate(structure.random_blocks):
+        rows = np.zeros((n, block.size))
+        for e in range(block.num_effects):
+            rows[np.arange(n), block.index * block.num_effects + e] = block.z[:, e]
+        design.append(rows)
+        precision.append(np.kron(np.eye(block.num_levels), np.linalg.inv(lambdas[b] @ lambdas[b].T)))
+    z = np.concatenate(design, axis=1)
+    zwz = z.T @ (weights[:, None] * z) + _block_diagonal(precision)
+    zwx = z.T @ (weights[:, None] * x)
+    schur = x.T @ (weights[:, None] * x) - zwx.T @ np.linalg.solve(zwz, zwx)
+    np.testing.assert_allclose(conditional_covariance(system, lambdas, weights), np.linalg.inv(schur), rtol=1e-8)
+    lambdas[1] = np.zeros((1, 1))  # a variance at 0: Sigma has no inverse, Lambda's coordinates do not need one
+    a, k = _dense(structure, lambdas, weights)
+    expected = np.linalg.inv(a[k:, k:] - a[k:, :k] @ np.linalg.solve(a[:k, :k], a[:k, k:]))
+    np.testing.assert_allclose(conditional_covariance(system, lambdas, weights), expected, rtol=1e-10)
+
+
+def _block_diagonal(blocks):
+    size = sum(len(block) for block in blocks)
+    out = np.zeros((size, size))
+    start = 0
+    for block in blocks:
+        out[start:start + len(block), start:start + len(block)] = block
+        start += len(block)
+    return out
+
+
 def test_memory_budget_names_the_term():
     rng = np.random.default_rng(0)
     n = 2000
@@ -135,7 +179,7 @@ def test_gaussian_profiled_gradient_matches_finite_differences(reml):
     x, terms, y = _gaussian_data()
     solver = VariationalSolver(x, terms, y, families.get_family("gaussian"), reml=reml)
     vector = np.array([0.9, 0.2, 0.4, 0.7, 0.3])
-    _check_gradient(solver._conjugate_objective, vector)
+    _check_gradient(solver.stage.objective, vector)
 
 
 def test_gaussian_average_information_matches_the_hessian_at_the_optimum():
@@ -145,12 +189,12 @@ def test_gaussian_average_information_matches_the_hessian_at_the_optimum():
     while not solver.converged:
         solver.step()
     vector = solver.optimizer.x
-    ai = solver._conjugate_curvature(vector)
+    ai = solver.stage.curvature(vector)
     hessian = np.empty_like(ai)
     for j in range(len(vector)):
         e = np.zeros_like(vector)
         e[j] = 1e-5
-        hessian[:, j] = (solver._conjugate_objective(vector + e)[1] - solver._conjugate_objective(vector - e)[1]) / 2e-5
+        hessian[:, j] = (solver.stage.objective(vector + e)[1] - solver.stage.objective(vector - e)[1]) / 2e-5
     # AI-REML's approximation is the expected information: close to the observed one.
     np.testing.assert_allclose(np.diag(ai), np.diag(hessian), rtol=0.1)
     assert np.linalg.norm(ai - hessian) < 0.1 * np.linalg.norm(hessian)
@@ -168,7 +212,7 @@ def test_glmm_envelope_gradient_matches_finite_differences(family):
     # The envelope theorem needs q at its optimum for each evaluation: the inner loop
     # converges tightly, so differences of the profiled ELBO are its gradient.
     vector = np.array([0.8, 0.1, 0.3, 0.6])
-    _check_gradient(solver._glmm_objective, vector, steps=1e-5, rtol=1e-3, atol=1e-4)
+    _check_gradient(solver.stage.objective, vector, steps=1e-5, rtol=1e-3, atol=1e-4)
 
 
 def test_bounded_bfgs_stops_on_the_bound_of_a_quadratic():

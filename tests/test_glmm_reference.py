@@ -122,7 +122,7 @@ def test_glmm_reaches_the_exact_ml(name):
     # Standard errors from the joint Hessian of the exact log-likelihood (variance
     # parameters' uncertainty included, as lme4's glmer vcov): exact_ml.json's within
     # 0.5%; guimmun's fixed-effects block is Laplace's curvature (see
-    # VariationalSolver._joint_covariance), within 4%.
+    # VariationalSolver.joint_covariance), within 4%.
     got_se = np.sqrt(np.diag(fit.vcov().values))
     np.testing.assert_allclose(got_se, refs.se(name, exact), rtol=0.04 if name == "guimmun" else 5e-3)
 

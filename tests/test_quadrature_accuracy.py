@@ -15,7 +15,7 @@ import keras_glmm as kg
 from keras_glmm import datasets, families
 from keras_glmm.engine import VariationalSolver
 from keras_glmm.engine import quadrature as quadrature_lib
-from keras_glmm.engine import solver as solver_lib
+from keras_glmm.engine import exact_likelihood
 
 
 def _nested_binary(seed=3, clusters=40, mothers=8, sd_mother=5.0, sd_cluster=1.0):
@@ -49,11 +49,10 @@ def _fit(solver, lambdas, beta):
 def _log_likelihood(solver, points):
     """The solver's log-likelihood at its estimates with another rule."""
     q = solver.quadrature
-    st = solver.state
     kept = list(q.points)
     q.set_points(points)
     try:
-        return q.log_likelihood(st["beta"], st["lambdas"], {})[0]
+        return q.log_likelihood(solver.state.beta, solver.state.lambdas, {})[0]
     finally:
         q.set_points(kept)
 
@@ -83,13 +82,13 @@ def test_node_check_raises_an_unconverged_rule_until_it_is_exact():
     solver = VariationalSolver(x, terms, y, families.get_family("binomial"), agq_points=5)
     _fit(solver, [np.eye(1), np.eye(1)], np.zeros(2))
     status = solver.quadrature_status
-    assert solver.likelihood == "quadrature" and status["exact"]
+    assert solver.likelihood == "quadrature" and status.exact
     outer, inner = solver.quadrature.points
     assert inner > 5  # raised where it mattered
     # Every rung below the last moved by more than the tolerance; the last did not.
-    ladder = status["ladder"]
-    assert any(r["logLik_change"] > solver_lib.AGQ_TOLERANCE for r in ladder)
-    assert ladder[-1]["logLik_change"] <= solver_lib.AGQ_TOLERANCE
+    ladder = status.ladder
+    assert any(r.loglik_change > exact_likelihood.AGQ_TOLERANCE for r in ladder)
+    assert ladder[-1].loglik_change <= exact_likelihood.AGQ_TOLERANCE
     fine = _log_likelihood(solver, [51, 401])
     assert solver.report()["elbo"] == pytest.approx(fine, abs=2e-3)
     assert "exact ML by adaptive Gauss-Hermite quadrature" in solver.estimator
@@ -100,14 +99,14 @@ def test_node_check_that_cannot_run_says_not_exact():
     on its rule and says it is not verified, with the log-likelihood's last move."""
     x, terms, y = _nested_binary()
     solver = VariationalSolver(x, terms, y, families.get_family("binomial"), agq_points=5)
-    max_nodes = solver_lib.AGQ_MAX_NODES
-    solver_lib.AGQ_MAX_NODES = 5 * 23
+    max_nodes = exact_likelihood.AGQ_MAX_NODES
+    exact_likelihood.AGQ_MAX_NODES = 5 * 23
     try:
         _fit(solver, [np.eye(1), np.eye(1)], np.zeros(2))
     finally:
-        solver_lib.AGQ_MAX_NODES = max_nodes
+        exact_likelihood.AGQ_MAX_NODES = max_nodes
     assert solver.likelihood == "approximate"
-    assert not solver.quadrature_status["exact"]
+    assert not solver.quadrature_status.exact
     assert "NOT verified exact" in solver.estimator and "AGQ_MAX_NODES" in solver.estimator
 
 

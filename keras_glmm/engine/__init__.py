@@ -4,8 +4,13 @@
 - `blocked`: the blocked Cholesky factorization of the posterior precision and its
   selected inverse;
 - `quasi_newton`: a bounded BFGS method, one iteration per call;
-- `solver`: `VariationalSolver`, which fits the posterior, fixed effects and variance
-  parameters of a GLMM from arrays.
+- `parameters`, `spherical`: the outer parameters' vector and the algebra in lme4's
+  spherical coordinates that the estimators share;
+- `linear_mixed`, `variational`, `exact_likelihood`: the estimators (lmer's profiled
+  likelihood, Gaussian VI, exact ML by adaptive quadrature);
+- `verification`, `covariances`: the end point's check and the standard errors;
+- `solver`: `VariationalSolver`, which composes them to fit the posterior, fixed
+  effects and variance parameters of a GLMM from arrays.
 
 Nothing here imports Keras or the model.
 """

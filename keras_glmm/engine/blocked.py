@@ -57,14 +57,14 @@ class TooLarge(ValueError):
     """The blocks of a model exceed the memory budget of the engine."""
 
 
-def _transform(lam_a, c, lam_b):
+def _transform(factor_a, products, factor_b):
     """`Lambda_a' C Lambda_b` for every pair: `(P, ka, kb)`; `None` means the identity."""
     # Stacked matmuls, not einsum: numpy's einsum does not call BLAS for these.
-    if lam_a is not None:
-        c = np.matmul(lam_a.T, c) if lam_a.shape[0] > 1 else c * lam_a[0, 0]
-    if lam_b is not None:
-        c = np.matmul(c, lam_b) if lam_b.shape[0] > 1 else c * lam_b[0, 0]
-    return c
+    if factor_a is not None:
+        products = np.matmul(factor_a.T, products) if factor_a.shape[0] > 1 else products * factor_a[0, 0]
+    if factor_b is not None:
+        products = np.matmul(products, factor_b) if factor_b.shape[0] > 1 else products * factor_b[0, 0]
+    return products
 
 
 class BlockedSystem:
@@ -109,10 +109,10 @@ class BlockedSystem:
         # `G` as a dense product where the levels of block 0 meet so many columns
         # that it is cheaper than the triples (a 1M-row crossed model: 68M triples,
         # 4.8 s per inverse, against 0.2 s for the product).
-        g_bytes = 2 * 8 * self.num_diag_levels * self.k0 * self.num_dense_random
+        dense_g_bytes = 2 * 8 * self.num_diag_levels * self.k0 * self.num_dense_random
         self.dense_g = bool(
             self.num_entries
-            and g_bytes <= memory_budget
+            and dense_g_bytes <= memory_budget
             and self.num_diag_levels * self.num_dense_random**2 < DENSE_G_SPEEDUP * self.num_triples
         )
         triples_bytes = 2 * 8 * self.num_triples
@@ -126,24 +126,24 @@ class BlockedSystem:
     # ------------------------------------------------------------ index maps
     def _build_entries(self):
         """The nonzero columns of `F` (per level of block 0) and the triples."""
-        s = self.structure
-        c0_parts, col_parts, self.entry_bases = [], [], {}
+        structure = self.structure
+        level_parts, column_parts, self.entry_bases = [], [], {}
         base = 0
         for b in self.dense_blocks[:-1] if self.has_diag else []:
-            pair = s.pairs[0, b]
-            kb = s.blocks[b].num_effects
+            pair = structure.pairs[0, b]
+            kb = structure.blocks[b].num_effects
             self.entry_bases[b] = base
-            c0_parts.append(np.repeat(pair.levels_first, kb))
-            col_parts.append(
+            level_parts.append(np.repeat(pair.levels_first, kb))
+            column_parts.append(
                 (self.offsets[b] + pair.levels_second[:, None] * kb + np.arange(kb)).reshape(-1)
             )
             base += pair.num_pairs * kb
         self.num_entries = base
-        c0 = np.concatenate(c0_parts) if c0_parts else np.zeros(0, np.int64)
-        col = np.concatenate(col_parts) if col_parts else np.zeros(0, np.int64)
-        self.entry_order = np.argsort(c0, kind="stable")
-        self.entry_level = c0[self.entry_order]
-        self.entry_col = col[self.entry_order]
+        levels = np.concatenate(level_parts) if level_parts else np.zeros(0, np.int64)
+        columns = np.concatenate(column_parts) if column_parts else np.zeros(0, np.int64)
+        self.entry_order = np.argsort(levels, kind="stable")
+        self.entry_level = levels[self.entry_order]
+        self.entry_col = columns[self.entry_order]
         # Triples: every pair `first <= second` of entries of the same level of block 0
         # (the inverse is symmetric: the pair serves both orders).
         counts = np.bincount(self.entry_level, minlength=self.num_diag_levels) if base else np.zeros(0, int)
@@ -183,14 +183,14 @@ class BlockedSystem:
 
     def _build_dense_positions(self):
         """Rows and columns in `S` of each pair of dense blocks' `(P, ka, kb)` values."""
-        s = self.structure
+        structure = self.structure
         self.dense_positions = {}
         for a in self.dense_blocks:
             for b in self.dense_blocks:
                 if b < a:
                     continue
-                pair = s.pairs[a, b]
-                ka, kb = s.blocks[a].num_effects, s.blocks[b].num_effects
+                pair = structure.pairs[a, b]
+                ka, kb = structure.blocks[a].num_effects, structure.blocks[b].num_effects
                 rows = self.offsets[a] + pair.levels_first[:, None, None] * ka + np.arange(ka)[None, :, None]
                 cols = self.offsets[b] + pair.levels_second[:, None, None] * kb + np.arange(kb)[None, None, :]
                 rows, cols = np.broadcast_arrays(rows, cols)
@@ -212,19 +212,19 @@ class BlockedSystem:
             numpy.linalg.LinAlgError: `A` is not positive definite (the fixed-effects
                 design is rank deficient given the weights).
         """
-        s = self.structure
-        lam = {b: lambdas[b] for b in range(s.num_random)}
-        lam[len(s.blocks) - 1] = None
-        L0, k0 = self.num_diag_levels, self.k0
+        structure = self.structure
+        factors = {b: lambdas[b] for b in range(structure.num_random)}
+        factors[len(structure.blocks) - 1] = None
+        num_levels, k0 = self.num_diag_levels, self.k0
         if self.has_diag:
-            a00 = _transform(lam[0], cross[0, 0], lam[0]) + np.eye(k0)
+            diagonal_block = _transform(factors[0], cross[0, 0], factors[0]) + np.eye(k0)
             if k0 == 1:
-                if not np.all(a00 > 0):
+                if not np.all(diagonal_block > 0):
                     raise np.linalg.LinAlgError("A is not positive definite")
-                l00 = np.sqrt(a00)
+                l00 = np.sqrt(diagonal_block)
                 l00_inv = 1.0 / l00
             else:
-                l00 = np.linalg.cholesky(a00)
+                l00 = np.linalg.cholesky(diagonal_block)
                 l00_inv = np.linalg.inv(l00)
         else:
             l00 = l00_inv = np.zeros((0, 1, 1))
@@ -232,12 +232,12 @@ class BlockedSystem:
         # columns dense (L0, k0, p).
         parts = []
         for b in self.dense_blocks[:-1] if self.has_diag else []:
-            a0b = _transform(lam[0], cross[0, b], lam[b])  # (P, k0, kb)
-            parts.append(np.swapaxes(a0b, 1, 2).reshape(-1, k0))
+            off_diagonal = _transform(factors[0], cross[0, b], factors[b])  # (P, k0, kb)
+            parts.append(np.swapaxes(off_diagonal, 1, 2).reshape(-1, k0))
         entries = np.concatenate(parts)[self.entry_order] if parts else np.zeros((0, k0))
-        fixed = len(s.blocks) - 1
+        fixed = len(structure.blocks) - 1
         if self.has_diag:
-            f_fixed = _transform(lam[0], cross[0, fixed], None)  # (L0, k0, p)
+            f_fixed = _transform(factors[0], cross[0, fixed], None)  # (L0, k0, p)
             f_fixed = np.einsum("lab,lbp->lap", l00_inv, f_fixed) if k0 > 1 else f_fixed * l00_inv
             if k0 > 1:
                 entries = np.einsum("eab,eb->ea", l00_inv[self.entry_level], entries)
@@ -246,28 +246,28 @@ class BlockedSystem:
         else:
             f_fixed = np.zeros((0, 1, self.num_fixed))
         # S = ADD - F'F.
-        q, qr = self.num_dense, self.num_dense_random
-        dense = np.zeros((q, q))
+        num_dense, random_end = self.num_dense, self.num_dense_random
+        dense = np.zeros((num_dense, num_dense))
         for (a, b), (rows, cols) in self.dense_positions.items():
-            values = _transform(lam[a], cross[a, b], lam[b])
-            if a == b and not s.blocks[a].fixed:
+            values = _transform(factors[a], cross[a, b], factors[b])
+            if a == b and not structure.blocks[a].fixed:
                 values = values + np.eye(values.shape[-1])
             dense[rows, cols] = values
             if a != b:
                 dense[cols, rows] = values
-        flat_fixed = f_fixed.reshape(L0 * k0, self.num_fixed)
+        flat_fixed = f_fixed.reshape(num_levels * k0, self.num_fixed)
         if self.num_entries:
             # Where the levels of block 0 meet most columns (kb07's subjects see every
             # item) a dense `F` and BLAS beat the sparse product by 50x.
             f_random = self._dense_random_columns(entries) if self.dense_g else self._random_columns(entries)
             product = f_random.T @ f_random
-            dense[:qr, :qr] -= product if self.dense_g else product.toarray()
+            dense[:random_end, :random_end] -= product if self.dense_g else product.toarray()
             cross_rx = np.asarray(f_random.T @ flat_fixed)
-            dense[:qr, qr:] -= cross_rx
-            dense[qr:, :qr] -= cross_rx.T
-        dense[qr:, qr:] -= flat_fixed.T @ flat_fixed
-        ld = scipy.linalg.cholesky(dense, lower=True, check_finite=False) if q else np.zeros((0, 0))
-        return Factor(self, l00, l00_inv, entries, f_fixed, ld)
+            dense[:random_end, random_end:] -= cross_rx
+            dense[random_end:, :random_end] -= cross_rx.T
+        dense[random_end:, random_end:] -= flat_fixed.T @ flat_fixed
+        dense_factor = scipy.linalg.cholesky(dense, lower=True, check_finite=False) if num_dense else np.zeros((0, 0))
+        return Factor(self, l00, l00_inv, entries, f_fixed, dense_factor)
 
     def _dense_random_columns(self, entries):
         """`F`'s random columns as a dense `(L0 k0, q_r)` array."""
@@ -288,16 +288,16 @@ class BlockedSystem:
 class Factor:
     """`A = L L'` in blocks (see the module docstring), with solves and a selected inverse."""
 
-    def __init__(self, system, l00, l00_inv, entries, f_fixed, ld):
+    def __init__(self, system, l00, l00_inv, entries, f_fixed, dense_factor):
         self.system = system
         self.l00, self.l00_inv = l00, l00_inv
         self.entries, self.f_fixed = entries, f_fixed
-        self.ld = ld
-        qr = system.num_dense_random
-        diag = np.log(np.diagonal(ld)) if len(ld) else np.zeros(0)
-        l00_diag = np.log(np.diagonal(l00, axis1=-2, axis2=-1)) if len(l00) else np.zeros(0)
-        self.logdet_random = 2.0 * (np.sum(l00_diag) + np.sum(diag[:qr]))
-        self.logdet_fixed = 2.0 * np.sum(diag[qr:])
+        self.dense_factor = dense_factor
+        random_end = system.num_dense_random
+        log_diagonal = np.log(np.diagonal(dense_factor)) if len(dense_factor) else np.zeros(0)
+        l00_log_diagonal = np.log(np.diagonal(l00, axis1=-2, axis2=-1)) if len(l00) else np.zeros(0)
+        self.logdet_random = 2.0 * (np.sum(l00_log_diagonal) + np.sum(log_diagonal[:random_end]))
+        self.logdet_fixed = 2.0 * np.sum(log_diagonal[random_end:])
 
     @property
     def logdet(self):
@@ -307,62 +307,67 @@ class Factor:
     # ------------------------------------------------------------ products with F
     def _f_times(self, dense_vector):
         """`F x` for a dense-part vector: `(L0, k0)`."""
-        sys = self.system
-        out = np.einsum("lap,p->la", self.f_fixed, dense_vector[sys.num_dense_random:])
-        if sys.num_entries:
-            contrib = self.entries * dense_vector[sys.entry_col][:, None]
-            for a in range(sys.k0):
-                out[:, a] += np.bincount(sys.entry_level, contrib[:, a], minlength=sys.num_diag_levels)
+        system = self.system
+        out = np.einsum("lap,p->la", self.f_fixed, dense_vector[system.num_dense_random:])
+        if system.num_entries:
+            products = self.entries * dense_vector[system.entry_col][:, None]
+            for a in range(system.k0):
+                out[:, a] += np.bincount(system.entry_level, products[:, a], minlength=system.num_diag_levels)
         return out
 
     def _f_transpose_times(self, diag_vector):
         """`F' y` for a block-0 vector `(L0, k0)`: a dense-part vector."""
-        sys = self.system
-        out = np.zeros(sys.num_dense)
-        out[sys.num_dense_random:] = np.einsum("lap,la->p", self.f_fixed, diag_vector)
-        if sys.num_entries:
-            values = np.sum(self.entries * diag_vector[sys.entry_level], axis=1)
-            out[: sys.num_dense_random] = np.bincount(sys.entry_col, values, minlength=sys.num_dense_random)
+        system = self.system
+        out = np.zeros(system.num_dense)
+        out[system.num_dense_random:] = np.einsum("lap,la->p", self.f_fixed, diag_vector)
+        if system.num_entries:
+            values = np.sum(self.entries * diag_vector[system.entry_level], axis=1)
+            out[: system.num_dense_random] = np.bincount(system.entry_col, values, minlength=system.num_dense_random)
         return out
 
-    def _l00_times(self, inv, vector, transpose=False):
+    def _l00_times(self, inverse, vector, transpose=False):
         if self.system.k0 == 1:
-            return inv[:, :, 0] * vector
-        return np.einsum("lba,lb->la" if transpose else "lab,lb->la", inv, vector)
+            return inverse[:, :, 0] * vector
+        return np.einsum("lba,lb->la" if transpose else "lab,lb->la", inverse, vector)
 
     # ------------------------------------------------------------ solves
     def half_solve(self, diag_rhs, dense_rhs):
         """`L^-1 r` for `r = (r0 (L0, k0), rD (q,))`."""
-        y0 = self._l00_times(self.l00_inv, diag_rhs)
-        rhs = dense_rhs - self._f_transpose_times(y0)
-        yd = scipy.linalg.solve_triangular(self.ld, rhs, lower=True, check_finite=False) if len(rhs) else rhs
-        return y0, yd
+        half_diagonal = self._l00_times(self.l00_inv, diag_rhs)
+        remainder = dense_rhs - self._f_transpose_times(half_diagonal)
+        half_dense = remainder
+        if len(remainder):
+            half_dense = scipy.linalg.solve_triangular(self.dense_factor, remainder, lower=True, check_finite=False)
+        return half_diagonal, half_dense
 
     def solve(self, diag_rhs, dense_rhs):
         """`A^-1 r`; also returns `r' A^-1 r`."""
-        y0, yd = self.half_solve(diag_rhs, dense_rhs)
-        quad = float(np.sum(y0**2) + np.sum(yd**2))
-        xd = scipy.linalg.solve_triangular(self.ld, yd, lower=True, trans="T", check_finite=False) if len(yd) else yd
-        x0 = self._l00_times(self.l00_inv, y0 - self._f_times(xd), transpose=True)
-        return x0, xd, quad
+        half_diagonal, half_dense = self.half_solve(diag_rhs, dense_rhs)
+        quadratic = float(np.sum(half_diagonal**2) + np.sum(half_dense**2))
+        solution_dense = half_dense
+        if len(half_dense):
+            solution_dense = scipy.linalg.solve_triangular(self.dense_factor, half_dense, lower=True, trans="T",
+                                                           check_finite=False)
+        solution_diagonal = self._l00_times(self.l00_inv, half_diagonal - self._f_times(solution_dense), transpose=True)
+        return solution_diagonal, solution_dense, quadratic
 
     def fixed_covariance(self):
         """The fixed effects' block of `A^-1`, `(p, p)`: the Schur complement's inverse."""
-        qr = self.system.num_dense_random
-        lx = self.ld[qr:, qr:]
-        inv = scipy.linalg.solve_triangular(lx, np.eye(len(lx)), lower=True, check_finite=False)
-        return inv.T @ inv
+        random_end = self.system.num_dense_random
+        fixed_factor = self.dense_factor[random_end:, random_end:]
+        inverse = scipy.linalg.solve_triangular(fixed_factor, np.eye(len(fixed_factor)), lower=True, check_finite=False)
+        return inverse.T @ inverse
 
     # ------------------------------------------------------------ selected inverse
     def _dense_inverse(self, mode):
-        qr = self.system.num_dense_random
-        ld = self.ld if mode == "full" else self.ld[:qr, :qr]
-        if not len(ld):
+        random_end = self.system.num_dense_random
+        dense_factor = self.dense_factor if mode == "full" else self.dense_factor[:random_end, :random_end]
+        if not len(dense_factor):
             return np.zeros((0, 0))
-        inv, info = scipy.linalg.lapack.dpotri(ld, lower=1)
+        inverse, info = scipy.linalg.lapack.dpotri(dense_factor, lower=1)
         if info:
             raise np.linalg.LinAlgError(f"dpotri failed (info={info})")
-        return inv  # lower triangle only; read through `BlockedSystem.lower_flat`
+        return inverse  # lower triangle only; read through `BlockedSystem.lower_flat`
 
     def selected_inverse(self, mode="random"):
         """Blocks of `A^-1` on the model's pattern (see the module docstring).
@@ -374,56 +379,58 @@ class Factor:
         Returns:
             A dict `(a, b) -> (P, k_a, k_b)` over `Structure.pairs`.
         """
-        sys = self.system
-        s = sys.structure
-        fixed = len(s.blocks) - 1
-        qr, k0, L0 = sys.num_dense_random, sys.k0, sys.num_diag_levels
+        system = self.system
+        structure = system.structure
+        fixed = len(structure.blocks) - 1
+        random_end, k0, num_levels = system.num_dense_random, system.k0, system.num_diag_levels
         full = mode == "full"
-        sinv = self._dense_inverse(mode)
-        dim = len(sinv)
-        flat = sinv.reshape(-1)
+        schur_inverse = self._dense_inverse(mode)
+        dim = len(schur_inverse)
+        flat = schur_inverse.reshape(-1)
         out = {}
-        if sys.has_diag:
+        if system.has_diag:
             entries = self.entries
             # G = F S^-1 on the pattern: triples for the random columns ...
             g_entries = np.zeros_like(entries)
             f_dense = g_dense = None
-            if sys.dense_g:
-                s_rr = sinv[:qr, :qr]
-                s_rr = np.tril(s_rr) + np.tril(s_rr, -1).T
-                f_dense = sys._dense_random_columns(entries)
-                g_dense = (f_dense @ s_rr).reshape(L0, k0, qr)
+            if system.dense_g:
+                schur_random = schur_inverse[:random_end, :random_end]
+                schur_random = np.tril(schur_random) + np.tril(schur_random, -1).T
+                f_dense = system._dense_random_columns(entries)
+                g_dense = (f_dense @ schur_random).reshape(num_levels, k0, random_end)
                 if full:
-                    g_dense += np.matmul(self.f_fixed, sinv[qr:, :qr])
-                g_entries = g_dense[sys.entry_level, :, sys.entry_col]
-            elif sys.num_entries:
-                first, second = sys.triples
-                s_values = np.take(flat, sys.triple_positions(dim))
-                off = first != second
-                first_off, second_off, s_off = first[off], second[off], s_values[off]
+                    g_dense += np.matmul(self.f_fixed, schur_inverse[random_end:, :random_end])
+                g_entries = g_dense[system.entry_level, :, system.entry_col]
+            elif system.num_entries:
+                first, second = system.triples
+                schur_values = np.take(flat, system.triple_positions(dim))
+                off_diagonal = first != second
+                first_off, second_off, schur_off = first[off_diagonal], second[off_diagonal], schur_values[off_diagonal]
                 for a in range(k0):
                     column = entries[:, a]
                     g_entries[:, a] = np.bincount(
-                        second, np.take(column, first) * s_values, minlength=sys.num_entries
-                    ) + np.bincount(first_off, np.take(column, second_off) * s_off, minlength=sys.num_entries)
+                        second, np.take(column, first) * schur_values, minlength=system.num_entries
+                    ) + np.bincount(first_off, np.take(column, second_off) * schur_off, minlength=system.num_entries)
             if full:
                 # ... plus the fixed columns, which every level meets.
-                s_xr = sinv[qr:, :qr]  # below the diagonal: filled
-                s_xx = np.tril(sinv[qr:, qr:]) + np.tril(sinv[qr:, qr:], -1).T
-                if sys.num_entries and not sys.dense_g:
-                    g_entries += np.einsum("eap,pe->ea", self.f_fixed[sys.entry_level], s_xr[:, sys.entry_col])
-                g_fixed = np.einsum("lap,pq->laq", self.f_fixed, s_xx)
-                if sys.num_entries:
-                    g_fixed += self._random_columns_times(s_xr.T)
+                schur_fixed_random = schur_inverse[random_end:, :random_end]  # below the diagonal: filled
+                schur_fixed = schur_inverse[random_end:, random_end:]
+                schur_fixed = np.tril(schur_fixed) + np.tril(schur_fixed, -1).T
+                if system.num_entries and not system.dense_g:
+                    g_entries += np.einsum("eap,pe->ea", self.f_fixed[system.entry_level],
+                                           schur_fixed_random[:, system.entry_col])
+                g_fixed = np.einsum("lap,pq->laq", self.f_fixed, schur_fixed)
+                if system.num_entries:
+                    g_fixed += self._random_columns_times(schur_fixed_random.T)
             # (A^-1)_00 = L00^-T (I + G F') L00^-1.
-            inner = np.broadcast_to(np.eye(k0), (L0, k0, k0)).copy()
+            inner = np.broadcast_to(np.eye(k0), (num_levels, k0, k0)).copy()
             if g_dense is not None:
-                inner += np.matmul(g_dense, f_dense.reshape(L0, k0, qr).transpose(0, 2, 1))
-            elif sys.num_entries:
+                inner += np.matmul(g_dense, f_dense.reshape(num_levels, k0, random_end).transpose(0, 2, 1))
+            elif system.num_entries:
                 outer = g_entries[:, :, None] * entries[:, None, :]
                 for a in range(k0):
                     for b in range(k0):
-                        inner[:, a, b] += np.bincount(sys.entry_level, outer[:, a, b], minlength=L0)
+                        inner[:, a, b] += np.bincount(system.entry_level, outer[:, a, b], minlength=num_levels)
             if full:
                 inner += np.einsum("lap,lbp->lab", g_fixed, self.f_fixed)
             if k0 == 1:
@@ -431,46 +438,46 @@ class Factor:
             else:
                 out[0, 0] = np.einsum("lca,lcd,ldb->lab", self.l00_inv, inner, self.l00_inv)
             # (A^-1)_0D = -L00^-T G.
-            if sys.num_entries:
+            if system.num_entries:
                 if k0 == 1:
-                    v_entries = -g_entries * self.l00_inv[sys.entry_level, 0]
+                    covariance_entries = -g_entries * self.l00_inv[system.entry_level, 0]
                 else:
-                    v_entries = -np.einsum("eba,eb->ea", self.l00_inv[sys.entry_level], g_entries)
-                unsorted = np.empty_like(v_entries)
-                unsorted[sys.entry_order] = v_entries
-                for b in sys.dense_blocks[:-1]:
-                    kb = s.blocks[b].num_effects
-                    pair = s.pairs[0, b]
-                    base = sys.entry_bases[b]
+                    covariance_entries = -np.einsum("eba,eb->ea", self.l00_inv[system.entry_level], g_entries)
+                unsorted = np.empty_like(covariance_entries)
+                unsorted[system.entry_order] = covariance_entries
+                for b in system.dense_blocks[:-1]:
+                    kb = structure.blocks[b].num_effects
+                    pair = structure.pairs[0, b]
+                    base = system.entry_bases[b]
                     block = unsorted[base:base + pair.num_pairs * kb].reshape(pair.num_pairs, kb, k0)
                     out[0, b] = np.swapaxes(block, 1, 2)
             if full:
                 out[0, fixed] = -self._l00_times_matrix(g_fixed)
-        for (a, b), (rows, cols) in sys.dense_positions.items():
-            if not full and (s.blocks[a].fixed or s.blocks[b].fixed):
+        for (a, b), (rows, cols) in system.dense_positions.items():
+            if not full and (structure.blocks[a].fixed or structure.blocks[b].fixed):
                 continue
             key = (a, b, dim)
-            if key not in sys._flat:
-                sys._flat[key] = sys.lower_flat(rows, cols, dim)
-            out[a, b] = np.take(flat, sys._flat[key])
+            if key not in system._flat:
+                system._flat[key] = system.lower_flat(rows, cols, dim)
+            out[a, b] = np.take(flat, system._flat[key])
         return out
 
     def _random_columns_times(self, matrix):
         """`F_R M` for a dense `(q_r, m)` matrix: `(L0, k0, m)`."""
-        sys = self.system
-        out = np.zeros((sys.num_diag_levels, sys.k0, matrix.shape[1]))
-        rows = matrix[sys.entry_col]  # (E, m)
-        for a in range(sys.k0):
+        system = self.system
+        out = np.zeros((system.num_diag_levels, system.k0, matrix.shape[1]))
+        rows = matrix[system.entry_col]  # (E, m)
+        for a in range(system.k0):
             weighted = self.entries[:, a, None] * rows
-            order_sum = np.add.reduceat(weighted, _segment_starts(sys.entry_level), axis=0)
-            out[np.unique(sys.entry_level), a, :] = order_sum
+            order_sum = np.add.reduceat(weighted, _segment_starts(system.entry_level), axis=0)
+            out[np.unique(system.entry_level), a, :] = order_sum
         return out
 
-    def _l00_times_matrix(self, g):
+    def _l00_times_matrix(self, matrix):
         """`L00^-T g` for `(L0, k0, m)`."""
         if self.system.k0 == 1:
-            return g * self.l00_inv
-        return np.einsum("lba,lbm->lam", self.l00_inv, g)
+            return matrix * self.l00_inv
+        return np.einsum("lba,lbm->lam", self.l00_inv, matrix)
 
 
 def _segment_starts(sorted_segments):

@@ -43,8 +43,8 @@ probed the same way, once per visit: the profiled ELBO of a GLMM is not convex i
 `Lambda`, and a correlated term can reach a boundary (an intercept sd at 0 while a
 slope takes its variance) that is a local optimum much below an interior one
 (a gamma model of sleepstudy with the inverse link: 23 nats below). A probe starts
-from `canonical(x)`, a point with the same `f` (see the solver's
-`_canonical_vector`: at an sd of 0 the entries below it carry no information of
+from `canonical(x)`, a point with the same `f` (see
+`Parameters.canonical`: at an sd of 0 the entries below it carry no information of
 their own, and moving them into the later columns makes the probed direction an
 uncorrelated effect rather than one fully correlated with a slope).
 """
