@@ -40,7 +40,7 @@ def record(model, results):
         sd = np.sqrt(np.maximum(np.diag(cov), 0.0))
         safe = np.where(sd > 0, sd, 1.0)
         corr = cov / np.outer(safe, safe)
-        np.fill_diagonal(corr, 1.0)  # as the layers store it (`GLMM._write_engine_results`)
+        np.fill_diagonal(corr, 1.0)  # as the layers store it (`keras_glmm.fitting.engine.write_results`)
         stddev.append(sd)
         correlation.append(corr)
     return {

@@ -41,10 +41,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from keras_glmm import prediction
+from keras_glmm import formula_model, prediction
 from keras_glmm import profile as profile_lib
 from keras_glmm import response as response_lib
 from keras_glmm.engine.solver import VariationalSolver
+from keras_glmm.fitting import engine as engine_fit
 
 CONFINT_METHODS = ("profile", "Wald", "boot")
 REFIT_WARNING = "refitting model(s) with ML (instead of REML)"
@@ -175,11 +176,11 @@ def bootstrap(model, nsim=500, seed=None, n_jobs=1):
     arguments = profile_lib.solver_arguments(model, x, y)
     layout = [(None, entries) for _, entries in profile_lib.variance_names(model)[1]]
     gaussian = model.family.name == "gaussian"
-    start = model._engine_start()
+    start = engine_fit.start_point(model)
     if not gaussian:
         # Dispersions other than a gaussian's sigma are refitted but not reported.
         names = [n for n in names if n != "sigma"]
-    simulated = np.asarray(prediction.simulate(model, nsim=nsim, seed=seed), "float64")  # (nsim, rows)
+    simulated = np.asarray(prediction.simulate_responses(model, nsim=nsim, seed=seed), "float64")  # (nsim, rows)
     responses = [simulated[s] for s in range(nsim)]
     if n_jobs == -1:
         n_jobs = multiprocessing.cpu_count()
@@ -254,8 +255,6 @@ def update_formula(old, new):
 def update(model, formula=None, **changes):
     """lme4's `update(fit, formula, ...)`: the model refitted by `kg.glmm` with a new formula
     (see `update_formula`) and/or changed options (`data=`, `reml=`, `family=`, ...)."""
-    from keras_glmm.model import glmm  # model.py imports this module
-
     call = getattr(model, "_formula_call", None)
     if call is None or model.design is None:
         raise ValueError("update() refits a model built from a formula by kg.glmm or GLMM.from_formula; "
@@ -265,7 +264,7 @@ def update(model, formula=None, **changes):
     options.update(changes)
     old = model.design.spec.formula
     new = old if formula is None else update_formula(old, formula)
-    return glmm(new, data, **options)
+    return formula_model.glmm(type(model), new, data, **options)
 
 
 # ------------------------------------------------------------------ anova

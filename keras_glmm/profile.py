@@ -74,7 +74,7 @@ def require_gaussian_engine(model, what):
 
 def solver_arguments(model, x, y, reml=None):
     """Keyword arguments of the engine's `VariationalSolver` for `model` on `(x, y)`
-    (the same as `GLMM._engine_solver` builds; plain arrays, so they pickle)."""
+    (the same as `keras_glmm.fitting.engine.build_solver` builds; plain arrays, so they pickle)."""
     response, trials = response_lib.split(np.asarray(y, "float64"))
     offset = x.get("offset")
     return dict(

@@ -7,7 +7,6 @@ import zipfile
 import keras
 
 from keras_glmm.expressions import ExpressionError
-from keras_glmm.model import GLMM
 
 
 @contextlib.contextmanager
@@ -62,7 +61,8 @@ def load_model(filepath, compile=True, safe_mode=True):
         )
     with read_errors(filepath):
         model = keras.models.load_model(filepath, compile=compile, safe_mode=safe_mode)
-    if not isinstance(model, GLMM):
+    # The class by its registered name: keras_glmm.model imports this module (read_errors).
+    if not isinstance(model, keras.saving.get_registered_object("keras_glmm>GLMM")):
         raise ValueError(
             f"'{filepath}' holds a {type(model).__name__}, not a keras_glmm GLMM; load it "
             "with keras.models.load_model."

@@ -64,9 +64,9 @@ def test_families_recover_simulated_truth(family, link, truth):
 def test_auto_keeps_the_engine_for_many_gaussian_rows(monkeypatch):
     """Beyond FULL_BATCH_ROWS rows (lowered here) "auto" keeps the engine for a gaussian
     model (no quadrature over the rows) and takes stochastic VI for the others."""
-    from keras_glmm import model as model_lib
+    from keras_glmm.fitting import driver  # the threshold's home (keras_glmm.model names it too)
 
-    monkeypatch.setattr(model_lib, "FULL_BATCH_ROWS", 100)
+    monkeypatch.setattr(driver, "FULL_BATCH_ROWS", 100)
     assert model_for("gaussian").engine_problem(num_rows=101) is None
     assert "FULL_BATCH_ROWS=100" in model_for("poisson").engine_problem(num_rows=101)
     assert model_for("poisson").engine_problem(num_rows=100) is None
