@@ -154,6 +154,10 @@ def test_memory_budget_names_the_term():
              ("item", rng.integers(0, 800, n), np.ones((n, 1)), 800, True)]
     with pytest.raises(TooLarge, match=r"term 'item' alone has 800 \(800 levels x 1\) beside 'user'"):
         BlockedSystem(Structure(x, terms), memory_budget=1_000_000)
+    # One term: only the fixed effects are dense, and a budget below them says so
+    # (it used to fail on max() of no blocks).
+    with pytest.raises(TooLarge, match=r"dense block of 1 coefficients .*budget 10 bytes\): the 1 fixed effects alone"):
+        BlockedSystem(Structure(x, terms[:1]), memory_budget=10)
 
 
 def _gaussian_data(seed=0, n=400):

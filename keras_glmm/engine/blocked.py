@@ -97,12 +97,19 @@ class BlockedSystem:
             self.num_diag_levels, self.k0 = 0, 1
         dense_bytes = 3 * 8 * self.num_dense**2
         if dense_bytes > memory_budget:
-            largest = max((blocks[b] for b in self.dense_blocks[:-1]), key=lambda blk: blk.size)
+            random_blocks = [blocks[b] for b in self.dense_blocks[:-1]]
+            if random_blocks:
+                largest = max(random_blocks, key=lambda blk: blk.size)
+                culprit = (f"term '{largest.name}' alone has {largest.size:,} ({largest.num_levels:,} "
+                           f"levels x {largest.num_effects})")
+                if self.has_diag:
+                    culprit += f" beside '{blocks[0].name}' ({blocks[0].size:,})"
+            else:  # only the fixed effects are dense: the budget is below any model's
+                culprit = f"the {self.num_fixed:,} fixed effects alone"
             raise TooLarge(
                 f"The joint posterior needs a dense block of {self.num_dense:,} coefficients "
-                f"({dense_bytes / 2**30:.1f} GiB; budget {memory_budget / 2**30:.1f} GiB): term "
-                f"'{largest.name}' alone has {largest.size:,} ({largest.num_levels:,} levels x "
-                f"{largest.num_effects}) beside '{blocks[0].name}' ({blocks[0].size:,})."
+                f"({dense_bytes / 2**30:.1f} GiB, {dense_bytes:,} bytes; budget {memory_budget:,} bytes): "
+                f"{culprit}."
             )
         self._build_entries()
         self._build_dense_positions()
