@@ -99,7 +99,7 @@ CASES = [
 IDS = [f"{c[0]}-{c[1]}-{'trials' if c[5] else 'n1'}" for c in CASES]
 
 # The ordinal family needs its categories (tests/test_families_nbinom1_ordinal.py, and below).
-ALL_PAIRS = [(n, link) for n, cls in fam._FAMILIES.items() for link in cls.valid_links if n != "ordinal"]
+ALL_PAIRS = [(n, link) for n, cls in fam.base._FAMILIES.items() for link in cls.valid_links if n != "ordinal"]
 
 
 def _t(x):
@@ -339,7 +339,7 @@ def test_register_user_family():
         f = fam.get_family("my_poisson_test", "identity")
         assert isinstance(f, MyPoisson) and fam.Family.from_config(f.get_config()) == f
     finally:
-        fam._FAMILIES.pop("my_poisson_test")
+        fam.base._FAMILIES.pop("my_poisson_test")
 
 
 # ------------------------------------------------------------- validation
