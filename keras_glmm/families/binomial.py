@@ -7,7 +7,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from scipy import special
 
-from keras_glmm.families.array_ops import TENSORFLOW
+from keras_glmm.families.array_ops import NUMPY, TENSORFLOW
 from keras_glmm.families.base import Family, check_counts, first_bad, quadrature_nodes, register_family
 
 # Below this linear predictor the cloglog link's log(mu) is its series
@@ -26,7 +26,7 @@ class Binomial(Family):
     computed stably for every link (rather than from clipped probabilities), so
     tails keep informative gradients:
 
-      * logit: ``log(1 - mu) = log(mu) - eta``, so ``log p = y eta - n softplus(eta)``;
+      * logit: ``log(mu) = -softplus(-eta)``, ``log(1 - mu) = log(mu) - eta``;
       * probit: ``log Phi(eta)`` and ``log Phi(-eta)``;
       * cloglog: ``log(1 - mu) = -e^eta`` and ``log(mu) = log(1 - exp(-e^eta))``.
     """
@@ -45,7 +45,10 @@ class Binomial(Family):
             self.quadrature_points = 12
 
     def _log_mean_and_complement(self, ops, eta):
-        """``(log(mu), log(1 - mu))`` under the probit or cloglog link."""
+        """``(log(mu), log(1 - mu))``, each without clipping."""
+        if self.link.name == "logit":
+            log_mu = ops.log_sigmoid(eta)
+            return log_mu, log_mu - eta
         if self.link.name == "probit":
             return ops.log_ndtr(eta), ops.log_ndtr(-eta)
         # cloglog. The cap (e^eta = sqrt(max float)) leaves headroom for the
@@ -63,14 +66,13 @@ class Binomial(Family):
         """``log C(n, y)``."""
         return ops.lgamma(trials + 1.0) - ops.lgamma(y + 1.0) - ops.lgamma(trials - y + 1.0)
 
-    def _log_likelihood(self, ops, y, eta, params, trials):
-        n = 1.0 if trials is None else trials
-        if self.link.name == "logit":
-            value = y * eta - n * ops.softplus(eta)
-        else:
-            log_mu, log_not = self._log_mean_and_complement(ops, eta)
-            value = y * log_mu + (n - y) * log_not
+    def _from_logs(self, ops, y, log_mu, log_not, trials):
+        """``log p(y)`` from ``log(mu)`` and ``log(1 - mu)``."""
+        value = y * log_mu + ((1.0 if trials is None else trials) - y) * log_not
         return value if trials is None else value + self._log_coefficient(ops, y, trials)
+
+    def _log_likelihood(self, ops, y, eta, params, trials):
+        return self._from_logs(ops, y, *self._log_mean_and_complement(ops, eta), trials)
 
     def _distribution(self, eta, params, trials):
         total = tf.ones_like(eta) if trials is None else trials
@@ -94,22 +96,28 @@ class Binomial(Family):
             expected += self._log_coefficient(TENSORFLOW, y, trials)
         return expected
 
+    def _numpy_log_prob(self, y, eta, params, trials):
+        # log(mu) and log(1 - mu) once, for the value and its derivatives (log_ndtr is costly).
+        logs = self._log_mean_and_complement(NUMPY, eta)
+        return (self._from_logs(NUMPY, y, *logs, trials), *self._derivatives_from_logs(y, eta, trials, *logs))
+
     def _derivatives(self, y, eta, params, trials, value):
-        # f = y log(mu) + (n - y) log(1 - mu): the derivatives of log(mu), log(1 - mu) per link.
+        return self._derivatives_from_logs(y, eta, trials, *self._log_mean_and_complement(NUMPY, eta))
+
+    def _derivatives_from_logs(self, y, eta, trials, log_mu, log_not):
+        """The derivatives in ``eta`` of ``y log(mu) + (n - y) log(1 - mu)``, per link (numpy)."""
         n = 1.0 if trials is None else trials
-        link = self.link.name
-        if link == "logit":
-            p = special.expit(eta)
+        if self.link.name == "logit":
+            p = np.exp(log_mu)
             return y - n * p, -n * p * (1.0 - p), {}
-        if link == "probit":
-            log_mu, log_not = special.log_ndtr(eta), special.log_ndtr(-eta)
+        if self.link.name == "probit":
             log_phi = -0.5 * eta**2 - 0.5 * math.log(2.0 * math.pi)
             r_pos, r_neg = np.exp(log_phi - log_mu), np.exp(log_phi - log_not)  # phi/Phi(+-eta)
             d_mu, d_not = r_pos, -r_neg
             d2_mu, d2_not = -r_pos * (eta + r_pos), -r_neg * (r_neg - eta)
         else:  # cloglog: log(1 - mu) = -e^eta
-            e = np.exp(np.minimum(eta, 0.5 * math.log(np.finfo(np.float64).max)))
-            d_not = d2_not = -e
+            e = -log_not
+            d_not = d2_not = log_not
             small = eta < _CLOGLOG_SERIES_BELOW
             es = np.where(small, 1.0, np.minimum(e, 700.0))
             em1 = np.expm1(es)

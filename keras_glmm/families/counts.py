@@ -5,7 +5,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from scipy import special
 
-from keras_glmm.families.array_ops import TENSORFLOW
+from keras_glmm.families.array_ops import NUMPY, TENSORFLOW
 from keras_glmm.families.base import Family, as_1d, check_counts, floored_mean, register_family
 
 tfd = tfp.distributions
@@ -74,7 +74,7 @@ def nb2_derivatives(y, eta, theta):
     """``(d/deta, d2/deta2, d/dtheta)`` of :func:`nb2_log_prob` (numpy)."""
     x = eta - np.log(theta)
     share = special.expit(x)  # mu / (theta + mu)
-    d_theta = (special.digamma(y + theta) - special.digamma(theta) - np.logaddexp(0.0, x)
+    d_theta = (special.digamma(y + theta) - special.digamma(theta) - NUMPY.softplus(x)
                + share - y * (1.0 - share) / theta)
     return y - (y + theta) * share, -(y + theta) * share * (1.0 - share), d_theta
 
@@ -159,7 +159,7 @@ class NegativeBinomial1(Family):
         phi = params["dispersion"]
         s = np.exp(eta - np.log(phi))
         # d f / d s, and s' = s in eta, s' = -s / phi in phi.
-        d_s = special.digamma(y + s) - special.digamma(s) - np.logaddexp(0.0, np.log(phi))
+        d_s = special.digamma(y + s) - special.digamma(s) - NUMPY.softplus(np.log(phi))
         d1 = s * d_s
         d2 = d1 + s**2 * (special.polygamma(1, y + s) - special.polygamma(1, s))
         d_phi = -s * d_s / phi - s / (1.0 + phi) + y / (phi * (1.0 + phi))
