@@ -177,7 +177,7 @@ ORDINAL_PARAMS = {"gap_2": 2.5, "gap_3": 0.4, "gap_4": 1.9}
 
 
 @pytest.mark.parametrize("link", ["logit", "probit"])
-def test_ordinal_numpy_kernel_is_the_tensorflow_maths(link):
+def test_ordinal_analytic_derivatives_are_autodiff(link):
     """As tests/test_engine.py's check of the other families, with an ordinal response and far tails."""
     import tensorflow as tf
 

@@ -184,9 +184,8 @@ class Ordinal(Family):
         """``P(y = k | eta*)`` for every row and category, ``(n, K)`` (numpy)."""
         eta = np.asarray(eta, np.float64).reshape(-1)
         cuts = self.cut_points(params)
-        cdf = special.expit if self.link.name == "logit" else special.ndtr
-        cdf = np.concatenate([np.zeros((len(eta), 1)), cdf(cuts[None, :] - eta[:, None]), np.ones((len(eta), 1))],
-                             axis=1)
+        cdf = np.concatenate([np.zeros((len(eta), 1)), self._cdf(NUMPY, cuts[None, :] - eta[:, None]),
+                              np.ones((len(eta), 1))], axis=1)
         return np.diff(cdf, axis=1)
 
     def _log_density_and_slope(self, x):
