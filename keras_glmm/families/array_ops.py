@@ -33,7 +33,11 @@ class ArrayOps:
         guarantee it (identity, inverse): below the floor the value is held and
         its gradient is zero, rather than NaN.
         """
-        return self.maximum(x, math.sqrt(self.float_info(x).tiny))
+        return self.maximum(x, self.positive_floor(x))
+
+    def positive_floor(self, x):
+        """The floor of :meth:`positive`: ``sqrt(tiny)``, whose reciprocal and square stay finite."""
+        return math.sqrt(self.float_info(x).tiny)
 
     def logaddexp(self, a, b):
         """``log(e^a + e^b)``, stable, with finite gradients for finite inputs (also where ``a == b``)."""

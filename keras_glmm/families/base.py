@@ -15,7 +15,6 @@ Public methods convert dtypes and validate once and delegate to these (TFP's
 convention of a public method and a private one that only does the maths).
 """
 
-import math
 import re
 
 import numpy as np
@@ -461,8 +460,7 @@ def floored_mean(mu):
     The log-likelihood's derivatives in ``eta`` vanish below the floor (the
     value is held there).
     """
-    floor = math.sqrt(np.finfo(np.float64).tiny)
-    return np.maximum(mu, floor), mu > floor
+    return NUMPY.positive(mu), mu > NUMPY.positive_floor(mu)
 
 
 def as_1d(a):

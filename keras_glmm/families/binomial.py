@@ -5,7 +5,6 @@ import math
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
-from scipy import special
 
 from keras_glmm.families.array_ops import NUMPY, TENSORFLOW
 from keras_glmm.families.base import Family, check_counts, first_bad, quadrature_nodes, register_family
