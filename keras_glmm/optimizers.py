@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_glmm.transforms import softplus_inverse
+
 
 @keras.saving.register_keras_serializable(package="keras_glmm")
 class SparseAdam(keras.optimizers.Adam):
@@ -118,11 +120,6 @@ class SparseAdam(keras.optimizers.Adam):
         self.assign(v, tf.IndexedSlices(v_rows, rows))
         step_rows = (m_rows * alpha) / (tf.sqrt(v_rows) + self.epsilon)
         self.assign_sub(variable, tf.IndexedSlices(step_rows, rows))
-
-
-def _softplus_inverse(x):
-    """`log(exp(x) - 1)` for positive tensors, without overflow."""
-    return x + tf.math.log(-tf.math.expm1(-x))
 
 
 def random_effect_layer(variable):
@@ -335,7 +332,7 @@ class NaturalGradient(keras.optimizers.Optimizer):
         new_precision = tf.maximum(precision + step * grad_sd / sd, 0.25 * precision)
         new_sd = tf.math.rsqrt(new_precision)
         new_mean = mean - step * tf.square(new_sd) * grad[:, 0]
-        new_raw = _softplus_inverse(tf.maximum(new_sd - 1e-6, 1e-12))
+        new_raw = softplus_inverse(tf.maximum(new_sd - 1e-6, 1e-12))
         self.assign(variable, tf.IndexedSlices(tf.stack([new_mean, new_raw], axis=-1), rows))
 
     def get_config(self):

@@ -310,7 +310,7 @@ def test_numpy_kernels_are_the_tensorflow_maths(family, link, params, trials):
     """The engine's numpy derivatives equal autodiff of the TF `expected_log_prob` / `log_prob`."""
     import tensorflow as tf
 
-    from keras_glmm.families import _derivatives_function
+    from keras_glmm.families.autodiff import derivatives_function
 
     fam = families.get_family(family, link=link)
     rng = np.random.default_rng(0)
@@ -331,7 +331,7 @@ def test_numpy_kernels_are_the_tensorflow_maths(family, link, params, trials):
     ones = np.ones(n)
     for num_points, numpy_out in ((fam.quadrature_points, fam.expected_log_prob_derivatives(y, eta, v, params, trials=tt)),
                                   (0, fam.expected_log_prob_derivatives(y, eta, v, params, trials=tt, num_points=0))):
-        traced = _derivatives_function(fam, num_points, names, tt is not None)(
+        traced = derivatives_function(fam, num_points, names, tt is not None)(
             tf.constant(y), tf.constant(eta), tf.constant(v), tf.constant(ones if tt is None else tt),
             tf.constant(ones), *[tf.constant(params[k], tf.float64) for k in names])
         for got, want in zip(numpy_out[:3], traced[:3]):

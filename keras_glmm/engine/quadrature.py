@@ -39,13 +39,13 @@ evaluation runs over groups of clusters whose entries fit `memory_budget`
 exceeds the budget is refused (`ValueError` naming it) rather than allocated.
 """
 
-import functools
 import math
 
 import numpy as np
-import scipy.linalg
 import scipy.sparse as sp
 from scipy.special import logsumexp
+
+from keras_glmm import gauss_hermite
 
 # Peak bytes one evaluation holds per row and node (float64 arrays alive at once:
 # the linear predictor, the family's value and derivatives with their
@@ -55,37 +55,9 @@ from scipy.special import logsumexp
 BYTES_PER_NODE = 80
 
 
-@functools.cache
-def _hermite(num_points):
-    """Probabilists' Gauss-Hermite nodes and log weights (weights summing to 1).
-
-    numpy's `hermegauss` up to 100 nodes; beyond, where its weights overflow
-    (NaN from about 150): the nodes are the eigenvalues of the Jacobi matrix
-    (off-diagonal `sqrt(k)`), and the weights `1 / (G p_{G-1}(x)^2)` with `p_k`
-    the orthonormal polynomials, by their recurrence rescaled at each step and
-    taken in logarithms (the outer weights are below 1e-300; an eigenvector's
-    tiny components, Golub & Welsch's weights, are only accurate to 1e-16
-    absolute and would overweight the outer nodes by e^50).
-    """
-    if num_points <= 100:
-        x, w = np.polynomial.hermite_e.hermegauss(int(num_points))
-        return x, np.log(w / w.sum())
-    x = scipy.linalg.eigh_tridiagonal(np.zeros(num_points), np.sqrt(np.arange(1.0, num_points)),
-                                      eigvals_only=True)
-    previous, current, log_scale = np.zeros_like(x), np.ones_like(x), np.zeros_like(x)
-    for k in range(num_points - 1):  # p_{k+1} = (x p_k - sqrt(k) p_{k-1}) / sqrt(k + 1)
-        previous, current = current, (x * current - math.sqrt(k) * previous) / math.sqrt(k + 1)
-        big = np.maximum(np.abs(current), 1.0)
-        previous, current, log_scale = previous / big, current / big, log_scale + np.log(big)
-    return x, -math.log(num_points) - 2.0 * (np.log(np.abs(current)) + log_scale)
-
-
 def _rule(num_points, dim):
     """Probabilists' Gauss-Hermite product rule: nodes `(G^dim, dim)`, log weights + |t|^2/2."""
-    x, logw1 = _hermite(int(num_points))
-    grids = np.meshgrid(*([x] * dim), indexing="ij")
-    nodes = np.stack([g.reshape(-1) for g in grids], axis=-1)
-    logw = np.sum(np.stack(np.meshgrid(*([logw1] * dim), indexing="ij"), -1).reshape(-1, dim), -1)
+    nodes, logw = gauss_hermite.product_grid(int(num_points), dim, log_weights=True)
     return nodes, logw + 0.5 * np.sum(nodes**2, axis=-1)
 
 

@@ -6,23 +6,15 @@ import pandas as pd
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_glmm import gauss_hermite
 from keras_glmm.layers import triangular
+from keras_glmm.transforms import softplus_inverse
 
 tfd = tfp.distributions
 tfb = tfp.bijectors
 
 OUTPUT_MODES = ("sample", "mean", "moments")
 COVARIANCES = ("full", "diagonal")
-
-
-def _softplus_inverse(x):
-    return float(np.log(np.expm1(x)))
-
-
-def _softplus_inverse_array(x):
-    """`log(exp(x) - 1)` elementwise, without overflow for large `x`."""
-    x = np.asarray(x, dtype="float64")
-    return np.where(x > 30.0, x + np.log(-np.expm1(-np.minimum(x, 700.0))), np.log(np.expm1(np.minimum(x, 30.0))))
 
 
 def gather_rows(variable, index):
@@ -72,19 +64,10 @@ class TableColumns:
         self.variable.assign(table)
 
 
-def _hermite_grid(num_points, dim):
-    """Gauss-Hermite product grid for expectations under `N(0, I_dim)`."""
-    x, w = np.polynomial.hermite_e.hermegauss(num_points)
-    w = w / w.sum()
-    grids = np.meshgrid(*([x] * dim), indexing="ij")
-    weights = np.prod(np.meshgrid(*([w] * dim), indexing="ij"), axis=0)
-    return np.stack([g.reshape(-1) for g in grids], axis=-1), weights.reshape(-1)
-
-
 def _initial_scale_tril(k, sd=0.5):
     """The unconstrained vector of `sd * I` in `fill_triangular`'s packing."""
     is_diag = triangular.fill_triangular_inverse(np.eye(k)) > 0
-    return np.where(is_diag, _softplus_inverse(sd), 0.0)
+    return np.where(is_diag, softplus_inverse(sd), 0.0)
 
 
 @keras.saving.register_keras_serializable(package="keras_glmm")
@@ -265,12 +248,12 @@ class RandomEffects(keras.layers.Layer):
             self.scale_loc = self.add_weight(
                 name="scale_loc",
                 shape=(k,),
-                initializer=keras.initializers.Constant([_softplus_inverse(s) for s in scale]),
+                initializer=keras.initializers.Constant([softplus_inverse(s) for s in scale]),
             )
             self.scale_raw_sd = self.add_weight(
                 name="scale_raw_sd",
                 shape=(k,),
-                initializer=keras.initializers.Constant(_softplus_inverse(0.1)),
+                initializer=keras.initializers.Constant(softplus_inverse(0.1)),
             )
         if self.num_correlations:
             self.correlation = self.add_weight(
@@ -336,7 +319,7 @@ class RandomEffects(keras.layers.Layer):
             if self.scale_prior is None:
                 self.log_scale.assign(np.log(new))
             else:
-                self.scale_loc.assign([_softplus_inverse(s) for s in new])
+                self.scale_loc.assign([softplus_inverse(s) for s in new])
         else:
             k = self.num_effects
             table = self.posterior.numpy()
@@ -507,7 +490,7 @@ class RandomEffects(keras.layers.Layer):
         """
         if self.scale_prior is None:
             return tf.exp(self.log_scale)[None, :], tf.ones((1,), self.variable_dtype)
-        x, w = _hermite_grid(self.num_scale_points, self.num_effects)
+        x, w = gauss_hermite.product_grid(self.num_scale_points, self.num_effects)
         u = self.scale_loc + self._scale_sd() * tf.constant(x, self.variable_dtype)
         return tf.nn.softplus(u), tf.constant(w, self.variable_dtype)
 
@@ -679,7 +662,7 @@ class RandomEffects(keras.layers.Layer):
         so `KL = -1/2 log(2 pi e) - log sd - E[log sigmoid(u) + log p(tau)]`, the
         expectation by one-dimensional Gauss-Hermite quadrature.
         """
-        x, w = _hermite_grid(self.num_scale_points, 1)
+        x, w = gauss_hermite.product_grid(self.num_scale_points, 1)
         x = tf.constant(x, self.variable_dtype)  # (S, 1)
         w = tf.constant(w, self.variable_dtype)
         sd = self._scale_sd()
@@ -804,7 +787,7 @@ class RandomEffects(keras.layers.Layer):
         jitter = (1e-12 * trace)[:, None, None] * np.eye(k) + 1e-24 * np.diag(scale**2)
         tril = np.linalg.cholesky(covariance + jitter) / scale[:, None]
         diag = np.diagonal(tril, axis1=-2, axis2=-1)
-        raw_diag = _softplus_inverse_array(np.maximum(diag - 1e-6, 1e-12))
+        raw_diag = softplus_inverse(np.maximum(diag - 1e-6, 1e-12))
         if k == 1:
             raw = raw_diag
         else:
