@@ -533,11 +533,13 @@ class GLMM(Lme4Generics, Predictions, keras.Model):
             config["zero_inflation"] = keras.saving.deserialize_keras_object(config["zero_inflation"])
         design = config.pop("design", None)
         weights = config.pop("weights", None)
-        if design is not None and design.get("response_kind") == "ordinal":  # the family's categories
-            config["family"] = families_lib.Ordinal(config.pop("link", None), levels=design["response_levels"])
+        if design is not None:
+            design = Design.from_config(design)
+            if design.response_kind == "ordinal":  # the family's categories
+                config["family"] = families_lib.Ordinal(config.pop("link", None), levels=design.response_levels)
         model = cls(**config)
         if design is not None:
-            model.design = Design.from_config(design)
+            model.design = design
         model._weights = weights
         return model
 
