@@ -8,6 +8,7 @@ the bug it works around says so: delete the workaround and its test.
 
 import inspect
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,13 @@ from keras_glmm.optimizers import SparseAdam
 ROOT = Path(__file__).resolve().parents[1]
 
 
+_ENV = {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
+
+
 def _run_script(code, timeout=240):
     """Runs `code` in a fresh Python (TensorFlow's devices are fixed at its start); its last stdout line, parsed."""
-    env = {"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=ROOT)
+                          env=_ENV, cwd=ROOT)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -62,6 +65,80 @@ def test_keras_still_averages_multi_worker_logs_along_axis_0():
     assert "self._num_workers > 1" in inspect.getsource(
         collective_all_reduce_strategy.CollectiveAllReduceExtended._in_multi_worker_mode)
 
+
+
+TWO_WORKERS = """
+import json
+import tensorflow as tf
+import keras
+import numpy as np
+from keras_glmm import compat
+
+options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=60)
+strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+class Plain(compat.BuiltModelFitsUnequalShards, keras.Model):  # as GLMM
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1, kernel_initializer="zeros")
+    def call(self, x):
+        return self.dense(x)
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        # No compiled loss to build; each replica's share of the loss, as GLMM and Keras's own.
+        return tf.reduce_mean(tf.square(y - y_pred)) / tf.distribute.get_strategy().num_replicas_in_sync
+
+class Fixed(Plain):
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        return compat.multi_worker_logs(super().compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+
+out = {"multi_worker": compat.in_multi_worker_mode(strategy)}
+for cls in (Fixed, Plain):  # the fixed one first: the plain one fails on both workers alike
+    with strategy.scope():
+        model = cls()
+        model(np.zeros((1, 1), "float32"))
+        model.compile(optimizer="sgd")
+    try:
+        history = model.fit(np.ones((4, 1), "float32"), np.full((4, 1), 2.0, "float32"), batch_size=4,
+                            epochs=1, verbose=0, shuffle=False)
+        out[cls.__name__] = history.history["loss"][0]
+    except Exception as err:
+        out[cls.__name__] = f"{type(err).__name__}: {err}"[:400]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # two TensorFlow processes form a cluster: about a minute on 2 busy cores
+def test_two_workers_average_the_logs_of_a_model_using_multi_worker_logs():
+    sockets = [socket.socket() for _ in range(2)]
+    for listener in sockets:
+        listener.bind(("127.0.0.1", 0))
+    addresses = [f"127.0.0.1:{listener.getsockname()[1]}" for listener in sockets]
+    for listener in sockets:
+        listener.close()
+    workers = []
+    for index in range(2):
+        config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        env = dict(_ENV, TF_CONFIG=json.dumps(config))
+        workers.append(subprocess.Popen([sys.executable, "-c", TWO_WORKERS], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    reports = []
+    try:
+        for worker in workers:
+            stdout, stderr = worker.communicate(timeout=300)
+            assert worker.returncode == 0, f"exit {worker.returncode}\n{stdout[-2000:]}\n{stderr[-4000:]}"
+            reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+    for report in reports:
+        assert report["multi_worker"] is True, report
+        # (2 - 0)^2 on every row: the mean over the workers is the loss of either.
+        assert report["Fixed"] == pytest.approx(4.0), report
+        assert "Invalid reduction dimension" in str(report["Plain"]), (
+            "Keras now averages scalar logs across workers: delete compat.multi_worker_logs and "
+            f"GLMM.compute_metrics. {report}")
 
 def test_the_cluster_join_timeout_is_set_and_restored():
     extended = collective_all_reduce_strategy.CollectiveAllReduceExtended
