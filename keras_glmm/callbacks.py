@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 
+from keras_glmm import compat
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import is_network
 from keras_glmm.layers.random_effects import RandomEffects
@@ -139,7 +140,7 @@ def random_effect_layers(model):
     terms = getattr(model, "terms", None)
     if terms is not None:
         return list(terms)
-    return [layer for layer in model._flatten_layers() if isinstance(layer, RandomEffects)]
+    return [layer for layer in compat.sublayers(model) if isinstance(layer, RandomEffects)]
 
 
 def output_bias(network):
@@ -156,7 +157,7 @@ def output_bias(network):
             outputs = keras.tree.flatten(layer.outputs)
             if len(outputs) != 1:
                 return None
-            layer = outputs[0]._keras_history.operation
+            layer = compat.producing_layer(outputs[0])
         else:
             break
     if (isinstance(layer, keras.layers.Dense) and layer.units == 1 and layer.use_bias
@@ -168,20 +169,20 @@ def output_bias(network):
 def head_bias(model):
     """In a model of your own: the bias of a linear `Dense(1)` whose output is a part of a
     `FamilyHead`'s linear predictor (the head adds its parts), or None."""
-    heads = [layer for layer in model._flatten_layers() if isinstance(layer, FamilyHead)]
+    heads = [layer for layer in compat.sublayers(model) if isinstance(layer, FamilyHead)]
     for head in heads:
-        for node in getattr(head, "_inbound_nodes", []):
-            for tensor in node.input_tensors:
-                layer = tensor._keras_history.operation
-                if isinstance(layer, keras.Model):
-                    bias = output_bias(layer)
-                elif (isinstance(layer, keras.layers.Dense) and layer.units == 1 and layer.use_bias
-                        and layer.activation in (keras.activations.linear, None)):
-                    bias = layer.bias
-                else:
-                    bias = None
-                if bias is not None:
-                    return bias
+        # The tensors of the head's call (its first, if called more than once).
+        for tensor in keras.tree.flatten(getattr(head, "input", [])):
+            layer = compat.producing_layer(tensor)
+            if isinstance(layer, keras.Model):
+                bias = output_bias(layer)
+            elif (isinstance(layer, keras.layers.Dense) and layer.units == 1 and layer.use_bias
+                    and layer.activation in (keras.activations.linear, None)):
+                bias = layer.bias
+            else:
+                bias = None
+            if bias is not None:
+                return bias
     return None
 
 

@@ -49,7 +49,7 @@ def reserved_keys(model):
 
 
 def _network_takes_dict(network):
-    inputs = getattr(network, "_inputs_struct", None)
+    inputs = getattr(network, "input", None)  # a functional model's inputs, as built
     return isinstance(inputs, dict) or (isinstance(getattr(network, "inputs", None), list)
                                          and len(network.inputs) > 1)
 

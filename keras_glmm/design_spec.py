@@ -600,20 +600,14 @@ def _check_version(config: Any) -> None:
 
 def unsafe_deserialization_enabled() -> bool:
     """Whether the user turned Keras's safe mode off (``load_model(..., safe_mode=False)``,
-    ``keras.config.enable_unsafe_deserialization()``).
-
-    Keras has no public reader of the flag; ``serialization_lib.in_safe_mode()``
-    is what its own ``Lambda.from_config`` reads. ``None`` (outside any loading
-    scope) counts as safe, as Keras's layers count it: only an explicit
-    ``False`` turns the check off.
+    ``keras.config.enable_unsafe_deserialization()``); Keras has no public reader of
+    the flag: `keras_glmm.compat.unsafe_deserialization_enabled` owns the workaround.
     """
-    if "keras" not in sys.modules:
+    if "keras" not in sys.modules:  # nothing turned it off; formulas alone need no Keras
         return False
-    try:
-        from keras.src.saving import serialization_lib
-    except ImportError:  # pragma: no cover - a Keras without it: stay safe
-        return False
-    return serialization_lib.in_safe_mode() is False
+    from keras_glmm import compat  # imported here, not above: reading a design must not load TensorFlow
+
+    return compat.unsafe_deserialization_enabled()
 
 
 def _codings(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

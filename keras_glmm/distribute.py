@@ -12,6 +12,8 @@ import os
 import socket
 import time
 
+from keras_glmm import compat
+
 __all__ = ["multi_worker_strategy"]
 
 
@@ -123,42 +125,6 @@ def _wait_for_peers(raw, addresses, own, timeout):
         listener.close()
 
 
-def _patch_keras_scalar_logs():
-    """Lets Keras reduce scalar logs across workers (idempotent).
-
-    Keras 3's TensorFlow trainer reduces each step's logs under a multi-worker
-    strategy with `strategy.reduce("MEAN", v, axis=0)`, which fails for the
-    scalar metric results every model returns ("Invalid reduction dimension 0
-    for input with 0 dimensions"). Scalars are reduced with `axis=None` (the mean
-    over replicas, as Keras does under `MirroredStrategy`); other values go to
-    Keras's own reduction unchanged.
-    """
-    try:
-        from keras.src import tree
-        from keras.src.backend.tensorflow import trainer as tf_trainer
-    except ImportError:  # another Keras layout: leave it alone
-        return
-    original = tf_trainer.reduce_per_replica
-    if getattr(original, "_keras_glmm_patched", False):
-        return
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not tf_trainer._collective_all_reduce_multi_worker(
-            strategy
-        ):
-            return original(values, strategy, reduction)
-
-        def reduce(v):
-            local = strategy.experimental_local_results(v)[0] if hasattr(v, "values") else v
-            rank = getattr(getattr(local, "shape", None), "rank", None)
-            return strategy.reduce("MEAN", v, axis=None if rank == 0 else 0)
-
-        return tree.map_structure(reduce, values)
-
-    reduce_per_replica._keras_glmm_patched = True
-    tf_trainer.reduce_per_replica = reduce_per_replica
-
-
 def multi_worker_strategy(timeout=60.0):
     """Creates a `tf.distribute.MultiWorkerMirroredStrategy` from `TF_CONFIG`, or fails fast.
 
@@ -203,24 +169,18 @@ def multi_worker_strategy(timeout=60.0):
     import tensorflow as tf
 
     raw, addresses, own = _cluster_from_tf_config()
-    _patch_keras_scalar_logs()
     if len(addresses) > 1:
         _wait_for_peers(raw, addresses, own, timeout)
     try:
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
     except (AttributeError, TypeError):
         options = None
-    # The strategy's start-up barrier (an all-reduce) waits forever by default.
-    from tensorflow.python.distribute import collective_all_reduce_strategy as _cars
-
-    extended = getattr(_cars, "CollectiveAllReduceExtended", None)
-    saved = getattr(extended, "_check_health_initial_timeout", None)
-    if saved is not None:
-        extended._check_health_initial_timeout = max(1, round(timeout))
     try:
-        if options is None:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        # The strategy's start-up barrier (an all-reduce) waits forever by default.
+        with compat.cluster_join_timeout(timeout):
+            if options is None:
+                return tf.distribute.MultiWorkerMirroredStrategy()
+            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     except RuntimeError as err:
         if "Timeout waiting for the cluster" in str(err):
             raise TimeoutError(
@@ -228,6 +188,3 @@ def multi_worker_strategy(timeout=60.0):
                 f"seconds ({err}). TF_CONFIG={raw}"
             ) from err
         raise
-    finally:
-        if saved is not None:
-            extended._check_health_initial_timeout = saved

@@ -41,6 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_glmm import compat
 from keras_glmm import composition  # networks as fixed effects (keras_glmm.composition)
 from keras_glmm import families as families_lib
 from keras_glmm import formula_model
@@ -78,7 +79,7 @@ FIT_DRIVERS = (
 
 
 @keras.saving.register_keras_serializable(package="keras_glmm")
-class GLMM(Lme4Generics, Predictions, keras.Model):
+class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.Model):
     """A generalized linear mixed model trained by `model.fit` on the negative ELBO.
 
     Its equations, layers and the two ways `fit` trains it (the engine, stochastic VI):
@@ -302,16 +303,9 @@ class GLMM(Lme4Generics, Predictions, keras.Model):
             loss = loss / tf.cast(replicas, loss.dtype)
         return loss
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras builds a model by averaging a first data batch across replicas,
-        # which fails when shards differ in size (919 rows on 2 replicas). A GLMM
-        # that `prepare` built needs no batch: only its optimizer may be unbuilt.
-        if self.built and self._distribute_strategy is not None:
-            with self.distribute_strategy.scope():
-                if self.optimizer is not None and not self.optimizer.built:
-                    self.optimizer.build(self.trainable_variables)
-            return None
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Under several workers Keras averages each log in a way that rejects scalars.
+        return compat.multi_worker_logs(super().compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
     # ----------------------------------------------------------- the ELBO
     def elbo(self, x, y=None):

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_glmm import compat
 from keras_glmm.transforms import softplus_inverse
 
 
@@ -87,10 +88,9 @@ class SparseAdam(keras.optimizers.Adam):
     def update_step(self, gradient, variable, learning_rate):
         if not isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
-        index = self._get_variable_index(variable)
         # The backend passes the underlying tf.Variable; the Keras variable that
         # carries the layer's preconditioner is the optimizer's own entry.
-        keras_variable = self._trainable_variables[index]
+        keras_variable = compat.optimizer_variable(self, variable)
         if self.natural_step is not None and hasattr(keras_variable, "natural_gradient"):
             return self._natural_update(gradient, variable, learning_rate, keras_variable)
         dtype = variable.dtype
@@ -108,8 +108,7 @@ class SparseAdam(keras.optimizers.Adam):
         grad = tf.math.unsorted_segment_sum(
             tf.cast(gradient.values, dtype), position, tf.shape(rows)[0]
         )
-        m = self._momentums[index]
-        v = self._velocities[index]
+        m, v = compat.adam_moments(self, variable)
         # Read the slots' rows through their resource variables: converting a Keras
         # variable to a tensor would copy the whole table every step.
         m_old = tf.gather(m.value, rows)
@@ -219,11 +218,8 @@ class NaturalGradient(keras.optimizers.Optimizer):
             raise ValueError(f"`natural_step` must be positive. Received: natural_step={natural_step}")
         self.inner_optimizer = optimizer
         self.natural_step = float(natural_step)
-        lr = optimizer._learning_rate
-        self._initial_learning_rate = (
-            None if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule)
-            else float(keras.ops.convert_to_numpy(lr))
-        )
+        lr = optimizer.get_config().get("learning_rate")  # a schedule's config is a dict
+        self._initial_learning_rate = None if isinstance(lr, dict) or lr is None else float(lr)
 
     # ------------------------------------------------------------ the parts
     @staticmethod
@@ -252,8 +248,8 @@ class NaturalGradient(keras.optimizers.Optimizer):
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
-            trainable_variables = list(self._trainable_variables) + list(
-                self.inner_optimizer._trainable_variables)
+            trainable_variables = (compat.built_variables(self)
+                                   + compat.built_variables(self.inner_optimizer))
         grads, trainable_variables = list(grads), list(trainable_variables)
         if not self.built:
             with keras.name_scope(self.name, caller=self):
@@ -274,7 +270,7 @@ class NaturalGradient(keras.optimizers.Optimizer):
 
     @property
     def variables(self):
-        return self._variables[:] + self.inner_optimizer.variables
+        return super().variables + self.inner_optimizer.variables
 
     @property
     def learning_rate(self):
@@ -301,7 +297,7 @@ class NaturalGradient(keras.optimizers.Optimizer):
         return step
 
     def update_step(self, gradient, variable, learning_rate):
-        keras_variable = self._trainable_variables[self._get_variable_index(variable)]
+        keras_variable = compat.optimizer_variable(self, variable)
         layer = random_effect_layer(keras_variable)
         dtype = variable.dtype
         if not isinstance(gradient, tf.IndexedSlices):
