@@ -370,7 +370,13 @@ class GLMM(keras.Model):
         # Keras sums the replicas' gradients and expects each replica's share of the
         # loss (Trainer.compute_loss's convention, which this override replaces).
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
+        context = tf.distribute.get_replica_context()
+        if replicas > 1 and context is not None:
+            # Each replica's loss is a mean over its rows (the KL's too): weighted by its
+            # share of the step's rows, as batches may differ (workers' shares of files),
+            # the replicas' gradients add up to those of the mean over all the rows.
+            loss = loss * rows / context.all_reduce("SUM", tf.stop_gradient(rows))
+        elif replicas > 1:
             loss = loss / tf.cast(replicas, loss.dtype)
         return loss
 
@@ -528,7 +534,8 @@ class GLMM(keras.Model):
         Batches of `batch_size` rows (the whole data when it has at most
         `FULL_BATCH_ROWS` rows and fits in the shuffle buffer, else 65,536), shuffled
         in a buffer of `shuffle_buffer` rows (1,000,000; `seed` seeds it); an epoch is
-        one pass over the files but at least `streaming.MIN_EPOCH_STEPS` steps.
+        one pass over the files but at least `streaming.MIN_EPOCH_STEPS` steps. Files whose
+        rows fit `memory_budget` are fitted as a data frame (`streaming.in_memory_frame`).
         """
         self._require_in_memory("files are fitted by stochastic VI")
         if y is not None:
@@ -543,6 +550,10 @@ class GLMM(keras.Model):
                 "the data in memory (read them into a data frame)."
             )
         scan = self._scan_for(source)
+        frame = streaming.in_memory_frame(scan, self.family, self.memory_budget)
+        if frame is not None:  # within memory_budget: fitted as the data frame of the files' rows
+            return self.fit(frame, None, batch_size, epochs, verbose, callbacks, steps_per_epoch,
+                            seed=seed, initialize=initialize, **kwargs)
         if batch_size is None:
             fits = scan.num_rows <= min(FULL_BATCH_ROWS, shuffle_buffer)
             batch_size = scan.num_rows if fits else streaming.BATCH_SIZE
@@ -888,7 +899,7 @@ class GLMM(keras.Model):
             return
         if getattr(self.optimizer, "natural_step", None) is not None:
             return
-        if int(self.optimizer.iterations) == 0 and self._engine_fit is None:
+        if int(self.optimizer.iterations.numpy()) == 0 and self._engine_fit is None:
             initialization.start_posterior_scales(self, x, y)
         # The priors' sds and correlations then move by the M-step of
         # `VarianceUpdate` only: Adam's steps between epochs would undo its

@@ -66,6 +66,7 @@ fitted as a data frame) and `pipeline` (the `tf.data` batches of a streamed fit)
 """
 
 from keras_glmm.streaming.file_stamps import FileStamp, FilesChangedError
+from keras_glmm.streaming.in_memory import in_memory_bytes, in_memory_frame
 from keras_glmm.streaming.pipeline import (
     BATCH_SIZE,
     MIN_EPOCH_STEPS,
@@ -75,8 +76,10 @@ from keras_glmm.streaming.pipeline import (
     block_shuffle,
     dataset,
     fitted_from_files_error,
+    multi_worker_shares,
     raising_read_errors,
     signature,
+    worker_files,
 )
 from keras_glmm.streaming.scanning import MAX_CATEGORIES, SAMPLE_ROWS, Scan, recount, scan
 from keras_glmm.streaming.sources import (
@@ -101,6 +104,7 @@ __all__ = [
     "batches",
     "block_shuffle",
     "dataset",
+    "in_memory_frame",
     "read_csv",
     "raising_read_errors",
     "read_parquet",

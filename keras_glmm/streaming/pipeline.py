@@ -21,8 +21,8 @@ from keras_glmm.streaming.file_stamps import FilesChangedError
 from keras_glmm.streaming.reader import chunk_arrays
 
 __all__ = [
-    "FilesCheck", "batches", "block_shuffle", "dataset", "fitted_from_files_error", "raising_read_errors",
-    "signature",
+    "FilesCheck", "batches", "block_shuffle", "dataset", "fitted_from_files_error", "multi_worker_shares",
+    "raising_read_errors", "signature", "worker_files",
 ]
 
 BATCH_SIZE = 65_536
@@ -195,6 +195,15 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
     from memory as in-memory fits' do (the whole data as one batch when it fits in
     one, else `keras_glmm.batches.minibatches`), with no Python in the loop.
 
+    Under a `tf.distribute.MultiWorkerMirroredStrategy` of `n` workers (in scope:
+    call `fit` inside `strategy.scope()`), worker `i` reads only the files
+    `i, i + n, ...` (`worker_files`), and the pipeline is the strategy's
+    `distribute_datasets_from_function` of each worker's own, so no row is read by
+    two workers in training. Each worker's batches take its share of `batch_size`
+    in proportion to its rows (its share whole in a full-batch fit): a step then
+    holds about `batch_size` rows drawn evenly from all the files, and every
+    worker passes over its files in the same number of steps.
+
     Every pass checks the files against the scan's stamps (see the module
     docstring); an error of a pass in the generator is recorded on the scan, for
     `raising_read_errors` and `FilesCheck` to raise as itself.
@@ -209,16 +218,38 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
         )
     steps = -(-scan_result.num_rows // batch_size)
     scan_result._failures.clear()
-    if scan_result.num_rows <= shuffle_buffer:
-        x = _concat(list(_blocks(scan_result, family, dtype)))
+    shares = multi_worker_shares()
+    if shares is None:
+        files = list(range(len(scan_result.source.paths)))
+        return _files_dataset(scan_result, family, dtype, files, scan_result.num_rows, batch_size,
+                              shuffle_buffer, seed), steps
+    files = worker_files(scan_result.source.paths, *shares)
+    stamps = scan_result.stamps
+    rows = sum(stamps[scan_result.source.paths[i]].rows for i in files)
+    all_rows = sum(stamp.rows for stamp in stamps.values())
+    full_batch = batch_size >= scan_result.num_rows
+    worker_batch = rows if full_batch else max(1, -(-batch_size * rows // all_rows))
+    worker_seed = None if seed is None else seed + shares[0]
+
+    def worker_dataset(context):
+        return _files_dataset(scan_result, family, dtype, files, rows, worker_batch,
+                              max(shuffle_buffer, worker_batch), worker_seed)
+
+    return tf.distribute.get_strategy().distribute_datasets_from_function(worker_dataset), steps
+
+
+def _files_dataset(scan_result, family, dtype, files, rows, batch_size, shuffle_buffer, seed):
+    """`dataset` of the files numbered ``files`` (``rows`` rows in all)."""
+    if rows <= shuffle_buffer:
+        x = _concat(list(_blocks(scan_result, family, dtype, files)))
         y = x.pop(_Y)
-        if scan_result.num_rows <= batch_size:
-            return tf.data.Dataset.from_tensors((x, y)).repeat(), steps
-        return minibatches((x, y), batch_size, seed=seed), steps
+        if rows <= batch_size:
+            return tf.data.Dataset.from_tensors((x, y)).repeat()
+        return minibatches((x, y), batch_size, seed=seed)
     rng = np.random.default_rng(seed)
 
     def one_pass():
-        order = rng.permutation(len(scan_result.source.paths))
+        order = rng.permutation(files)
         blocks = _blocks(scan_result, family, dtype, order)
         try:
             for batch in block_shuffle(blocks, shuffle_buffer, batch_size, rng):
@@ -231,7 +262,46 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
             raise
 
     data = tf.data.Dataset.from_generator(one_pass, output_signature=_signature(scan_result.design, dtype))
-    return data.repeat().prefetch(2), steps
+    return data.repeat().prefetch(2)
+
+
+def multi_worker_shares() -> tuple[int, int] | None:
+    """``(worker_index, num_workers)`` of the multi-worker strategy in scope, or None.
+
+    Read from the strategy's cluster resolver (`TF_CONFIG`): the chief, when the
+    cluster names one, is worker 0 and the workers follow it.
+    """
+    if not tf.distribute.has_strategy():
+        return None
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    resolver = strategy.cluster_resolver
+    cluster = resolver.cluster_spec().as_dict()
+    chiefs = len(cluster.get("chief", []))
+    num_workers = chiefs + len(cluster.get("worker", []))
+    if num_workers < 2:
+        return None
+    index = resolver.task_id if resolver.task_type == "chief" else chiefs + resolver.task_id
+    return int(index), num_workers
+
+
+
+def worker_files(paths, worker_index, num_workers) -> list[int]:
+    """The files worker ``worker_index`` of ``num_workers`` reads: ``i, i + n, ...``.
+
+    Whole files, so that no row is read by two workers and each worker's reads
+    stay sequential. Fewer files than workers is an error (no row-level
+    fallback: it would have every worker read every file).
+    """
+    if len(paths) < num_workers:
+        raise ValueError(
+            f"{len(paths)} file(s) for {num_workers} workers: in a multi-worker fit each worker reads "
+            f"files of its own (worker i of n the files i, i + n, ...), so there must be at least as "
+            f"many files as workers; split the data into {num_workers} or more files (of about equal "
+            f"size). Files: {list(paths)[:5]}"
+        )
+    return list(range(worker_index, len(paths), num_workers))
 
 
 def fitted_from_files_error(source) -> ValueError:
