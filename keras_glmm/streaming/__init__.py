@@ -20,11 +20,13 @@ gives the GLM starting point. The level vocabularies, their order and the counts
 are those of `Design.from_data` on all the rows (`_group_levels` orders a set of
 values, so it is called on the distinct values only).
 
-`GLMM.fit(source)` then trains from a `tf.data` pipeline: chunks are read and
-turned into model arrays (`Design.arrays`), shuffled by `block_shuffle` (a buffer
-of at most `shuffle_buffer` rows is permuted and emitted in batches; shuffling
-single rows with `Dataset.shuffle` would cost far more than a training step), and
-prefetched. When the data fit in the shuffle buffer they are read once and kept.
+`GLMM.fit(source)` fits files whose rows fit the model's `memory_budget` as the data
+frame they hold (`in_memory`: the engine, standard errors). Larger files, and files
+under a multi-worker strategy (a share per worker), it trains from a `tf.data`
+pipeline: chunks are read and turned into model arrays (`Design.arrays`), shuffled
+by `block_shuffle` (a buffer of at most `shuffle_buffer` rows is permuted and
+emitted in batches; shuffling single rows with `Dataset.shuffle` would cost far
+more than a training step), and prefetched. When the data fit in the shuffle buffer they are read once and kept.
 The final ELBO of a streamed fit is one more pass over the files; results that need
 every training row in memory (`vcov`, `coef_table`, `fitted`, `residuals`,
 `simulate`) raise an error saying what to do instead.

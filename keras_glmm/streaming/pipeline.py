@@ -231,7 +231,7 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
     worker_batch = rows if full_batch else max(1, -(-batch_size * rows // all_rows))
     worker_seed = None if seed is None else seed + shares[0]
 
-    def worker_dataset(context):
+    def worker_dataset(context):  # the strategy's InputContext: this worker's share is `files`
         return _files_dataset(scan_result, family, dtype, files, rows, worker_batch,
                               max(shuffle_buffer, worker_batch), worker_seed)
 
