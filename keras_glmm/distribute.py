@@ -253,8 +253,9 @@ def multi_worker_strategy(timeout=60.0):
     `tf.distribute.MultiWorkerMirroredStrategy()` waits forever for workers that
     never come up. This function first checks, for at most `timeout` seconds,
     that every other worker named in `TF_CONFIG` accepts TCP connections, and
-    raises a `TimeoutError` naming the unreachable ones instead of hanging. The
-    strategy's collectives get the same timeout, where TensorFlow supports it.
+    raises a `TimeoutError` naming the unreachable ones instead of hanging; the
+    strategy's start-up barrier gets the same timeout. The collectives of training
+    steps get none (a timeout costs a thread per collective while it runs).
 
     Recipe for several machines: run the same script on every machine, with
     `TF_CONFIG` differing only in the task index::
@@ -278,7 +279,7 @@ def multi_worker_strategy(timeout=60.0):
 
     Args:
         timeout: Seconds to wait for the other workers to accept connections
-            (and the collectives' timeout).
+            (and for the strategy's start-up barrier).
 
     Returns:
         A `tf.distribute.MultiWorkerMirroredStrategy`.
@@ -294,10 +295,10 @@ def multi_worker_strategy(timeout=60.0):
     _patch_keras_scalar_logs()
     if len(addresses) > 1:
         _wait_for_peers(raw, addresses, own, timeout)
-    try:
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
-    except (AttributeError, TypeError):
-        options = None
+    # No collective timeout (`CommunicationOptions(timeout_seconds=...)`): TensorFlow
+    # holds a thread per collective until its timeout passes, thousands a minute at
+    # millisecond steps, until the process cannot start one ("Resource temporarily
+    # unavailable", an abort).
     # The strategy's start-up barrier (an all-reduce) waits forever by default.
     from tensorflow.python.distribute import collective_all_reduce_strategy as _cars
 
@@ -306,9 +307,7 @@ def multi_worker_strategy(timeout=60.0):
     if saved is not None:
         extended._check_health_initial_timeout = max(1, round(timeout))
     try:
-        if options is None:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        return tf.distribute.MultiWorkerMirroredStrategy()
     except RuntimeError as err:
         if "Timeout waiting for the cluster" in str(err):
             raise TimeoutError(
