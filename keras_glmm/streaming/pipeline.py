@@ -64,7 +64,7 @@ def raising_read_errors(scan_result):
     """
     try:
         yield
-    except tf.errors.OpError as err:
+    except tf.errors.OpError:
         failure = scan_result._take_failure()
         if failure is None:
             raise
