@@ -5,16 +5,25 @@ backend: synchronous data parallelism with `tf.distribute.MultiWorkerMirroredStr
 (it has no `ParameterServerStrategy`, keras-team/keras#18624). Every worker holds
 a copy of the weights, computes the gradient of its share of each batch, and the
 workers add their gradients with collective all-reduces before each update.
+
+`multi_worker_strategy` builds the strategy from `TF_CONFIG`, which the launcher's
+environment gives (each worker's `TF_CONFIG` differs only in its task index);
+`tf_config_from_slurm` writes it from Slurm's variables. Files fitted under the
+strategy are read in shares, worker `i` of `n` the files `i, i + n, ...`
+(`keras_glmm.streaming.pipeline.worker_files`).
 """
 
 import json
 import os
+import re
 import socket
 import time
 
 from keras_glmm import compat
 
-__all__ = ["multi_worker_strategy"]
+__all__ = ["multi_worker_strategy", "tf_config_from_slurm"]
+
+DEFAULT_PORT = 12345
 
 
 def _cluster_from_tf_config():
@@ -74,6 +83,85 @@ def _cluster_from_tf_config():
     return raw, addresses, own
 
 
+def expand_hostlist(hostlist):
+    """Slurm's compressed host list -> host names: ``"node[01-03,07],gpu1"`` ->
+    ``["node01", "node02", "node03", "node07", "gpu1"]`` (what `scontrol show
+    hostnames` prints; ranges keep their zero padding; several bracket groups in
+    one name multiply out)."""
+    names = []
+    for item in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", hostlist):
+        expanded = [""]
+        for text, ranges in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            options = [text]
+            if ranges:
+                options = []
+                for part in ranges.split(","):
+                    first, _, last = part.partition("-")
+                    if not first.isdigit() or (last and not last.isdigit()):
+                        raise ValueError(f"Slurm host list {hostlist!r}: cannot read the range {part!r}")
+                    width = len(first)
+                    options += [text + str(n).zfill(width) for n in range(int(first), int(last or first) + 1)]
+            expanded = [head + option for head in expanded for option in options]
+        names += expanded
+    return names
+
+
+def _tasks_per_node(text, num_nodes):
+    """Slurm's ``SLURM_TASKS_PER_NODE`` (``"2(x3),1"``) -> tasks on each node."""
+    counts = []
+    for part in text.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={text!r}: cannot read {part!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    if len(counts) != num_nodes:
+        raise ValueError(f"SLURM_TASKS_PER_NODE={text!r} names {len(counts)} nodes, the node list {num_nodes}")
+    return counts
+
+
+def tf_config_from_slurm(port=DEFAULT_PORT, environ=None):
+    """`TF_CONFIG` for this Slurm task: every task of the job step is a worker.
+
+    Reads ``SLURM_JOB_NODELIST`` (or ``SLURM_STEP_NODELIST``; the compressed
+    host list), ``SLURM_TASKS_PER_NODE`` (or ``SLURM_STEP_TASKS_PER_NODE``) and
+    ``SLURM_PROCID``. Tasks get ports ``port, port + 1, ...`` on their node, in
+    the order of Slurm's default (block) distribution of task ids over the
+    nodes; worker `i` is task `SLURM_PROCID = i`. Set it before creating the
+    strategy::
+
+        os.environ["TF_CONFIG"] = kg.distribute.tf_config_from_slurm()
+        strategy = kg.distribute.multi_worker_strategy()
+
+    Args:
+        port: the first port of each node (free on every node).
+        environ: the environment to read (`os.environ` by default).
+
+    Returns:
+        The JSON string of `TF_CONFIG`.
+
+    Raises:
+        ValueError: not inside a Slurm job step (the variable missing is named),
+            or the variables disagree.
+    """
+    environ = os.environ if environ is None else environ
+
+    def variable(*names):
+        for name in names:
+            if environ.get(name):
+                return environ[name]
+        raise ValueError(
+            f"tf_config_from_slurm: {names[0]} is not set: run it inside a Slurm job step "
+            "(srun), one task per worker.")
+
+    hosts = expand_hostlist(variable("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST"))
+    tasks = _tasks_per_node(variable("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"), len(hosts))
+    workers = [f"{host}:{port + local}" for host, count in zip(hosts, tasks, strict=True) for local in range(count)]
+    task_id = int(variable("SLURM_PROCID"))
+    if not 0 <= task_id < len(workers):
+        raise ValueError(f"SLURM_PROCID={task_id} is not among the step's {len(workers)} tasks")
+    return json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": task_id}})
+
+
 def _split(address):
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
@@ -131,8 +219,9 @@ def multi_worker_strategy(timeout=60.0):
     `tf.distribute.MultiWorkerMirroredStrategy()` waits forever for workers that
     never come up. This function first checks, for at most `timeout` seconds,
     that every other worker named in `TF_CONFIG` accepts TCP connections, and
-    raises a `TimeoutError` naming the unreachable ones instead of hanging. The
-    strategy's collectives get the same timeout, where TensorFlow supports it.
+    raises a `TimeoutError` naming the unreachable ones instead of hanging; the
+    strategy's start-up barrier gets the same timeout. The collectives of training
+    steps get none (a timeout costs a thread per collective while it runs).
 
     Recipe for several machines: run the same script on every machine, with
     `TF_CONFIG` differing only in the task index::
@@ -156,7 +245,7 @@ def multi_worker_strategy(timeout=60.0):
 
     Args:
         timeout: Seconds to wait for the other workers to accept connections
-            (and the collectives' timeout).
+            (and for the strategy's start-up barrier).
 
     Returns:
         A `tf.distribute.MultiWorkerMirroredStrategy`.
@@ -171,16 +260,14 @@ def multi_worker_strategy(timeout=60.0):
     raw, addresses, own = _cluster_from_tf_config()
     if len(addresses) > 1:
         _wait_for_peers(raw, addresses, own, timeout)
-    try:
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout)
-    except (AttributeError, TypeError):
-        options = None
+    # No collective timeout (`CommunicationOptions(timeout_seconds=...)`): TensorFlow
+    # holds a thread per collective until its timeout passes, thousands a minute at
+    # millisecond steps, until the process cannot start one ("Resource temporarily
+    # unavailable", an abort).
     try:
         # The strategy's start-up barrier (an all-reduce) waits forever by default.
         with compat.cluster_join_timeout(timeout):
-            if options is None:
-                return tf.distribute.MultiWorkerMirroredStrategy()
-            return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+            return tf.distribute.MultiWorkerMirroredStrategy()
     except RuntimeError as err:
         if "Timeout waiting for the cluster" in str(err):
             raise TimeoutError(

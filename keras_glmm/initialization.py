@@ -357,9 +357,13 @@ def start_posterior_scales(model, x, y, max_rows=100_000):
     xs, ys = _row_sample(x, y, max_rows)
     ys = tf.constant(ys, model.compute_dtype)
     pred = model(xs, training=False)
-    eta = tf.Variable(tf.cast(pred["eta"], model.compute_dtype))
+    # A watched tensor, not a tf.Variable: under a distribution strategy's scope a
+    # variable would be a distributed one, which a tape cannot watch outside a replica.
+    eta = tf.cast(pred["eta"], model.compute_dtype)
     with tf.GradientTape() as outer:
+        outer.watch(eta)
         with tf.GradientTape() as inner:
+            inner.watch(eta)
             ell = tf.reduce_sum(model.expected_log_likelihood(ys, {**pred, "eta": eta}))
         # Rows are independent: d/d eta_i of sum_j grad_j is the i-th second derivative.
         grad_sum = tf.reduce_sum(inner.gradient(ell, eta))

@@ -299,7 +299,13 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
         # Keras sums the replicas' gradients and expects each replica's share of the
         # loss (Trainer.compute_loss's convention, which this override replaces).
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
+        context = tf.distribute.get_replica_context()
+        if replicas > 1 and context is not None:
+            # Each replica's loss is a mean over its rows (the KL's too): weighted by its
+            # share of the step's rows, as batches may differ (workers' shares of files),
+            # the replicas' gradients add up to those of the mean over all the rows.
+            loss = loss * rows / context.all_reduce("SUM", tf.stop_gradient(rows))
+        elif replicas > 1:
             loss = loss / tf.cast(replicas, loss.dtype)
         return loss
 

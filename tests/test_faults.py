@@ -59,12 +59,14 @@ def truncate_mid_line(path):
 
 # The generator path (the data do not fit the 300-row shuffle buffer): each epoch reads the files.
 STREAM = dict(batch_size=100, shuffle_buffer=300, epochs=6, steps_per_epoch=10)
+# Streamed, not read into memory (keras_glmm.streaming.in_memory): no bytes for the rows.
+STREAMED = dict(memory_budget=1)
 
 
 def test_a_file_changed_under_a_streamed_fit_stops_it_with_the_file_named(radon_csv):
     source, (a, b) = radon_csv
     size = os.path.getsize(b)
-    model = kg.GLMM.from_formula(RADON, source)
+    model = kg.GLMM.from_formula(RADON, source, **STREAMED)
     # The scan recorded each file: its size, mtime and rows (460 and 459 data rows).
     stamps = model._stream_scan.stamps
     assert [stamps[p].rows for p in (a, b)] == [460, 459]
@@ -87,7 +89,7 @@ def test_a_file_truncated_while_the_pipeline_reads_it_is_our_error_not_tensorflo
     # (the generator mid-file, the row count at a file's end, the next epoch's check), the
     # error that reaches the user is ours, naming the file.
     source, (a, b) = radon_csv
-    model = kg.GLMM.from_formula(RADON, source)
+    model = kg.GLMM.from_formula(RADON, source, **STREAMED)
     callback = AtEpochEnd(lambda: truncate_mid_line(a), batch=2)
     with pytest.raises(kg.FilesChangedError, match=re.escape(a) + r": the file changed .*size: expected"):
         model.fit(source, callbacks=[callback], **STREAM)
@@ -95,7 +97,7 @@ def test_a_file_truncated_while_the_pipeline_reads_it_is_our_error_not_tensorflo
 
 def test_a_file_deleted_mid_fit_is_named(radon_csv):
     source, (a, b) = radon_csv
-    model = kg.GLMM.from_formula(RADON, source)
+    model = kg.GLMM.from_formula(RADON, source, **STREAMED)
     with pytest.raises(kg.FilesChangedError, match=re.escape(b) + ": the file vanished since the scan") as info:
         model.fit(source, callbacks=[AtEpochEnd(lambda: os.remove(b))], **STREAM)
     assert info.value.changes == {"exists": (True, False)}
@@ -104,7 +106,7 @@ def test_a_file_deleted_mid_fit_is_named(radon_csv):
 def test_a_file_modified_after_the_scan_is_named(radon_csv):
     # The same size, another value: the modification time tells.
     source, (a, b) = radon_csv
-    model = kg.GLMM.from_formula(RADON, source)
+    model = kg.GLMM.from_formula(RADON, source, **STREAMED)
     mtime = os.stat(a).st_mtime_ns
     text = open(a).read()
     lines = text.split("\n")
@@ -128,7 +130,7 @@ def test_rows_that_change_with_size_and_mtime_kept_are_counted_at_the_end_of_a_p
     # The last data row blanked out (blank lines are skipped), size and mtime restored:
     # only the row count at the end of the pass can tell, and it does.
     source, (a, b) = radon_csv
-    model = kg.GLMM.from_formula(RADON, source)
+    model = kg.GLMM.from_formula(RADON, source, **STREAMED)
     st = os.stat(b)
     data = open(b, "rb").read()
     last = data.rstrip(b"\n").rfind(b"\n") + 1
@@ -144,7 +146,8 @@ def test_rows_that_change_with_size_and_mtime_kept_are_counted_at_the_end_of_a_p
 
 def test_files_cut_after_the_scan_are_refused_before_the_fit(tmp_path):
     # The case: radon cut to 229 rows after the scan used to give converged_=True,
-    # nobs() = 919. The data fit in the shuffle buffer (read once, kept): checked as read.
+    # nobs() = 919. The rows fit in memory: the files are checked against the scan's
+    # stamps before the scan's rows are fitted.
     radon = kg.datasets.load_radon()
     path = tmp_path / "radon.parquet"
     radon.to_parquet(path)

@@ -15,6 +15,8 @@ from keras_glmm.design import Design
 
 SLEEP = "Reaction ~ Days + (Days | Subject)"
 RADON = "log_radon ~ floor + (1 | county)"
+# Streamed, not read into memory (keras_glmm.streaming.in_memory): no bytes for the rows.
+STREAMED = dict(memory_budget=1)
 
 
 def split_csv(frame, tmp_path, at, **kwargs):
@@ -42,7 +44,7 @@ def sleep_fits(sleep, tmp_path_factory):
     full = read_all_csv(paths)
     memory = kg.glmm(SLEEP, full)
     source = kg.read_csv(str(tmp_path / "part*.csv"), chunk_rows=40)
-    streamed = kg.glmm(SLEEP, source)
+    streamed = kg.glmm(SLEEP, source, **STREAMED)
     return memory, streamed, full, source
 
 
@@ -58,7 +60,7 @@ def radon_fits(tmp_path_factory):
     )
     memory = kg.glmm(RADON, full)
     source = kg.read_parquet(str(tmp_path / "*.parquet"), chunk_rows=100)
-    streamed = kg.glmm(RADON, source)
+    streamed = kg.glmm(RADON, source, **STREAMED)
     return memory, streamed, full, source
 
 
@@ -114,6 +116,45 @@ def test_streamed_results_and_in_memory_only_results(radon_fits):
     assert "standard errors unavailable" in streamed.report()
 
 
+# ------------------------------------------------------------ files that fit in memory
+def test_files_within_the_memory_budget_fit_as_their_concatenated_frame(sleep_fits, radon_fits):
+    # 180 rows (9 kB) within the default 2 GiB: the scan's sample holds every row, and the
+    # engine fits it as it fits the concatenated frame: the same numbers, standard errors too.
+    for formula, (memory, _, full, source) in ((SLEEP, sleep_fits), (RADON, radon_fits)):
+        fit = kg.glmm(formula, source)
+        assert fit.fit_summary_["nobs"] == len(full)
+        np.testing.assert_allclose(fit.fixef().values, memory.fixef().values, rtol=1e-8)
+        np.testing.assert_allclose(fit.coef_table().to_numpy(), memory.coef_table().to_numpy(), rtol=1e-8)
+        np.testing.assert_allclose(fit.varcorr()["vcov"].values, memory.varcorr()["vcov"].values, rtol=1e-8)
+        pd.testing.assert_series_equal(fit.fitted(), memory.fitted(), rtol=1e-8)
+
+
+def test_the_memory_budget_decides_between_memory_and_streaming(sleep_fits):
+    memory, streamed, full, source = sleep_fits
+    scan = kg.GLMM.from_formula(SLEEP, source)._stream_scan
+    # 8 bytes a value: Reaction, Days, Subject read; x (2), Subject, Subject_z, y coded.
+    need = streaming.in_memory_bytes(scan)
+    assert need == 180 * 8 * (3 + 5)
+    frame = streaming.in_memory_frame(scan, memory.family, memory_budget=need)
+    pd.testing.assert_frame_equal(frame, full[["Reaction", "Days", "Subject"]], check_dtype=False)
+    assert streaming.in_memory_frame(scan, memory.family, memory_budget=need - 1) is None
+    # Beyond the budget the fit streams (streamed: memory_budget=1), as before.
+    with pytest.raises(ValueError, match="fitted from files"):
+        streamed.vcov()
+
+
+def test_files_larger_than_the_sample_are_read_once_more_into_memory(sleep_fits):
+    memory, _, full, source = sleep_fits
+    model = kg.GLMM.from_formula(SLEEP, source, sample_rows=50)
+    scan = model._stream_scan
+    assert len(scan.sample) == 50
+    frame = streaming.in_memory_frame(scan, model.family, memory_budget=2**30)
+    pd.testing.assert_frame_equal(frame, full[["Reaction", "Days", "Subject"]], check_dtype=False)
+    model.fit(source)
+    # Started from the GLM of the sample, the engine ends where the frame's fit does.
+    np.testing.assert_allclose(model.coef_table().to_numpy(), memory.coef_table().to_numpy(), rtol=1e-5)
+
+
 def test_minibatch_steps_through_the_shuffle_buffer_train_the_same_elbo(sleep_fits):
     # 180 rows, a buffer of 90: each pass reads the files again and shuffles them in
     # blocks (the generator path), two minibatches of 90 rows a pass. At the
@@ -122,7 +163,7 @@ def test_minibatch_steps_through_the_shuffle_buffer_train_the_same_elbo(sleep_fi
     # convergence takes minutes here (the ELBO's noise keeps ELBOConvergence
     # waiting), so the steps are checked instead.
     memory, streamed, _, source = sleep_fits
-    model = kg.GLMM.from_formula(SLEEP, source)
+    model = kg.GLMM.from_formula(SLEEP, source, **STREAMED)
     model.set_weights(streamed.get_weights())
     # Plain Adam steps too small to move the optimum (the default minibatch optimizer
     # would take natural-gradient steps of the random effects).
@@ -391,7 +432,7 @@ def test_files_sorted_by_group_stream_to_the_same_fit(tmp_path):
         for i, part in enumerate(np.array_split(np.arange(len(frame)), 2)):
             frame.iloc[part].to_csv(folder / f"part-{i}.csv", index=False)
         fits[name] = kg.glmm("log_radon ~ floor + (1|county)", kg.read_csv(str(folder / "*.csv")),
-                             batch_size=128, shuffle_buffer=256, seed=0, epochs=25)
+                             **STREAMED, batch_size=128, shuffle_buffer=256, seed=0, epochs=25)
     lme4 = refs.named("radon")
     se = refs.se("radon")
     for name, fit in fits.items():

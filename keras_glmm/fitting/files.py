@@ -90,7 +90,9 @@ class FilesDriver(FitDriver):
     Batches of `batch_size` rows (the whole data when it has at most
     `FULL_BATCH_ROWS` rows and fits in the shuffle buffer, else 65,536), shuffled
     in a buffer of `shuffle_buffer` rows (1,000,000; `seed` seeds it); an epoch is
-    one pass over the files but at least `streaming.MIN_EPOCH_STEPS` steps.
+    one pass over the files but at least `streaming.MIN_EPOCH_STEPS` steps. Files whose
+    rows fit `memory_budget` are fitted as the data frame of their rows
+    (`streaming.in_memory_frame`): by the engine, with its standard errors.
     """
 
     @classmethod
@@ -109,6 +111,12 @@ class FilesDriver(FitDriver):
             model.compile()
         check_stochastic(model.posterior, model.reml)
         scan = scan_for(model, source)
+        frame = streaming.in_memory_frame(scan, model.family, model.memory_budget)
+        if frame is not None:  # within memory_budget: fitted as the data frame of the files' rows
+            return model.fit(frame, None, batch_size=request.batch_size, epochs=request.epochs,
+                             verbose=request.verbose, callbacks=request.callbacks,
+                             steps_per_epoch=request.steps_per_epoch, seed=request.seed,
+                             initialize=request.initialize, **options)
         batch_size = request.batch_size
         if batch_size is None:
             fits = scan.num_rows <= min(driver.FULL_BATCH_ROWS, shuffle_buffer)

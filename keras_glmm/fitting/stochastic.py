@@ -137,7 +137,7 @@ def use_minibatch_optimizer(model, x, y):
         return
     if getattr(model.optimizer, "natural_step", None) is not None:
         return
-    if int(model.optimizer.iterations) == 0 and model._engine_fit is None:
+    if int(model.optimizer.iterations.numpy()) == 0 and model._engine_fit is None:
         initialization.start_posterior_scales(model, x, y)
     # The priors' sds and correlations then move by the M-step of
     # `VarianceUpdate` only: Adam's steps between epochs would undo its
