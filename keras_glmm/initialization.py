@@ -16,6 +16,7 @@ from keras_glmm import checks as checks_lib
 from keras_glmm import response as response_lib
 from keras_glmm.layers import triangular
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
+from keras_glmm.transforms import softplus_inverse
 
 # Newton's method for the starting GLM: a dense p x p Hessian, so only for a
 # moderate number of fixed-effect columns.
@@ -380,7 +381,7 @@ def start_posterior_scales(model, x, y, max_rows=100_000):
         tau = np.asarray(layer.prior_stddev(), dtype="float64")
         scale = np.asarray(layer.effect_scale, dtype="float64")
         sd = 1.0 / np.sqrt(counts * weight * np.asarray(z2) + 1.0 / tau**2)  # (levels, k)
-        raw_sd = np.log(np.expm1(np.maximum(sd / scale - 1e-6, 1e-12)))  # softplus^-1
+        raw_sd = softplus_inverse(np.maximum(sd / scale - 1e-6, 1e-12))
         if layer.num_effects == 1:
             layer.posterior_scale_tril.assign(raw_sd.astype(layer.variable_dtype))
         else:

@@ -4,6 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_glmm.transforms import softplus_inverse
+
 OUTPUT_MODES = ("sample", "mean", "moments")
 
 
@@ -75,7 +77,7 @@ class VariationalFixedEffects(keras.layers.Layer):
         self.kernel_raw_scale = self.add_weight(
             name="kernel_raw_scale",
             shape=(num_features,),
-            initializer=keras.initializers.Constant(np.log(np.expm1(0.1))),
+            initializer=keras.initializers.Constant(softplus_inverse(0.1)),
         )
 
     def _design(self, inputs):

@@ -84,7 +84,7 @@ class LevelPosterior:
             diag = np.diagonal(tril, axis1=-2, axis2=-1)
             raw_tril = tril.copy()
             idx = np.arange(k)
-            raw_tril[:, idx, idx] = np.log(np.expm1(np.maximum(diag - 1e-6, 1e-12)))
+            raw_tril[:, idx, idx] = softplus_inverse(np.maximum(diag - 1e-6, 1e-12))
             table[:, k:] = triangular.fill_triangular_inverse(raw_tril)
             self.posterior.assign(table)
         self.effect_scale_weight.assign(new)
