@@ -19,6 +19,7 @@ from keras_glmm import estimates
 from keras_glmm import frames
 from keras_glmm import inference, initialization, prediction
 from keras_glmm import keywords
+from keras_glmm import large_data
 from keras_glmm import plots
 from keras_glmm import response as response_lib
 from keras_glmm import ordinal as ordinal_lib
@@ -504,6 +505,8 @@ class GLMM(keras.Model):
             x = {**x, response_lib.WEIGHTS: initialization.check_weights(sample_weight, rows)}
         x, y, num_rows = self.prepare(x, y, initialize=initialize and not self._data_initialized)
         solver = self._engine_solver(x, y, num_rows, batch_size, steps_per_epoch)
+        if solver is None:  # beyond the engine's rows: full-batch coordinate ascent (keras_glmm.large_data)
+            solver = large_data.solver(self, x, y, num_rows, batch_size, steps_per_epoch)
         if solver is not None:
             return self._fit_by_engine(solver, x, y, epochs, verbose, callbacks, **kwargs)
         data = (x, y)
