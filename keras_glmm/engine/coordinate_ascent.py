@@ -45,7 +45,8 @@ error of a variance shrinks by a rate `r` near 1 per pass), so the M-step's chan
 of the log sds is over-relaxed by `omega = 1 / (1 - r)`, with `r` measured from
 successive changes (`CoordinateAscent._relax`); the ELBO then need not rise at
 every pass. The fit stops when a pass changes the ELBO by less than `tolerance`
-per row and no sd by more than `SD_TOLERANCE` (relative).
+per row (or than float32's rounding of it) and no sd by more than `SD_TOLERANCE`
+(relative).
 
 Each term's update is one XLA-compiled pass over the rows in float32 (the sums in
 float64): gathers of the levels' moments, the family's expectation and its
@@ -79,10 +80,14 @@ QUADRATURE_ERROR = 1e-9
 # The least variance of a row's linear predictor in the derivatives (its gradient
 # in the variance is that of the quadrature rule, 0 at a variance of exactly 0).
 VARIANCE_FLOOR = 1e-8
+# The quadrature's nodes are chosen for this multiple of the rows' largest sd.
+NODES_MARGIN = 1.5
 # Passes before a fit that has not converged stops (the model's `epochs` may set fewer).
 MAX_PASSES = 200
 # The largest over-relaxation of the variances' M-step (`CoordinateAscent._relax`).
 MAX_RELAXATION = 30.0
+# The relative rounding of a sum of the rows' float32 values (float32's epsilon is 6e-8).
+FLOAT32_NOISE = 1e-7
 # The largest change of a log sd in the last pass's M-step at convergence.
 SD_TOLERANCE = 1e-5
 # lme4's isSingular: an sd below this (relative to the largest of its term).
@@ -181,13 +186,17 @@ class CoordinateAscent:
             if "offset" in data:
                 eta += data["offset"]
             var = tf.zeros_like(eta)
-            for other, mean, cov in zip(terms, means, covariances):
+            other_var = tf.zeros_like(eta)  # the other terms' share of the row's variance
+            for s, (other, mean, cov) in enumerate(zip(terms, means, covariances)):
                 mean_rows = tf.gather(mean, other.index)
                 cov_rows = tf.gather(cov, other.index)
                 for a, za in enumerate(other.columns):
                     eta += _times(za, mean_rows[:, a])
                     for b, zb in enumerate(other.columns):
-                        var += _times(za, _times(zb, cov_rows[:, a, b]))
+                        share = _times(za, _times(zb, cov_rows[:, a, b]))
+                        var += share
+                        if s != target:
+                            other_var += share
             var = tf.maximum(var, VARIANCE_FLOOR)
 
             def expected_total(eta, var, log_params):
@@ -222,6 +231,9 @@ class CoordinateAscent:
             features += [_times(za, _times(zb, curvature)) for a, za in enumerate(term.columns)
                          for zb in term.columns[a:]]
             features += [_times(za, curvature * x[:, j]) for za in term.columns for j in range(x.shape[1])]
+            coupling = curvature * curvature * other_var
+            features += [_times(za, _times(zb, coupling)) for a, za in enumerate(term.columns)
+                         for zb in term.columns[a:]]
             level_sums = tf.math.unsorted_segment_sum(
                 tf.cast(tf.stack(features, axis=1), tf.float64), term.index, term.num_levels)
             # X'g and the upper triangle of X'HX as one fused reduction, in float64.
@@ -238,9 +250,12 @@ class CoordinateAscent:
     def _evaluate(self, target):
         nodes = self.num_points
         if nodes is None:
-            # Chosen once (each number of nodes compiles the kernels anew), more if the rows' variance grows.
-            wanted = quadrature_nodes(math.sqrt(self._largest_var), self.family.quadrature_points)
-            self._nodes = max(self._nodes or 0, wanted)
+            # Each number of nodes compiles the kernels anew: chosen for a margin over the rows'
+            # largest sd, and raised only when the sd outgrows the margin.
+            largest_sd = math.sqrt(self._largest_var)
+            family_nodes = self.family.quadrature_points
+            if self._nodes is None or quadrature_nodes(largest_sd, family_nodes) > self._nodes:
+                self._nodes = quadrature_nodes(NODES_MARGIN * largest_sd, family_nodes)
             nodes = self._nodes
         out = self._kernel(target, nodes)(
             self._data, tf.constant(self.beta, tf.float32),
@@ -283,10 +298,16 @@ class CoordinateAscent:
         curvature = np.zeros((num_levels, k, k))
         curvature[:, upper[0], upper[1]] = sums[:, k:k + len(upper[0])]
         curvature[:, upper[1], upper[0]] = sums[:, k:k + len(upper[0])]
-        cross = sums[:, k + len(upper[0]):].reshape(num_levels, k, p)
+        start = k + len(upper[0])
+        cross = sums[:, start:start + k * p].reshape(num_levels, k, p)
+        coupling = np.zeros((num_levels, k, k))
+        coupling[:, upper[0], upper[1]] = sums[:, start + k * p:]
+        coupling[:, upper[1], upper[0]] = sums[:, start + k * p:]
         precision = np.linalg.inv(self.priors[target])
         system = curvature + precision
         inverse = np.linalg.inv(system)
+        # The levels' marginal covariance under the other terms' uncertainty (for the M-step).
+        self._marginal[target] = np.linalg.inv(system - np.minimum(coupling, 0.9 * curvature))
         mean = self.means[target]
         residual = gradient - mean @ precision
         inverse_cross = inverse @ cross
@@ -301,7 +322,7 @@ class CoordinateAscent:
     def _m_step(self, target):
         """`Sigma_t = mean_c (m_c m_c' + S_c)`, its sds over-relaxed (see `_relax`)."""
         term = self.terms[target]
-        mean, cov = self.means[target][term.observed], self.covariances[target][term.observed]
+        mean, cov = self.means[target][term.observed], self._marginal[target][term.observed]
         prior = (np.einsum("la,lb->ab", mean, mean) + cov.sum(axis=0)) / max(len(mean), 1)
         if not term.full:
             prior = np.diag(np.diag(prior))
@@ -367,6 +388,7 @@ class CoordinateAscent:
         self._relaxation = [np.ones(term.size) for term in self.terms]
         self._last_change = [None] * len(self.terms)
         self._schur = [None] * len(self.terms)
+        self._marginal = [None] * len(self.terms)
         self._gradient = [0.0] * len(self.terms)
         self._xhx = None
         self._elbos = []
@@ -392,8 +414,9 @@ class CoordinateAscent:
         self.passes += 1
         # Over-relaxed, the ELBO need not rise at every pass: the sds must have settled too.
         settled = max(float(np.max(np.abs(c))) for c in self._last_change) < SD_TOLERANCE
-        if len(self._elbos) >= 2 and abs(self._elbos[-1] - self._elbos[-2]) < self.tolerance * self.num_rows \
-                and settled:
+        # The rows' values are float32: their sum is exact to about FLOAT32_NOISE of itself.
+        tolerance = max(self.tolerance * self.num_rows, FLOAT32_NOISE * abs(elbo))
+        if len(self._elbos) >= 2 and abs(self._elbos[-1] - self._elbos[-2]) < tolerance and settled:
             self.converged = True
             self.finished = True
         elif self.passes >= MAX_PASSES:
