@@ -62,6 +62,31 @@ def test_one_term_reaches_the_engines_optimum(family):
     assert abs(solver.report()["elbo"] - engine.fit_summary_["elbo"]) < 1e-6 * len(data) + 1e-3
 
 
+def test_crossed_terms_reach_the_joint_posteriors_sds():
+    """Users of 8 rows crossed with items: mean field's M-step alone puts the sds ~2% low;
+    with the levels' covariance under the other term's uncertainty they are the
+    joint posterior's (the engine's) to 1%."""
+    rng = np.random.default_rng(5)
+    num_rows, num_users, num_items = 12_000, 1500, 150
+    user, item = rng.integers(0, num_users, num_rows), rng.integers(0, num_items, num_rows)
+    x = rng.standard_normal(num_rows)
+    eta = -0.5 + 0.8 * x + 0.8 * rng.standard_normal(num_users)[user] + 0.5 * rng.standard_normal(num_items)[item]
+    data = pd.DataFrame({"y": (rng.random(num_rows) < 1 / (1 + np.exp(-eta))).astype(float), "x": x,
+                         "user": user, "item": item})
+    engine = kg.GLMM.from_formula("y ~ x + (1 | user) + (1 | item)", data, family="binomial", agq_points=0)
+    engine.fit(data)
+    solver = CoordinateAscent(np.column_stack([np.ones(num_rows), x]),
+                              [("user", user, None, True, num_users, False), ("item", item, None, True, num_items, False)],
+                              data.y.values, families.get_family("binomial"))
+    solver.start(lambdas=[np.array([[0.5]])] * 2, beta=np.zeros(2), u=[np.zeros((num_users, 1)), np.zeros((num_items, 1))])
+    while not solver.finished:
+        solver.step()
+    assert solver.converged
+    sd = [np.sqrt(c[0, 0]) for c in solver.results()["covariances"]]
+    np.testing.assert_allclose(sd, engine.varcorr()["sdcor"].values, rtol=0.01)
+    np.testing.assert_allclose(solver.results()["beta"], engine.fixef().values, atol=0.01)
+
+
 def test_quadrature_nodes_follow_the_largest_sd():
     assert quadrature_nodes(0.25, 12) == 5  # (0.25 / pi)^8 = 1.6e-9, ^10 = 1.0e-11
     assert quadrature_nodes(0.5, 12) == 6
@@ -80,15 +105,15 @@ def test_routing_rule():
     assert "negative_binomial" in large_data.problem(negbin, FULL_BATCH_ROWS + 1)
 
 
-@pytest.mark.slow
 def test_crossed_binomial_beyond_the_engines_rows():
-    """300k rows, 3,000 users x 300 items: routed by `fit`, sds within 3% of the truth."""
+    """300k rows, 3,000 users x 300 items: routed by `fit`, sds within 3% of the drawn effects'."""
     rng = np.random.default_rng(3)
     num_rows, num_users, num_items = 300_000, 3000, 300
     user = rng.integers(0, num_users, num_rows)
     item = rng.integers(0, num_items, num_rows)
     x = rng.standard_normal(num_rows)
-    eta = -0.5 + 0.8 * x + 0.8 * rng.standard_normal(num_users)[user] + 0.5 * rng.standard_normal(num_items)[item]
+    user_effects, item_effects = 0.8 * rng.standard_normal(num_users), 0.5 * rng.standard_normal(num_items)
+    eta = -0.5 + 0.8 * x + user_effects[user] + item_effects[item]
     y = (rng.random(num_rows) < 1 / (1 + np.exp(-eta))).astype(float)
     data = pd.DataFrame({"y": y, "x": x, "user": user, "item": item})
     model = kg.GLMM.from_formula("y ~ x + (1 | user) + (1 | item)", data, family="binomial")
@@ -96,6 +121,7 @@ def test_crossed_binomial_beyond_the_engines_rows():
     assert model.converged_
     assert "coordinate ascent" in model.fit_summary_["estimator"]
     sd = model.varcorr()["sdcor"].values
-    np.testing.assert_allclose(sd, [0.8, 0.5], rtol=0.03)
+    # Against the sds of the drawn effects (300 items' sd is 0.5 give or take 4%).
+    np.testing.assert_allclose(sd, [np.std(user_effects), np.std(item_effects)], rtol=0.03)
     np.testing.assert_allclose(model.fixef().values[1], 0.8, atol=0.02)
     assert model.vcov().shape == (2, 2) and np.all(np.diag(model.vcov().values) > 0)
