@@ -422,6 +422,10 @@ class CoordinateAscent:
         self._report = dict(elbo=elbo, expected_log_likelihood=ell, kl=ell - elbo)
         self._elbos.append(elbo)
         self.passes += 1
+        if self.passes == 1:
+            # The start's levels hold the prior's variance; their posteriors' are far smaller:
+            # the nodes are chosen once more (one more compilation, fewer nodes in every pass).
+            self._nodes = None
         # Over-relaxed, the ELBO need not rise at every pass: the sds must have settled too.
         settled = max(float(np.max(np.abs(c))) for c in self._last_change) < SD_TOLERANCE
         # The rows' values are float32: their sum is exact to about FLOAT32_NOISE of itself.
