@@ -43,8 +43,9 @@ class Lme4Generics:
     # ----------------------------------------------------------- the estimates
     @property
     def posterior_kind(self):
-        """`"joint"` after a fit by the engine, `"mean-field"` after stochastic VI."""
-        return "joint" if self._engine_fit is not None else "mean-field"
+        """`"joint"` after a fit by the engine's joint posterior, `"mean-field"` after
+        stochastic VI or full-batch coordinate ascent."""
+        return "mean-field" if self._engine_fit is None else self._engine_fit.get("posterior", "joint")
 
     def _require_fit(self):
         if self._training_arrays is None and self._training_source is not None:

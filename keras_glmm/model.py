@@ -49,7 +49,7 @@ from keras_glmm import ordinal as ordinal_lib
 from keras_glmm import response as response_lib
 from keras_glmm import serving, streaming
 from keras_glmm.design import Design
-from keras_glmm.fitting import driver, engine, files, stochastic
+from keras_glmm.fitting import driver, engine, files, large_data, stochastic
 from keras_glmm.generics import Lme4Generics
 from keras_glmm.layers.family_head import FamilyHead
 from keras_glmm.layers.fixed_effects import VariationalFixedEffects
@@ -74,6 +74,7 @@ FIT_DRIVERS = (
     files.FilesDriver,  # files (kg.read_csv, kg.read_parquet): stochastic VI on streamed batches
     stochastic.PipelineDriver,  # a tf.data pipeline: Keras's fit as it is
     engine.EngineDriver,  # in-memory data the engine takes: the joint posterior
+    large_data.LargeDataDriver,  # beyond the engine's rows: full-batch mean-field coordinate ascent
     stochastic.StochasticDriver,  # other in-memory data: stochastic VI, full-batch or minibatches
 )
 

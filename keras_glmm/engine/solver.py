@@ -108,6 +108,8 @@ class VariationalSolver:
         quadrature_status: a `QuadratureStatus`, what the fit says of the exact-ML phase.
     """
 
+    posterior = "joint"  # one Gaussian over every random-effect coefficient (GLMM.posterior_kind)
+
     def __init__(self, x, terms, y, family, trials=None, weights=None, offset=None, reml=False,
                  fixed_params=None, num_points=None, memory_budget=2 * 2**30, agq_points=None,
                  zi_design=None):

@@ -5,6 +5,8 @@ driver.py       the interface: FitRequest (a fit's arguments, its in-memory data
                 prepared once), FitDriver (select, fit) and the finish every fit ends on
 engine.py       the engine: one VariationalSolver iteration per Keras epoch (the joint
                 posterior; in-memory data the solver can take)
+large_data.py   beyond the engine's rows: the engine's driver around full-batch
+                mean-field coordinate ascent (keras_glmm.engine.coordinate_ascent)
 stochastic.py   stochastic VI: gradient steps on the ELBO, full-batch or minibatches
                 (the mean-field posterior); and a tf.data pipeline, Keras's fit as it is
 files.py        stochastic VI on batches streamed from files (kg.read_csv, read_parquet)

@@ -236,6 +236,7 @@ class EngineDriver(FitDriver):
             "likelihood": solver.likelihood,
             "convergence": None if solver.check is None else solver.check.as_dict(),
             "estimator": solver.estimator,
+            "posterior": solver.posterior,
         }
         # The float64 estimates for reporting (the layers hold float32: keras_glmm.estimates).
         model._engine_fit["estimates"] = estimates.record(model, results)
