@@ -106,6 +106,37 @@ def test_routing_rule():
     assert "negative_binomial" in large_data.problem(negbin, FULL_BATCH_ROWS + 1)
 
 
+def test_a_nested_design_keeps_the_engine_beyond_its_rows(monkeypatch):
+    """Mean field collapses a factor another is nested in: such a design stays with the
+    engine's joint posterior however many rows it has (the row limit lowered here)."""
+    from keras_glmm.fitting import driver, engine
+
+    rng = np.random.default_rng(5)
+    num_rows = 3000
+    school = rng.integers(0, 30, num_rows)
+    klass = school * 4 + rng.integers(0, 4, num_rows)  # 4 classes in each school
+    x = rng.standard_normal(num_rows)
+    eta = 0.5 * x + 0.6 * rng.standard_normal(30)[school] + 0.4 * rng.standard_normal(120)[klass]
+    y = (rng.random(num_rows) < 1 / (1 + np.exp(-eta))).astype(float)
+    data = pd.DataFrame({"y": y, "x": x, "school": school, "klass": klass})
+    monkeypatch.setattr(driver, "FULL_BATCH_ROWS", 1000)
+    model = kg.GLMM.from_formula("y ~ x + (1 | school) + (1 | klass)", data, family="binomial")
+    inputs, _ = model.design.arrays(data)
+    assert engine.nested_terms(model, inputs) == [("klass", "school")]
+    assert "FULL_BATCH_ROWS=1,000" in model.engine_problem(num_rows)
+    assert large_data.problem(model, num_rows, x=inputs) == (
+        "term 'klass' is nested in 'school' (mean field would collapse 'school')")
+    other = rng.integers(0, 120, num_rows)  # classes crossed with schools
+    eta = 0.5 * x + 0.6 * rng.standard_normal(30)[school] + 0.4 * rng.standard_normal(120)[other]
+    crossed = data.assign(klass=other, y=(rng.random(num_rows) < 1 / (1 + np.exp(-eta))).astype(float))
+    crossed_model = kg.GLMM.from_formula("y ~ x + (1 | school) + (1 | klass)", crossed, family="binomial")
+    assert engine.nested_terms(crossed_model, crossed_model.design.arrays(crossed)[0]) == []
+    model.fit(data)
+    assert model.posterior_kind == "joint"
+    crossed_model.fit(crossed)
+    assert crossed_model.posterior_kind == "mean-field" and crossed_model.converged_
+
+
 def test_crossed_binomial_beyond_the_engines_rows():
     """300k rows, 3,000 users x 300 items: routed by `fit`, sds within 3% of the drawn effects'."""
     rng = np.random.default_rng(3)

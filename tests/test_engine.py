@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_glmm import families
+from keras_glmm.families import binomial as binomial_family
 from keras_glmm.engine import Structure, TooLarge, VariationalSolver
 from keras_glmm.engine import blocked
 from keras_glmm.engine.blocked import BlockedSystem
@@ -351,3 +352,25 @@ def test_a_posterior_beyond_the_budget_names_the_term_and_the_way_out():
     with pytest.warns(RuntimeWarning, match=r"Falling back to stochastic VI"):
         fit = kg.glmm("diameter ~ 1 + (1|plate) + (1|sample)", data, memory_budget=100, epochs=5)
     assert fit.posterior_kind == "mean-field"
+
+
+@pytest.mark.parametrize("trials", [None, 6.0])
+def test_binomial_logit_kernel_is_the_generic_quadrature(trials):
+    """The logit kernel (one exp and one log per node, rows in chunks) gives the generic
+    kernel's numbers across chunk boundaries, in both tails and at zero variance."""
+    chunk = binomial_family.QUADRATURE_CHUNK_ROWS
+    fam = families.get_family("binomial", link="logit")
+    rng = np.random.default_rng(1)
+    n = 2 * chunk + 3
+    eta = rng.normal(0, 2, n)
+    eta[[0, 1, chunk, n - 2, n - 1]] = [-800.0, -40.0, 35.0, 800.0, -29.0]
+    v = rng.uniform(0, 1.5, n)
+    v[[2, chunk + 1, n - 3]] = 0.0
+    trials_per_row = None if trials is None else np.full(n, trials)
+    y = rng.integers(0, 2 if trials is None else int(trials) + 1, n).astype(float)
+    with np.errstate(all="ignore"):
+        generic = families.Family._numpy_quadrature(fam, y, eta, v, {}, trials_per_row, fam.quadrature_points)
+    kernel = fam.expected_log_prob_derivatives(y, eta, v, {}, trials=trials_per_row)
+    for got, want in zip(kernel[:4], generic[:4]):
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -28,8 +28,14 @@ whose curvatures differ by orders of magnitude (InstEval's students and
 departments).
 
 Convergence: the quasi-Newton prediction of the remaining decrease,
-`g_F' H_FF g_F / 2` over the free variables, is below `tolerance * (1 + |f|)`,
-or no step decreases `f` any more.
+`g_F' H_FF g_F / 2` over the free variables, is below `tolerance * (1 + |f|)` and
+below `absolute_tolerance`, or no step decreases `f` any more. The absolute bound
+is the convergence check's (`convergence`, lme4's scaled gradient below 0.002 on
+the deviance: a Newton gain `|R^-T g_dev|^2 / 4` of at most 1e-6 nats along one
+parameter), with a margin for the quasi-Newton curvature's error: on 1e5 binary
+rows (`-log L` ~ 6e4) the relative bound alone stopped at a predicted 4e-6 nats,
+the check failed, and its Hessian, an L-BFGS-B polish and a second Hessian cost
+more evaluations than the whole fit before them.
 
 A bound is a stationary point of the profiled objective in a standard deviation:
 the likelihood depends on `Lambda` through `Lambda Lambda'`, so its derivative in a
@@ -63,6 +69,8 @@ class BoundedBFGS:
         x0: starting point (projected onto the bounds).
         lower: lower bounds (`-inf` for none).
         tolerance: relative tolerance on the predicted remaining decrease.
+        absolute_tolerance: the largest predicted remaining decrease (in `f`'s units,
+            nats for the engine's objectives) at convergence.
         initial_step: length (infinity norm) of the first, steepest-descent step.
         max_line_search: trials per line search.
         inverse_hessian: an optional first inverse-Hessian matrix.
@@ -71,7 +79,7 @@ class BoundedBFGS:
 
     def __init__(self, function, x0, lower, tolerance=1e-12, initial_step=0.1, max_line_search=20,
                  probe_steps=(0.1, 0.01, 0.001), curvature=None, refresh=True, boundary_fraction=0.05,
-                 snap=1e-7, inverse_hessian=None, canonical=None):
+                 snap=1e-7, inverse_hessian=None, canonical=None, absolute_tolerance=1e-7):
         self.function = function
         self.canonical = canonical
         self.lower = np.asarray(lower, dtype=np.float64)
@@ -81,6 +89,7 @@ class BoundedBFGS:
         self._start_distance = np.where(bounded, np.maximum(self.x - np.where(bounded, self.lower, 0.0), 1e-300), 0.0)
         self._snap = snap * self._start_distance
         self.tolerance = float(tolerance)
+        self.absolute_tolerance = float(absolute_tolerance)
         self.initial_step = float(initial_step)
         self.max_line_search = int(max_line_search)
         self.probe_steps = tuple(probe_steps)
@@ -174,7 +183,7 @@ class BoundedBFGS:
         pg = self.projected_gradient()
         if not np.any(pg):
             self.converged = True
-        elif self.predicted_decrease() <= self.tolerance * (1.0 + abs(self.f)):
+        elif self.predicted_decrease() <= min(self.tolerance * (1.0 + abs(self.f)), self.absolute_tolerance):
             self.converged = True
         elif decrease <= 1e-15 * (1.0 + abs(self.f)) and np.max(np.abs(pg)) < 1e-3:
             self.converged = self.stalled = True

@@ -159,7 +159,8 @@ class Structure:
     def level_sums(self, values):
         """`sum_i values_i z_ib` per level of every block: a list of `(L_b, k_b)` arrays."""
         values = np.asarray(values, dtype=np.float64)
-        return [segment_outer(block.index, block.num_levels, values, np.ones((self.num_rows, 1)), block.z)[:, 0]
+        return [np.stack([np.bincount(block.index, weights=values * block.z[:, j], minlength=block.num_levels)
+                          for j in range(block.num_effects)], axis=1)
                 for block in self.blocks]
 
 
@@ -173,11 +174,16 @@ def segment_outer(segment, num_segments, h, za, zb):
     ka, kb = za.shape[1], zb.shape[1]
     out = np.empty((num_segments, ka, kb))
     if ka * kb <= 16:
-        # A few bincounts beat building sparse matrices (scipy's per-call overhead).
+        # A few bincounts beat building sparse matrices (scipy's per-call overhead);
+        # a block with itself (`za is zb`) is symmetric: the entries below the diagonal
+        # are copies.
+        symmetric = za is zb
         for i in range(ka):
             hz = h * za[:, i]
-            for j in range(kb):
+            for j in range(i if symmetric else 0, kb):
                 out[:, i, j] = np.bincount(segment, weights=hz * zb[:, j], minlength=num_segments)
+                if symmetric:
+                    out[:, j, i] = out[:, i, j]
         return out
     rows = np.arange(n)
     for j in range(ka):

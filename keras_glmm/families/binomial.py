@@ -6,12 +6,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from keras_glmm import gauss_hermite
 from keras_glmm.families.array_ops import NUMPY, TENSORFLOW
 from keras_glmm.families.base import Family, check_counts, first_bad, quadrature_nodes, register_family
 
 # Below this linear predictor the cloglog link's log(mu) is its series
 # eta - e^eta / 2 + O(e^{2 eta}) (and e^eta would underflow log(1 - exp(-e^eta))).
 _CLOGLOG_SERIES_BELOW = -20.0
+
+# Rows per chunk of the logit kernel's (rows, nodes) arrays (see `Binomial._numpy_quadrature`).
+QUADRATURE_CHUNK_ROWS = 8192
 
 
 @register_family
@@ -94,6 +98,57 @@ class Binomial(Family):
         if trials is not None:
             expected += self._log_coefficient(TENSORFLOW, y, trials)
         return expected
+
+    def _numpy_quadrature(self, y, m, v, params, trials, num_points):
+        """`Family._numpy_quadrature` for the logit link, with the nodes' work cut to one `exp`
+        and one `log`: the engine's largest cost on binary data.
+
+        `f = y eta - n softplus(eta) [+ log C(n, y)]`, and with `e = exp(-eta)`:
+        `log p = -log(1 + e)`, `p = 1 / (1 + e)`, `f' = y - n p`, `f'' = -n p (1 - p)`.
+        The rule integrates `eta` exactly (`sum_k w_k = 1`, `sum_k w_k x_k = 0`), so
+        only `E[log p]`, `E[p]`, `E[p x]` and `E[p (1 - p)]` are sums over nodes; the
+        derivative in the variance is `sum_k w_k f'(node_k) x_k / (2 sd) = -n E[p x] / (2 sd)`.
+        The same rule and numbers as the generic kernel to rounding (`log(1 + e)` and
+        `log(expit)` share its absolute error, 1e-16), at a third of its time on
+        1e5 rows x 12 nodes.
+        """
+        if self.link.name != "logit" or num_points == 0:
+            return super()._numpy_quadrature(y, m, v, params, trials, num_points)
+        # In chunks of rows: (rows, nodes) temporaries of a few hundred KiB stay in
+        # cache and in the allocator's pool; 1e5 x 12 at once page-faults fresh
+        # memory for each one (measured: 11 ms against 20 ms of CPU per call).
+        out = np.empty((4, len(m)))
+        for start in range(0, len(m), QUADRATURE_CHUNK_ROWS):
+            rows = slice(start, start + QUADRATURE_CHUNK_ROWS)
+            out[:, rows] = self._logit_quadrature(y[rows], m[rows], v[rows], None if trials is None else trials[rows],
+                                                  num_points)
+        value, first, second, d_var = out
+        return value, first, second, d_var, {}
+
+    def _logit_quadrature(self, y, m, v, trials, num_points):
+        """`_numpy_quadrature`'s value and derivatives in `m` and `v` for a chunk of rows."""
+        x, w = gauss_hermite.rule(num_points)
+        sd = np.sqrt(np.maximum(v, 0.0))
+        nodes = sd[:, None] * x[None, :]
+        nodes += m[:, None]
+        one_plus = np.exp(-nodes)  # overflows to inf below eta = -709: p = 0 there
+        one_plus += 1.0
+        log_p = np.log(one_plus)
+        log_p *= -1.0
+        if np.min(m - sd * x[-1], initial=0.0) <= -30.0:
+            # Below -30, log(expit) is eta to 1e-13 (and log(1 + e) is inf below -709).
+            log_p = np.where(nodes > -30.0, log_p, nodes)
+        p = np.reciprocal(one_plus, out=one_plus)
+        mean_p, mean_px = p @ w, p @ (w * x)
+        p *= 1.0 - p
+        n = 1.0 if trials is None else trials
+        value = n * (log_p @ w) - (n - y) * m
+        if trials is not None:
+            value = value + self._log_coefficient(NUMPY, y, trials)
+        second = -n * (p @ w)
+        positive = sd > 0
+        d_var = np.where(positive, -n * mean_px / (2.0 * np.where(positive, sd, 1.0)), 0.5 * second)
+        return value, y - n * mean_p, second, d_var
 
     def _numpy_log_prob(self, y, eta, params, trials):
         # log(mu) and log(1 - mu) once, for the value and its derivatives (log_ndtr is costly).

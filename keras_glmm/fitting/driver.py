@@ -28,7 +28,8 @@ from keras_glmm.layers.fixed_effects import VariationalFixedEffects
 # In-memory data up to this many rows is fitted full-batch by default: the ELBO is
 # then deterministic (closed-form expectations, no minibatch noise) and converges to
 # the optimum instead of jittering around it. Beyond it a non-gaussian model leaves
-# the engine for minibatches (`engine.engine_problem`), and files are read in batches.
+# the engine for full-batch coordinate ascent, unless its design is nested
+# (`engine.row_limit`), and files are read in batches.
 FULL_BATCH_ROWS = 2**18
 # Rows per evaluation when the ELBO of a whole data set is computed.
 ELBO_CHUNK_ROWS = 2**20

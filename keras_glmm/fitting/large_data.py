@@ -10,8 +10,9 @@ writes its estimates into the layers.
 
 The rule (`problem`): the model's posterior is `"auto"`, `fit` asked for no
 `batch_size` or `steps_per_epoch`, the number of rows is the only reason the engine
-declined (`engine.engine_problem`), there is no zero-inflation layer, and the family
-is one of `FAMILIES` (those the path is tested with). Every other fit the engine
+declined (`engine.engine_problem`), there is no zero-inflation layer, the family
+is one of `FAMILIES` (those the path is tested with), and no term is nested in
+another (the engine keeps those: `engine.nested_terms`). Every other fit the engine
 declines goes on by stochastic VI (`keras_glmm.fitting.stochastic`).
 """
 
@@ -25,8 +26,12 @@ from keras_glmm.fitting import engine
 FAMILIES = ("binomial", "poisson", "gaussian")
 
 
-def problem(model, num_rows, batch_size=None, steps_per_epoch=None):
-    """Why coordinate ascent does not take this fit (a sentence), or None when it does."""
+def problem(model, num_rows, batch_size=None, steps_per_epoch=None, x=None):
+    """Why coordinate ascent does not take this fit (a sentence), or None when it does.
+
+    With the inputs `x`, a nested design is refused (`engine.nested_terms`: the engine
+    keeps it).
+    """
     if model.posterior != "auto":
         return f"posterior={model.posterior!r}"
     if batch_size is not None or steps_per_epoch is not None:
@@ -40,12 +45,16 @@ def problem(model, num_rows, batch_size=None, steps_per_epoch=None):
         return "it has a zero-inflation layer"
     if model.family.name not in FAMILIES:
         return f"its family {model.family.name!r} is not one of {FAMILIES}"
+    nested = [] if x is None else engine.nested_terms(model, x)
+    if nested:
+        inner, outer = nested[0]
+        return f"term '{inner}' is nested in '{outer}' (mean field would collapse '{outer}')"
     return None
 
 
 def build_solver(model, x, y, num_rows, batch_size=None, steps_per_epoch=None):
     """The coordinate-ascent solver of this fit, or None (see the module docstring)."""
-    if problem(model, num_rows, batch_size, steps_per_epoch) is not None:
+    if problem(model, num_rows, batch_size, steps_per_epoch, x) is not None:
         return None
     response, trials = response_lib.split(np.asarray(y, "float64"))
     terms = [(term.name, x[term.name], x.get(term.name + "_z"), term.intercept, term.num_levels,
