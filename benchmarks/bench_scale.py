@@ -106,8 +106,9 @@ def main():
         f"- Throughput: **{np.median(rates) / 1e6:.2f}M rows/s** per epoch (median over "
         f"{len(rates)} epochs; min {rates.min() / 1e6:.2f}M, max {rates.max() / 1e6:.2f}M), "
         + (f"batches of {args.batch:,} rows." if args.batch else "an epoch is a pass of coordinate ascent."),
-        f"- Epochs to converge: {len(timer.seconds)} (converged: {model.converged_}); fit "
-        f"{fit_seconds:.0f} s, model construction (design, level counts, GLM start) {build:.0f} s.",
+        f"- Epochs to converge: {len(timer.seconds)} (converged: {model.converged_}); "
+        f"**{build + fit_seconds:.0f} s from data frame to fitted model**: model construction (design, "
+        f"level counts, checks, GLM start) {build:.1f} s, fit {fit_seconds:.1f} s.",
         f"- Peak resident memory of the whole process (data frame, design arrays, model, "
         f"optimizer state): **{peak:.2f} GiB**.",
         f"- Against the truth: fixed effects within {fixed_error:.4f} (of the sample's fixed "
