@@ -326,7 +326,7 @@ def drop_aliased(matrix, names, checks: Checks):
     matrix = np.asarray(matrix, dtype=np.float64)
     # No rows, a non-finite value or one whose square overflows (the data checks name
     # its column and row later): a rank found by QR there would be rounding's.
-    if len(matrix) == 0 or not np.isfinite(matrix).all() or np.max(np.abs(matrix)) > np.sqrt(np.finfo(np.float64).max):
+    if len(matrix) == 0 or not np.max(np.abs(matrix), initial=0.0) <= np.sqrt(np.finfo(np.float64).max):  # NaN fails
         return list(range(len(names))), []
     r = r_factor(matrix)
     if not np.isfinite(r).all():

@@ -58,7 +58,7 @@ def _as_float_matrix(value, key, num_columns=None, model=None):
         np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)
     ):
         raise TypeError(f"Input '{key}' must be numeric. Received dtype {array.dtype}.")
-    array = array.astype("float64")
+    array = array.astype("float64", copy=False)
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2:
@@ -72,6 +72,11 @@ def _as_float_matrix(value, key, num_columns=None, model=None):
     def column(col):
         return f"column {col}" if names is None else f"column {col} ('{names[col]}')"
 
+    limit = _SQUARE_SAFE
+    if model is not None:
+        limit = min(limit, float(np.finfo(np.dtype(model.compute_dtype)).max))
+    if not array.size or np.max(np.abs(array)) <= limit:  # one pass: a NaN or inf fails it too
+        return array
     bad = ~np.isfinite(array)
     if bad.any():
         row, col = np.argwhere(bad)[0]
@@ -79,9 +84,6 @@ def _as_float_matrix(value, key, num_columns=None, model=None):
             f"Input '{key}' holds a non-finite value ({array[row, col]}) in row {row}, "
             f"{column(col)} ({int(bad.any(axis=1).sum())} rows affected)."
         )
-    limit = _SQUARE_SAFE
-    if model is not None:
-        limit = min(limit, float(np.finfo(np.dtype(model.compute_dtype)).max))
     big = np.abs(array) > limit
     if big.any():
         row, col = np.argwhere(big)[0]
