@@ -47,6 +47,7 @@ __all__ = [
     "RANK_TOLERANCE",
     "SEPARATION_MAX_ROWS",
     "SEPARATION_SCREEN_ROWS",
+    "largest_magnitude",
     "aliased_columns",
     "check_fit_data",
     "check_intercept",
@@ -313,6 +314,22 @@ def collinearity(r: np.ndarray, names, threshold: float = COLLINEAR_CONDITION):
     return kappa, [names[j] for j in order if weights[j] > 0.1]
 
 
+def largest_magnitude(matrix) -> float:
+    """``max |matrix|`` (NaN if any value is NaN) of an array or a data frame, column by
+    column from each one's largest and smallest value: no copy of a tall design, where
+    ``np.abs`` of it would allocate one."""
+    columns = matrix.shape[1] if np.ndim(matrix) == 2 else 1
+    if not len(matrix) or not columns:
+        return 0.0
+    if np.ndim(matrix) < 2:
+        matrix = np.asarray(matrix).reshape(-1, 1)
+    bounds = []
+    for j in range(columns):
+        column = np.asarray(matrix.iloc[:, j] if hasattr(matrix, "iloc") else matrix[:, j], np.float64)
+        bounds += [np.max(column), np.min(column)]
+    return float(np.max(np.abs(bounds)))
+
+
 def drop_aliased(matrix, names, checks: Checks):
     """lme4's ``check.rankX`` and the collinearity check on the fixed design.
 
@@ -323,10 +340,9 @@ def drop_aliased(matrix, names, checks: Checks):
         ValueError: a rank-deficient design under ``rank_x="stop"``.
     """
     names = list(names)
-    matrix = np.asarray(matrix, dtype=np.float64)
     # No rows, a non-finite value or one whose square overflows (the data checks name
     # its column and row later): a rank found by QR there would be rounding's.
-    if len(matrix) == 0 or not np.max(np.abs(matrix), initial=0.0) <= np.sqrt(np.finfo(np.float64).max):  # NaN fails
+    if len(matrix) == 0 or not largest_magnitude(matrix) <= np.sqrt(np.finfo(np.float64).max):  # NaN fails
         return list(range(len(names))), []
     r = r_factor(matrix)
     if not np.isfinite(r).all():

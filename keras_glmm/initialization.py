@@ -75,7 +75,7 @@ def _as_float_matrix(value, key, num_columns=None, model=None):
     limit = _SQUARE_SAFE
     if model is not None:
         limit = min(limit, float(np.finfo(np.dtype(model.compute_dtype)).max))
-    if not array.size or np.max(np.abs(array)) <= limit:  # one pass: a NaN or inf fails it too
+    if checks_lib.largest_magnitude(array) <= limit:  # a NaN or inf fails it too
         return array
     bad = ~np.isfinite(array)
     if bad.any():
