@@ -46,6 +46,8 @@ __all__ = [
     "COLLINEAR_CONDITION",
     "RANK_TOLERANCE",
     "SEPARATION_MAX_ROWS",
+    "SEPARATION_SCREEN_ROWS",
+    "largest_magnitude",
     "aliased_columns",
     "check_fit_data",
     "check_intercept",
@@ -71,6 +73,9 @@ RANK_TOLERANCE = 1e-7
 COLLINEAR_CONDITION = 1e4
 # The separation check solves a linear program with a constraint per distinct row.
 SEPARATION_MAX_ROWS = 200_000
+# Above this many rows, `separated_columns` first looks for Gordan's certificate on a
+# seeded uniform sample of this many rows (the screen; see its docstring).
+SEPARATION_SCREEN_ROWS = 200_000
 _QR_CHUNK = 1 << 16
 
 
@@ -309,6 +314,22 @@ def collinearity(r: np.ndarray, names, threshold: float = COLLINEAR_CONDITION):
     return kappa, [names[j] for j in order if weights[j] > 0.1]
 
 
+def largest_magnitude(matrix) -> float:
+    """``max |matrix|`` (NaN if any value is NaN) of an array or a data frame, column by
+    column from each one's largest and smallest value: no copy of a tall design, where
+    ``np.abs`` of it would allocate one."""
+    columns = matrix.shape[1] if np.ndim(matrix) == 2 else 1
+    if not len(matrix) or not columns:
+        return 0.0
+    if np.ndim(matrix) < 2:
+        matrix = np.asarray(matrix).reshape(-1, 1)
+    bounds = []
+    for j in range(columns):
+        column = np.asarray(matrix.iloc[:, j] if hasattr(matrix, "iloc") else matrix[:, j], np.float64)
+        bounds += [np.max(column), np.min(column)]
+    return float(np.max(np.abs(bounds)))
+
+
 def drop_aliased(matrix, names, checks: Checks):
     """lme4's ``check.rankX`` and the collinearity check on the fixed design.
 
@@ -319,10 +340,9 @@ def drop_aliased(matrix, names, checks: Checks):
         ValueError: a rank-deficient design under ``rank_x="stop"``.
     """
     names = list(names)
-    matrix = np.asarray(matrix, dtype=np.float64)
     # No rows, a non-finite value or one whose square overflows (the data checks name
     # its column and row later): a rank found by QR there would be rounding's.
-    if len(matrix) == 0 or not np.isfinite(matrix).all() or np.max(np.abs(matrix)) > np.sqrt(np.finfo(np.float64).max):
+    if len(matrix) == 0 or not largest_magnitude(matrix) <= np.sqrt(np.finfo(np.float64).max):  # NaN fails
         return list(range(len(names))), []
     r = r_factor(matrix)
     if not np.isfinite(r).all():
@@ -384,6 +404,17 @@ def separated_columns(matrix: np.ndarray, successes: np.ndarray, trials: np.ndar
     directions is open in it), and a column's estimate is infinite when that
     space moves it.
 
+    The screen: with more than ``SEPARATION_SCREEN_ROWS`` rows, the certificate of
+    non-separation (:func:`_score_certificate`) is first sought on a seeded uniform
+    sample of that many rows. Found there, and the sample of full column rank, it
+    proves the whole data not separated: a ``d`` meeting the constraints on every
+    row meets them on the sample, where ``sum_i w_i s_i x_i' d + sum_j v_j x_j' d = 0``
+    with ``w_i > 0`` makes each ``s_i x_i' d`` zero, so ``d`` is orthogonal to the
+    sample's rows, hence ``0``. Without it (a rare level's rows all of one outcome
+    may leave the sample separated) the check runs on every row, as below. At
+    4M rows the screen took 0.15 s where the certificate on every row took 1.4 s
+    (and grows with the rows: about 11 s at 32M).
+
     Args:
         matrix: the fixed design ``(n, p)``, of full column rank.
         successes: ``(n,)`` successes (0/1 for a binary response).
@@ -397,18 +428,17 @@ def separated_columns(matrix: np.ndarray, successes: np.ndarray, trials: np.ndar
     """
     from scipy import optimize
 
-    x = np.asarray(matrix, np.float64)
-    s = np.asarray(successes, np.float64).reshape(-1)
-    n = np.ones_like(s) if trials is None else np.asarray(trials, np.float64).reshape(-1)
-    use = n > 0
-    if weights is not None:
-        use &= np.asarray(weights, np.float64).reshape(-1) > 0
-    x, s, n = x[use], s[use], n[use]
-    if not len(x) or x.shape[1] == 0:
+    num_rows = len(np.asarray(successes).reshape(-1))
+    if num_rows > SEPARATION_SCREEN_ROWS:
+        rows = np.sort(np.random.default_rng(0).choice(num_rows, SEPARATION_SCREEN_ROWS, replace=False))
+        sample = _separation_rows(matrix, successes, trials, weights, rows)
+        if sample is not None and np.linalg.matrix_rank(sample[0]) == sample[0].shape[1] and (
+                _score_certificate(*sample)):
+            return []
+    prepared = _separation_rows(matrix, successes, trials, weights)
+    if prepared is None:
         return []
-    scale = np.max(np.abs(x), axis=0)
-    x = x / np.where(scale > 0, scale, 1.0)
-    sign = np.where(s <= 0, -1.0, np.where(s >= n, 1.0, 0.0))
+    x, s, n, sign = prepared
     if _score_certificate(x, s, n, sign):
         return []
     signed = np.unique(sign[sign != 0, None] * x[sign != 0], axis=0)
@@ -443,6 +473,31 @@ def separated_columns(matrix: np.ndarray, successes: np.ndarray, trials: np.ndar
     moved = np.max(np.abs(null), axis=0) > 1e-8 if len(null) else np.zeros(p, bool)
     moved |= np.abs(direction) > 1e-8
     return [int(j) for j in np.flatnonzero(moved)]
+
+
+def _separation_rows(matrix, successes, trials, weights, rows=None):
+    """``(x, s, n, sign)`` of the rows that carry information (of ``rows`` only, if
+    given), each column of ``x`` scaled to a largest absolute value of 1, ``sign``
+    ``+1``/``-1``/``0`` for rows of successes only, failures only, both; ``None``
+    when no row or no column is left."""
+    def take(values):
+        values = np.asarray(values)
+        return values if rows is None else values[rows]
+
+    x = np.asarray(take(matrix), np.float64)
+    s = np.asarray(take(successes), np.float64).reshape(-1)
+    n = np.ones_like(s) if trials is None else np.asarray(take(trials), np.float64).reshape(-1)
+    use = n > 0
+    if weights is not None:
+        use &= np.asarray(take(weights), np.float64).reshape(-1) > 0
+    if not use.all():
+        x, s, n = x[use], s[use], n[use]
+    if not len(x) or x.shape[1] == 0:
+        return None
+    scale = np.max(np.abs(x), axis=0)
+    x = x / np.where(scale > 0, scale, 1.0)
+    sign = np.where(s <= 0, -1.0, np.where(s >= n, 1.0, 0.0))
+    return x, s, n, sign
 
 
 def _score_certificate(x, s, n, sign, iterations=30) -> bool:

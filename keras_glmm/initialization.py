@@ -51,14 +51,17 @@ def _column_names(model, key, width):
 
 
 def _as_float_matrix(value, key, num_columns=None, model=None):
-    """An input as a float64 matrix, checked: numeric, the right width, every value finite
-    and small enough for the model's dtype and for its square (errors name the column)."""
+    """An input as a float matrix (float64, or the float type it has: no copy of a
+    float32 design only to check it), checked: numeric, the right width, every value
+    finite and small enough for the model's dtype and for its square (errors name the
+    column)."""
     array = np.asarray(value)
     if array.dtype == object or not (
         np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.bool_)
     ):
         raise TypeError(f"Input '{key}' must be numeric. Received dtype {array.dtype}.")
-    array = array.astype("float64")
+    if array.dtype.kind != "f":
+        array = array.astype("float64")
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2:
@@ -72,6 +75,11 @@ def _as_float_matrix(value, key, num_columns=None, model=None):
     def column(col):
         return f"column {col}" if names is None else f"column {col} ('{names[col]}')"
 
+    limit = _SQUARE_SAFE
+    if model is not None:
+        limit = min(limit, float(np.finfo(np.dtype(model.compute_dtype)).max))
+    if checks_lib.largest_magnitude(array) <= limit:  # a NaN or inf fails it too
+        return array
     bad = ~np.isfinite(array)
     if bad.any():
         row, col = np.argwhere(bad)[0]
@@ -79,9 +87,6 @@ def _as_float_matrix(value, key, num_columns=None, model=None):
             f"Input '{key}' holds a non-finite value ({array[row, col]}) in row {row}, "
             f"{column(col)} ({int(bad.any(axis=1).sum())} rows affected)."
         )
-    limit = _SQUARE_SAFE
-    if model is not None:
-        limit = min(limit, float(np.finfo(np.dtype(model.compute_dtype)).max))
     big = np.abs(array) > limit
     if big.any():
         row, col = np.argwhere(big)[0]
@@ -135,7 +140,7 @@ def check_data(model, x, y):
         layer._check_index_values(index)
         # int32 where it fits: half the memory of int64 for 10M-row data, and
         # cheaper gathers of minibatches (the layer widens them in the graph).
-        out[layer.name] = index.astype("int32" if layer.num_levels < 2**31 else "int64")
+        out[layer.name] = index.astype("int32" if layer.num_levels < 2**31 else "int64", copy=False)
         if layer.num_covariates:
             key = layer.name + "_z"
             if key not in x:
@@ -174,7 +179,9 @@ def check_data(model, x, y):
     trials = None if trials is None else trials.astype("float64")
     model.family.check_response(response, trials, name="y")
     y = response if trials is None else np.stack([response, trials], axis=-1)
-    cast = {k: (v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype)) for k, v in out.items()}
+    # No copy of an input already in the model's dtype (the arrays `from_formula` prepared,
+    # which `fit(data)` of the same frame takes again): nothing writes into them.
+    cast = {k: (v if np.issubdtype(v.dtype, np.integer) else v.astype(dtype, copy=False)) for k, v in out.items()}
     return cast, y.astype(dtype), num_rows
 
 

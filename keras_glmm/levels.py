@@ -142,30 +142,30 @@ def _numeric_like(text: str) -> bool:
 def column_levels(series: pd.Series) -> list[str]:
     """The keys of a column's observed levels, in level order: a categorical
     column's category order (unused categories dropped, like lme4's ``factor()``),
-    otherwise the sorted unique values (numerically when every key is numeric-like)."""
+    otherwise the sorted unique values (numerically when every key is numeric-like).
+
+    Keys are made by :func:`level_keys`, vectorized: a numeric column of 200,000
+    levels costs milliseconds (a Python loop over them took a good part of a second).
+    """
     if isinstance(series.dtype, pd.CategoricalDtype):
         used = np.unique(series.cat.codes.to_numpy())
-        cats = series.cat.categories
-        raw = [cats[c] for c in used if c >= 0]
+        raw = series.cat.categories.take(used[used >= 0])
+        keys = level_keys(raw.to_numpy() if raw.dtype.kind in "iufb" else raw.astype(object).to_numpy())
+    elif pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
+        uniques = series.dropna().unique()
+        values = np.asarray(uniques)
+        if values.dtype.kind not in "iufb":  # an extension array of objects: value by value
+            values = np.array(sorted(uniques), dtype=object)
+        keys = level_keys(np.sort(values) if values.dtype.kind in "iufb" else values)
     else:
-        raw = list(pd.unique(series.dropna()))
-        if pd.api.types.is_numeric_dtype(series.dtype) or pd.api.types.is_bool_dtype(series.dtype):
-            raw.sort()
+        raw = pd.unique(series.dropna())
+        strs = level_keys(raw) if len(raw) else []
+        if strs and all(_numeric_like(s) for s in strs):
+            order = sorted(range(len(raw)), key=lambda i: float(strs[i]))
         else:
-            strs = [level_key(v) for v in raw]
-            if strs and all(_numeric_like(s) for s in strs):
-                keys = [float(s) for s in strs]
-                raw = [r for _, r in sorted(zip(keys, raw, strict=True), key=lambda t: t[0])]
-            else:
-                raw = [r for _, r in sorted(zip(strs, raw, strict=True), key=lambda t: t[0])]
-    out: list[str] = []
-    seen: set[str] = set()
-    for v in raw:
-        s = level_key(v)
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
+            order = sorted(range(len(raw)), key=lambda i: strs[i])
+        keys = [strs[i] for i in order]
+    return list(dict.fromkeys(keys))  # distinct values with one key (1 and "1") are one level
 
 
 def column_strings(series: pd.Series) -> np.ndarray:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import keras_glmm as kg
 from keras_glmm.datasets import (
     load_gcsemv,
     load_cbpp,
@@ -760,3 +761,22 @@ def test_config_roundtrip_datasets(loader, formula, family, weights, groups):
     inputs, _ = d2.arrays(new, weights=weights)
     for r in d2.random:
         assert (inputs[r.name][:2] == -1).all()
+
+
+def test_fit_reuses_the_coded_frame_only_while_it_is_unchanged():
+    """`fit(data)` on the very frame `from_formula` coded takes its arrays; a copy, an edit in
+    place, a replaced column or index is coded again."""
+    rng = np.random.default_rng(0)
+    data = pd.DataFrame({"y": rng.integers(0, 2, 300).astype(float), "x": rng.normal(size=300),
+                         "g": rng.integers(0, 12, 300)})
+    model = kg.GLMM.from_formula("y ~ x + (1 | g)", data, family="binomial")
+    coded = model._formula_arrays
+    assert model._frame_arrays(data) is coded
+    assert model._frame_arrays(data.copy()) is not coded
+    data.loc[3, "x"] += 1.0
+    x, _ = model._frame_arrays(data)
+    assert x["x"][3, 1] == data["x"].iloc[3]
+    data["g"] = data["g"].to_numpy()[::-1].copy()
+    x, _ = model._frame_arrays(data)
+    np.testing.assert_array_equal(x["g"], model.design.random[0].level_index(data))
+    assert model._frame_arrays(data) is not coded

@@ -303,3 +303,18 @@ def test_files_take_the_design_checks_and_refuse_the_all_row_checks(sleep, tmp_p
     assert model.design.fixed_dropped == ["Days2"]
     with pytest.raises(ValueError, match=r"checks \['separation'\] need every row in memory"):
         kg.GLMM.from_formula("Reaction ~ Days + (1 | Subject)", source, checks={"separation": "stop"})
+
+
+def test_separation_screen_on_many_rows():
+    """Above SEPARATION_SCREEN_ROWS rows a sample's certificate proves non-separation; a
+    separation the sample cannot see (a rare column's rows, all successes) is still found."""
+    rng = np.random.default_rng(5)
+    rows = checks.SEPARATION_SCREEN_ROWS + 50_000
+    group = rng.integers(0, 2, rows).astype(float)
+    y = (rng.random(rows) < 0.3 + 0.4 * group).astype(float)
+    x = np.column_stack([np.ones(rows), group])
+    assert checks.separated_columns(x, y) == []
+    rare = np.zeros(rows)
+    rare[rng.choice(rows, 3, replace=False)] = 1.0
+    y[rare > 0] = 1.0
+    assert checks.separated_columns(np.column_stack([x, rare]), y) == [2]
