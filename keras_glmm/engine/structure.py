@@ -159,9 +159,13 @@ class Structure:
     def level_sums(self, values):
         """`sum_i values_i z_ib` per level of every block: a list of `(L_b, k_b)` arrays."""
         values = np.asarray(values, dtype=np.float64)
-        return [np.stack([np.bincount(block.index, weights=values * block.z[:, j], minlength=block.num_levels)
-                          for j in range(block.num_effects)], axis=1)
-                for block in self.blocks]
+        sums = []
+        for block in self.blocks:
+            out = np.empty((block.num_levels, block.num_effects))  # (p, 0) for a model without fixed effects
+            for j in range(block.num_effects):
+                out[:, j] = np.bincount(block.index, weights=values * block.z[:, j], minlength=block.num_levels)
+            sums.append(out)
+        return sums
 
 
 def segment_outer(segment, num_segments, h, za, zb):
