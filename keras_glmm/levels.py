@@ -80,6 +80,8 @@ def level_key(value: Any) -> str:
     ``1.5 -> "1.5"``, ``True -> "True"``, ``"a" -> "a"``."""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
+    if isinstance(value, np.timedelta64):  # before np.integer: numpy makes it a subclass of it
+        return str(pd.Timedelta(value))
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
@@ -89,8 +91,6 @@ def level_key(value: Any) -> str:
         return repr(v)
     if isinstance(value, np.datetime64):  # str() of one depends on its unit: "2020-01-31T00:00:00.000000"
         return str(pd.Timestamp(value))
-    if isinstance(value, np.timedelta64):
-        return str(pd.Timedelta(value))
     return str(value)
 
 

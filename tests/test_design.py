@@ -19,6 +19,7 @@ from keras_glmm.datasets import (
     load_radon,
     load_sleepstudy,
 )
+from keras_glmm import levels
 from keras_glmm.design import Design, RandomTermDesign, lme4_name
 from keras_glmm.formula import RandomTerm, parse_formula
 
@@ -673,6 +674,13 @@ def test_config_numeric_and_timestamp_categories():
     data["t"] = pd.to_datetime(np.array(["2020-01-01", "2021-06-30"])[np.arange(len(data)) % 2])
     d1 = Design.from_data("y ~ C(n) + c + C(t) + (1 | g)", data)
     _assert_same_design(d1, _restore(d1), [data])
+
+
+def test_a_timedelta_grouping_column_has_keys_as_pandas_prints_them():
+    # numpy makes timedelta64 a subclass of np.integer: its keys are durations, not ints.
+    durations = pd.Series(pd.to_timedelta([1, 2, 1, 3], unit="D"))
+    assert levels.column_levels(durations) == ["1 days 00:00:00", "2 days 00:00:00", "3 days 00:00:00"]
+    assert levels.level_key(np.timedelta64(90, "m")) == "0 days 01:30:00"
 
 
 @pytest.mark.parametrize("formula", [
