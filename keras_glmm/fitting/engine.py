@@ -225,7 +225,13 @@ class EngineRun:
 
 
 class EngineDriver(FitDriver):
-    """Fits in-memory data by the engine: Keras's loop, one solver iteration per epoch."""
+    """Fits in-memory data by the engine: Keras's loop, one solver iteration per epoch.
+
+    `build_solver` (a static method, so that a driver around another solver with the
+    same interface, `large_data.LargeDataDriver`, changes only it) gives the solver or None.
+    """
+
+    build_solver = staticmethod(build_solver)
 
     def __init__(self, solver):
         self.solver = solver
@@ -235,7 +241,7 @@ class EngineDriver(FitDriver):
         if not request.in_memory:
             return None
         x, y, num_rows = request.data(model)
-        solver = build_solver(model, x, y, num_rows, request.batch_size, request.steps_per_epoch)
+        solver = cls.build_solver(model, x, y, num_rows, request.batch_size, request.steps_per_epoch)
         return None if solver is None else cls(solver)
 
     def fit(self, model, request):

@@ -69,10 +69,4 @@ def build_solver(model, x, y, num_rows, batch_size=None, steps_per_epoch=None):
 class LargeDataDriver(engine.EngineDriver):
     """The engine's driver around a `CoordinateAscent` solver: one pass per epoch."""
 
-    @classmethod
-    def select(cls, model, request):
-        if not request.in_memory:
-            return None
-        x, y, num_rows = request.data(model)
-        solver = build_solver(model, x, y, num_rows, request.batch_size, request.steps_per_epoch)
-        return None if solver is None else cls(solver)
+    build_solver = staticmethod(build_solver)
