@@ -6,6 +6,22 @@ polynomials of degree ``< 2 G`` (``G`` nodes). Product grids extend the rule to
 ``N(0, I_dim)``. The families' expected log-likelihoods, the engine's adaptive
 quadrature and the random-effects layers' scale expectations all use these
 (numpy only: each caller makes its own tensors).
+
+How many nodes a row needs (:func:`nodes_for_sd`): for ``f`` analytic in the strip
+``|Im eta| < d`` about the real axis (the logit's log-likelihood
+``y eta - log(1 + e^eta)``, singular at ``eta = i pi``: ``d = pi``), the error of
+the ``K``-node rule for ``E[f(m + sd z)]`` is ``K! / (2K)! f^(2K)(xi) sd^(2K)``,
+and ``|f^(2K)| <= 2 (2K - 1)! / d^(2K)`` (the two nearest poles), so
+
+```
+|error| <= (K - 1)! (sd / d)^(2K)
+```
+
+which for small ``sd`` needs far fewer nodes than a family's default: rows of
+large clusters (posterior sds of eta of 0.05-0.3) need 3-7 nodes for 1e-11,
+against the logit's 12. (Measured against 60 nodes for ``|m| <= 3``: the bound
+holds with a factor 1.2-5 to spare for ``K <= 6``, more beyond; the plain
+``(sd / d)^(2K)`` is short by ``(K - 1)!``.)
 """
 
 import functools
@@ -13,6 +29,25 @@ import math
 
 import numpy as np
 import scipy.linalg
+
+# The strip of analyticity of the logit's log-likelihood: `log(1 + e^eta)` is singular at `eta = i pi`.
+LOGIT_HALF_WIDTH = math.pi
+# Node counts are chosen for this multiple of the largest sd, and raised only when
+# the sd outgrows it: callers keep one rule (one smooth objective) over many steps.
+NODES_MARGIN = 1.5
+
+
+def nodes_for_sd(sd, most_nodes, error, half_width=LOGIT_HALF_WIDTH):
+    """The fewest nodes whose error bound `(K - 1)! (sd / d)^(2K)` (module docstring) is at most `error`.
+
+    For a posterior sd of eta, a number or an array of them (one count each); at
+    least 3, at most `most_nodes` (the family's own rule, as given where the
+    bound allows no fewer). `K` nodes serve up to the sd `d (error / (K - 1)!)^(1 / 2K)`.
+    """
+    counts = np.arange(3, int(most_nodes))
+    largest_sds = half_width * np.exp((math.log(error) - np.array([math.lgamma(k) for k in counts])) / (2 * counts))
+    nodes = np.minimum(3 + np.searchsorted(np.maximum.accumulate(largest_sds), sd), int(most_nodes))
+    return int(nodes) if np.ndim(nodes) == 0 else nodes
 
 
 @functools.cache

@@ -15,7 +15,7 @@ import pytest
 import keras_glmm as kg
 from keras_glmm import families
 from keras_glmm.fitting import large_data
-from keras_glmm.engine.coordinate_ascent import CoordinateAscent, quadrature_nodes
+from keras_glmm.engine.coordinate_ascent import CoordinateAscent
 from keras_glmm.model import FULL_BATCH_ROWS
 
 
@@ -86,14 +86,6 @@ def test_crossed_terms_reach_the_joint_posteriors_sds():
     sd = [np.sqrt(c[0, 0]) for c in solver.results()["covariances"]]
     np.testing.assert_allclose(sd, engine.varcorr()["sdcor"].values, rtol=0.01)
     np.testing.assert_allclose(solver.results()["beta"], engine.fixef().values, atol=0.01)
-
-
-def test_quadrature_nodes_follow_the_largest_sd():
-    assert quadrature_nodes(0.25, 12) == 5  # (0.25 / pi)^8 = 1.6e-9, ^10 = 1.0e-11
-    assert quadrature_nodes(0.5, 12) == 6
-    assert quadrature_nodes(1.0, 12) == 10
-    assert quadrature_nodes(3.0, 12) == 12  # capped at the family's own
-    assert quadrature_nodes(0.01, 12) == 3
 
 
 def test_routing_rule():

@@ -1,4 +1,4 @@
-"""Gauss-Hermite rules: moments of N(0, 1) exactly, any number of nodes, product grids."""
+"""Gauss-Hermite rules: moments of N(0, 1) exactly, any number of nodes, product grids, nodes for an sd."""
 
 import math
 
@@ -36,6 +36,24 @@ def test_product_grid():
     log_nodes, log_weights = gauss_hermite.product_grid(5, 2, log_weights=True)
     np.testing.assert_array_equal(log_nodes, nodes)
     np.testing.assert_allclose(np.exp(log_weights), weights, rtol=1e-13)
+
+
+@pytest.mark.parametrize("error", [1e-9, 1e-11])
+def test_nodes_for_sd_meet_the_error_for_the_logit(error):
+    # E[log(1 + e^(m + sd z))] by the chosen rule against 80 nodes, over the means.
+    means = np.linspace(-4.0, 4.0, 81)
+
+    def expectation(sd, num_points):
+        x, w = gauss_hermite.rule(num_points)
+        return np.logaddexp(0.0, means[:, None] + sd * x[None, :]) @ w
+
+    for sd in [0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6]:
+        nodes = gauss_hermite.nodes_for_sd(sd, 12, error)
+        assert np.max(np.abs(expectation(sd, nodes) - expectation(sd, 80))) <= error, (sd, nodes)
+    assert gauss_hermite.nodes_for_sd(0.1, 12, 1e-11) == 4  # 3! (0.1 / pi)^8 = 6.3e-12
+    assert gauss_hermite.nodes_for_sd(0.2, 12, 1e-11) == 6  # 5! (0.2 / pi)^12 = 5.3e-13
+    assert gauss_hermite.nodes_for_sd(3.0, 12, 1e-11) == 12  # capped at the family's own
+    assert gauss_hermite.nodes_for_sd(0.0, 12, 1e-11) == 3
 
 
 def test_softplus_inverse_round_trips_numbers_arrays_and_tensors():

@@ -63,11 +63,11 @@ float64): gathers of the levels' moments, the family's expectation and its
 gradient, and the segment sums, fused into one loop: about 30 ns a row on this
 project's 2-core machine, against 150 ns and more for the same in numpy.
 
-Without a closed form the quadrature takes as few nodes as the rows' largest
-posterior sd allows: the rule's error for a log-likelihood analytic in a strip of
-half-width `pi` about the real axis (the logit's) decays as `(sd / pi)^(2K)`, so
-`K` is the least with `(sd / pi)^(2K) <= QUADRATURE_ERROR`, at most the family's
-own number (a model's `quadrature_points` is taken as given).
+Without a closed form, under the logit link, the quadrature takes as few nodes as the rows' largest
+posterior sd allows (`keras_glmm.gauss_hermite.nodes_for_sd`: the rule's error
+for a log-likelihood analytic in a strip of half-width `pi` about the real axis,
+the logit's, is at most `(K - 1)! (sd / pi)^(2K)`), for `QUADRATURE_ERROR`, at
+most the family's own number (a model's `quadrature_points` is taken as given).
 
 The posterior covariance of the fixed effects (`fixed_covariance`) adds each
 term's share: `H^-1 + sum_t [(X'HX - sum_c C_c' A_c^-1 C_c)^-1 - H^-1]`, exact for
@@ -83,6 +83,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from keras_glmm.gauss_hermite import NODES_MARGIN, nodes_for_sd
+
 # A pass that changes the ELBO by less than this per row ends the fit.
 TOLERANCE = 1e-9
 # The quadrature error (per row, of E[log p]) that chooses the number of nodes.
@@ -90,8 +92,6 @@ QUADRATURE_ERROR = 1e-9
 # The least variance of a row's linear predictor in the derivatives (its gradient
 # in the variance is that of the quadrature rule, 0 at a variance of exactly 0).
 VARIANCE_FLOOR = 1e-8
-# The quadrature's nodes are chosen for this multiple of the rows' largest sd.
-NODES_MARGIN = 1.5
 # Passes before a fit that has not converged stops (the model's `epochs` may set fewer).
 MAX_PASSES = 200
 # The largest over-relaxation of the variances' M-step (`CoordinateAscent._relax`).
@@ -126,15 +126,6 @@ class _Term:
 def _times(column, values):
     """`z * values`, where a column of None is the intercept's 1."""
     return values if column is None else column * values
-
-
-def quadrature_nodes(largest_sd, family_nodes):
-    """Gauss-Hermite nodes for rows whose largest posterior sd is `largest_sd` (see module docstring)."""
-    ratio = largest_sd / math.pi
-    if ratio <= 0:
-        return 1
-    nodes = math.ceil(math.log(QUADRATURE_ERROR) / (2.0 * math.log(ratio))) if ratio < 1 else family_nodes
-    return int(min(max(nodes, 3), family_nodes))
 
 
 class CoordinateAscent:
@@ -260,13 +251,17 @@ class CoordinateAscent:
 
     def _evaluate(self, target):
         nodes = self.num_points
+        if nodes is None and self.family.link.name != "logit":
+            # The rule's bound needs the logit's strip of analyticity (|Im eta| < pi):
+            # other links keep their family's own number of nodes.
+            nodes = self.family.quadrature_points
         if nodes is None:
             # Each number of nodes compiles the kernels anew: chosen for a margin over the rows'
             # largest sd, and raised only when the sd outgrows the margin.
             largest_sd = math.sqrt(self._largest_var)
             family_nodes = self.family.quadrature_points
-            if self._nodes is None or quadrature_nodes(largest_sd, family_nodes) > self._nodes:
-                self._nodes = quadrature_nodes(NODES_MARGIN * largest_sd, family_nodes)
+            if self._nodes is None or nodes_for_sd(largest_sd, family_nodes, QUADRATURE_ERROR) > self._nodes:
+                self._nodes = nodes_for_sd(NODES_MARGIN * largest_sd, family_nodes, QUADRATURE_ERROR)
             nodes = self._nodes
         out = self._kernel(target, nodes)(
             self._data, tf.constant(self.beta, tf.float32),
