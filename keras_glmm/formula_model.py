@@ -46,9 +46,11 @@ def from_formula(model_class, formula, data, family="gaussian", link=None, weigh
         reml: restricted maximum likelihood (gaussian, identity link; the engine).
         posterior: `"auto"`, `"joint"` or `"mean_field"`: which update rule fits
             the model (see `GLMM`). `"auto"` takes the engine for in-memory data
-            (of any size for a gaussian identity-link model, else of up to
-            `FULL_BATCH_ROWS` rows) whose joint posterior fits `memory_budget`,
-            and stochastic VI otherwise (files, more rows).
+            (of any size for a gaussian identity-link model or a nested design,
+            else of up to `FULL_BATCH_ROWS` rows; beyond, full-batch coordinate
+            ascent for binomial, Poisson and gaussian data) whose joint posterior
+            fits `memory_budget`, and stochastic VI otherwise (files beyond
+            `memory_budget`, minibatches).
         na_action: `"raise"` (missing values are an error listing the rows) or
             `"omit"` (rows with missing values are dropped, with a warning).
         sample_rows: files only: the size of the uniform sample of rows that

@@ -16,15 +16,17 @@ quadrature, so the ELBO has no sampling noise. The History holds `loss`
 (`-ELBO / n`), `elbo`, `nll` (expected negative log-likelihood) and `kl`, each
 per observation; `converged_` says whether the fit converged.
 
-Two update rules train the same model, chosen by `fit` (`keras_glmm.fitting`):
+Three update rules train the same model, chosen by `fit` (`keras_glmm.fitting`):
 **the engine** (`posterior="joint"`; the default for in-memory data the engine
 can take): one Gaussian posterior over every random-effect coefficient, exact
 for a gaussian model, the variance parameters by a bounded quasi-Newton method
 (standard deviations can reach exactly 0), one iteration per epoch; and
-**stochastic VI** (`posterior="mean_field"`, `fit(batch_size=...)`, files, a
-network as fixed effects, non-gaussian data beyond `FULL_BATCH_ROWS` rows): one
-Gaussian per level and term, moved by gradient steps on the ELBO and stopped by
-`ELBOConvergence`. lme4's generics come from `Lme4Generics`
+**coordinate ascent** (`"auto"` only: binomial, Poisson or gaussian data beyond
+`FULL_BATCH_ROWS` rows whose terms are not nested): one Gaussian per level and term,
+full-batch Newton steps per term; and **stochastic VI** (`posterior="mean_field"`,
+`fit(batch_size=...)`, files beyond `memory_budget`, a network as fixed effects, other
+data beyond `FULL_BATCH_ROWS` rows): one Gaussian per level and term, moved by
+gradient steps on the ELBO and stopped by `ELBOConvergence`. lme4's generics come from `Lme4Generics`
 (`keras_glmm.generics`), predictions from `Predictions` (`keras_glmm.prediction`).
 
 ```
@@ -281,7 +283,9 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
         if sample_weight is not None:
             sample_weight = tf.cast(sample_weight, self.compute_dtype)
         ell = self.expected_log_likelihood(y, y_pred, sample_weight)
-        nll = -tf.reduce_mean(ell)
+        # A replica's batch may be empty (a short last batch split across replicas): its
+        # share is then 0, not NaN (its loss is weighted by its rows below).
+        nll = -tf.math.divide_no_nan(tf.reduce_sum(ell), tf.cast(tf.shape(ell)[0], ell.dtype))
         kl = tf.add_n(self.losses) if self.losses else tf.zeros_like(nll)
         kl = tf.cast(kl, nll.dtype)
         loss = nll + kl

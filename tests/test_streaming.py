@@ -143,6 +143,33 @@ def test_the_memory_budget_decides_between_memory_and_streaming(sleep_fits):
         streamed.vcov()
 
 
+def test_options_only_a_streamed_fit_honours_stream_files_within_the_budget(sleep_fits, sleep):
+    _, _, _, source = sleep_fits
+    # steps_per_epoch (or shuffle_buffer, validation_data) has no meaning for the engine:
+    # the files are streamed, and the option honoured, instead of refused or ignored.
+    model = kg.GLMM.from_formula(SLEEP, source)
+    with pytest.warns(RuntimeWarning, match="did not converge in 2 epochs"):
+        model.fit(source, steps_per_epoch=20, epochs=2)
+    assert model.posterior_kind == "mean-field" and len(model.history.history["loss"]) == 2
+    # A model whose weights are an array (rows of another frame) cannot weight the files' rows.
+    weighted = kg.GLMM.from_formula(SLEEP, sleep, weights=np.ones(len(sleep)))
+    with pytest.raises(ValueError, match="`weights` are an array .* the files' rows have none"):
+        weighted.fit(source)
+
+
+def test_a_worker_whose_files_hold_no_row_is_an_error_not_a_hang(tmp_path, sleep, monkeypatch):
+    # Worker 1 of 2 takes the second file, a header alone: it would end its passes at
+    # once while worker 0 waits in the all-reduce (no collective timeout).
+    sleep.to_csv(tmp_path / "a.csv", index=False)
+    sleep.iloc[:0].to_csv(tmp_path / "b.csv", index=False)
+    model = kg.GLMM.from_formula(SLEEP, kg.read_csv(str(tmp_path / "*.csv")))
+    from keras_glmm.streaming import pipeline
+
+    monkeypatch.setattr(pipeline, "multi_worker_shares", lambda: (1, 2))
+    with pytest.raises(ValueError, match=r"worker 1 of 2's files \[.*b.csv'\] hold no row to fit"):
+        pipeline.dataset(model._stream_scan, model.family, "float32", batch_size=64, shuffle_buffer=1000)
+
+
 def test_files_larger_than_the_sample_are_read_once_more_into_memory(sleep_fits):
     memory, _, full, source = sleep_fits
     model = kg.GLMM.from_formula(SLEEP, source, sample_rows=50)

@@ -135,9 +135,10 @@ class Binomial(Family):
         one_plus += 1.0
         log_p = np.log(one_plus)
         log_p *= -1.0
-        if np.min(m - sd * x[-1], initial=0.0) <= -30.0:
-            # Below -30, log(expit) is eta to 1e-13 (and log(1 + e) is inf below -709).
-            log_p = np.where(nodes > -30.0, log_p, nodes)
+        if np.min(m - sd * x[-1], initial=0.0) <= -37.0:
+            # Below -37, log(expit) is eta to rounding (e^-37 = 8.5e-17 of it; and
+            # log(1 + e) is inf below -709).
+            log_p = np.where(nodes > -37.0, log_p, nodes)
         p = np.reciprocal(one_plus, out=one_plus)
         mean_p, mean_px = p @ w, p @ (w * x)
         p *= 1.0 - p

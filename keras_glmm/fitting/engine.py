@@ -12,7 +12,8 @@ then written into the layers, so that `predict`, `ranef` and serving read them.
 The engine fits in-memory data of a model with the default fixed effects,
 point-estimated variances, the default optimizer and a single replica, within
 `memory_budget` (`engine_problem` says why not); a non-gaussian model beyond
-`FULL_BATCH_ROWS` rows goes to minibatches unless `posterior="joint"`.
+`FULL_BATCH_ROWS` rows goes to full-batch coordinate ascent (`large_data`) unless its
+design is nested (`nested_terms`) or `posterior="joint"`.
 """
 
 import warnings

@@ -84,6 +84,11 @@ def files_elbo(model, source, batch_size=streaming.BATCH_SIZE):
     return {"elbo": ell - kl, "expected_log_likelihood": ell, "kl": kl}
 
 
+# `fit` options that only a streamed fit of files honours (`shuffle_buffer`) or that the
+# engine refuses: with any of them the files are streamed even within `memory_budget`.
+STREAMED_ONLY = ("shuffle_buffer", "validation_data", "validation_split", "class_weight")
+
+
 class FilesDriver(FitDriver):
     """Stochastic VI on batches streamed from files.
 
@@ -92,7 +97,9 @@ class FilesDriver(FitDriver):
     in a buffer of `shuffle_buffer` rows (1,000,000; `seed` seeds it); an epoch is
     one pass over the files but at least `streaming.MIN_EPOCH_STEPS` steps. Files whose
     rows fit `memory_budget` are fitted as the data frame of their rows
-    (`streaming.in_memory_frame`): by the engine, with its standard errors.
+    (`streaming.in_memory_frame`): by the engine, with its standard errors; unless
+    `fit` was given an option only a streamed fit honours (`STREAMED_ONLY`,
+    `steps_per_epoch`).
     """
 
     @classmethod
@@ -101,6 +108,10 @@ class FilesDriver(FitDriver):
 
     def fit(self, model, request):
         source, options = request.x, request.options
+        # Options only a streamed fit honours: given, the files are streamed whatever their size.
+        streamed_only = [key for key in STREAMED_ONLY if options.get(key) is not None]
+        if request.steps_per_epoch is not None:
+            streamed_only.append("steps_per_epoch")
         shuffle_buffer = options.pop("shuffle_buffer", streaming.SHUFFLE_BUFFER)
         require_in_memory(model, "files are fitted by stochastic VI")
         if request.y is not None:
@@ -110,10 +121,16 @@ class FilesDriver(FitDriver):
         if not model.compiled:
             model.compile()
         check_stochastic(model.posterior, model.reml)
+        weights = getattr(model, "_weights", None)
+        if weights is not None and not isinstance(weights, str):
+            raise ValueError(
+                "This model's `weights` are an array (one per row of the frame it was built "
+                "from): the files' rows have none. Build the model with `weights=` the name of "
+                "a column of the files.")
         scan = scan_for(model, source)
-        frame = streaming.in_memory_frame(scan, model.family, model.memory_budget)
+        frame = None if streamed_only else streaming.in_memory_frame(scan, model.family, model.memory_budget)
         if frame is not None:  # within memory_budget: fitted as the data frame of the files' rows
-            return model.fit(frame, None, batch_size=request.batch_size, epochs=request.epochs,
+            return model.fit(frame, scan.weights, batch_size=request.batch_size, epochs=request.epochs,
                              verbose=request.verbose, callbacks=request.callbacks,
                              steps_per_epoch=request.steps_per_epoch, seed=request.seed,
                              initialize=request.initialize, **options)

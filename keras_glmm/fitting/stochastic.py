@@ -2,7 +2,8 @@
 
 One Gaussian per level and term (the mean-field posterior), for models or data the
 engine does not take (`posterior="mean_field"`, `fit(batch_size=...)`, a network as
-fixed effects, non-gaussian data beyond `FULL_BATCH_ROWS` rows, ...):
+fixed effects, files beyond `memory_budget`, non-gaussian data beyond `FULL_BATCH_ROWS`
+rows that coordinate ascent does not take, ...):
 
 ```
 full batch   (rows <= FULL_BATCH_ROWS, no batch_size): the whole data each step,

@@ -226,6 +226,10 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
     files = worker_files(scan_result.source.paths, *shares)
     stamps = scan_result.stamps
     rows = sum(stamps[scan_result.source.paths[i]].rows for i in files)
+    if rows == 0:
+        # A worker without rows would end its passes at once while the others wait in
+        # their all-reduces (no collective timeout): say so instead of hanging.
+        raise ValueError(_empty_share(scan_result, files, shares))
     all_rows = sum(stamp.rows for stamp in stamps.values())
     full_batch = batch_size >= scan_result.num_rows
     worker_batch = rows if full_batch else max(1, -(-batch_size * rows // all_rows))
@@ -238,10 +242,21 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
     return tf.distribute.get_strategy().distribute_datasets_from_function(worker_dataset), steps
 
 
+def _empty_share(scan_result, files, shares):
+    """The error of a share of the files without a row to fit."""
+    names = [scan_result.source.paths[i] for i in files]
+    who = "the files" if shares is None else f"worker {shares[0]} of {shares[1]}'s files"
+    return (f"{who} {names} hold no row to fit (empty, or every row with a missing value under "
+            "na_action='omit'): give every worker files with rows, or fewer workers.")
+
+
 def _files_dataset(scan_result, family, dtype, files, rows, batch_size, shuffle_buffer, seed):
     """`dataset` of the files numbered ``files`` (``rows`` rows in all)."""
     if rows <= shuffle_buffer:
-        x = _concat(list(_blocks(scan_result, family, dtype, files)))
+        blocks = list(_blocks(scan_result, family, dtype, files))
+        if not blocks:  # every row had a missing value (na_action="omit")
+            raise ValueError(_empty_share(scan_result, files, multi_worker_shares()))
+        x = _concat(blocks)
         y = x.pop(_Y)
         if rows <= batch_size:
             return tf.data.Dataset.from_tensors((x, y)).repeat()
