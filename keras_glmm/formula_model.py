@@ -14,13 +14,14 @@ import warnings
 
 import keras
 import numpy as np
+import pandas as pd
 
 from keras_glmm import checks as checks_lib
 from keras_glmm import families as families_lib
 from keras_glmm import keywords
 from keras_glmm import ordinal as ordinal_lib
 from keras_glmm import streaming
-from keras_glmm.data_columns import frame_fingerprint
+from keras_glmm.data_columns import as_frame, frame_fingerprint
 from keras_glmm.design import Design
 from keras_glmm.fitting import files
 from keras_glmm.layers.random_effects import RandomEffects
@@ -152,8 +153,8 @@ def _fingerprint(model, data):
     """`data_columns.frame_fingerprint` of the columns a fit of `data` reads, or None
     (no reuse) when its weights are an array."""
     weights = getattr(model, "_weights", None)
-    if weights is not None and not isinstance(weights, str):
-        return None
+    if not isinstance(data, pd.DataFrame) or (weights is not None and not isinstance(weights, str)):
+        return None  # a dict of columns is coded again (`as_frame` makes a new frame each time)
     columns = model.design.used_columns(data) + ([weights] if isinstance(weights, str) else [])
     return frame_fingerprint(data, columns)
 
@@ -178,6 +179,7 @@ def _coded_arrays(model, data):
 def frame_arrays(model, data, weights=None, with_response=True):
     """A data frame as the model's `(x, y)` arrays (`design.arrays`), its rows with missing
     values dropped under `na_action="omit"`; `model._frame_index` keeps the rows' index."""
+    data = as_frame(data)  # a dict of columns too, as `Design.arrays` takes
     design = model.design
     if weights is None:
         coded = _coded_arrays(model, data) if with_response else None

@@ -200,3 +200,12 @@ def test_omitted_rows_keep_their_labels():
     with pytest.warns(RuntimeWarning, match="dropped 1 of 5 rows"):
         predicted = fit.predict_response(new)
     assert list(predicted.index) == [0, 2, 3, 4]
+
+
+def test_a_dict_of_columns_fits_as_its_frame(sleep):
+    # `Design` takes a dict of columns; the formula front end codes it as its data frame.
+    columns = {name: sleep[name].to_numpy() for name in sleep.columns}
+    from_dict = kg.glmm("Reaction ~ Days + (1 | Subject)", columns)
+    from_frame = kg.glmm("Reaction ~ Days + (1 | Subject)", sleep)
+    np.testing.assert_allclose(from_dict.fixef().values, from_frame.fixef().values, rtol=1e-10)
+    assert len(from_dict.fitted()) == len(sleep)

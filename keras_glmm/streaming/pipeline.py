@@ -236,6 +236,13 @@ def dataset(scan_result, family, dtype, batch_size=BATCH_SIZE, shuffle_buffer=SH
     worker_seed = None if seed is None else seed + shares[0]
 
     def worker_dataset(context):  # the strategy's InputContext: this worker's share is `files`
+        local_replicas = context.num_replicas_in_sync // max(context.num_input_pipelines, 1)
+        if local_replicas > 1:
+            # Each local replica would take a whole worker batch: k times the rows a step
+            # and k times the work of a full batch. Not built yet: say so.
+            raise ValueError(
+                f"Files under a multi-worker strategy take one device per worker; this worker has "
+                f"{local_replicas} replicas. Start one worker per device (CUDA_VISIBLE_DEVICES).")
         return _files_dataset(scan_result, family, dtype, files, rows, worker_batch,
                               max(shuffle_buffer, worker_batch), worker_seed)
 
