@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras_glmm import estimates
 from keras_glmm import ordinal as ordinal_lib
 from keras_glmm import response as response_lib
+from keras_glmm import results as results_lib
 from keras_glmm.engine import TooLarge, VariationalSolver
 from keras_glmm.fitting import driver
 from keras_glmm.fitting.driver import FitDriver, require_in_memory
@@ -127,12 +128,7 @@ def build_solver(model, x, y, num_rows, batch_size, steps_per_epoch):
             "epoch): pass `epochs`, or posterior='mean_field' for stochastic VI."
         )
     response, trials = response_lib.split(np.asarray(y, "float64"))
-    terms = []
-    for term in model.terms:
-        z = np.ones((num_rows, 1)) if term.intercept else np.zeros((num_rows, 0))
-        if term.num_covariates:
-            z = np.concatenate([z, np.asarray(x[term.name + "_z"], "float64")], axis=1)
-        terms.append((term.name, x[term.name], z, term.num_levels, term.covariance == "full"))
+    terms = results_lib.engine_terms(model, x)
     try:
         return VariationalSolver(
             np.asarray(x["x"], "float64"), terms, response, model.family, trials=trials,
