@@ -81,7 +81,7 @@ class Counted:
 def run_bounded_bfgs(solver, x0, budget):
     f = Counted(solver.stage.objective)
     opt = quasi_newton.BoundedBFGS(f, x0, solver.parameters.lower, curvature=solver.stage.curvature,
-                                   refresh=True, tolerance=1e-12, canonical=solver.parameters.canonical)
+                                   refresh="always", tolerance=1e-12, canonical=solver.parameters.canonical)
     while not opt.step() and f.count < budget:
         pass
     return f

@@ -20,12 +20,23 @@ evaluations. Each `step()` is one iteration, so a Keras `train_step` can be one:
 
 An optional `curvature(x)`, an approximation of the Hessian (for a gaussian
 model the average information of AI-REML, Gilmour, Thompson & Cullis 1995),
-gives the inverse-Hessian matrix where it is positive definite: at every
-iteration (`refresh=True`, a Fisher-scoring step, for curvatures that are exact
-at the optimum), or at the start and after a restart, BFGS correcting it in
-between. Either way no iterations are spent learning the scales of parameters
-whose curvatures differ by orders of magnitude (InstEval's students and
-departments).
+gives the inverse-Hessian matrix where it is positive definite, as `refresh` says:
+
+- `"always"`: at every iteration (Fisher scoring), for curvatures that are exact
+  at the optimum;
+- `"approach"`: at every iteration while the full step is accepted, corrected
+  by BFGS's update with the last step (the direction the iterates move in, where
+  a Fisher-scoring sequence converges only linearly, at the rate of the
+  curvature's error), then BFGS from the last one once a step backtracks: for a
+  curvature that is good but not exact (a GLMM's working-model information).
+  Measured against `"start"` (objective evaluations to convergence): nested
+  binary 1e5 rows 22 -> 17, 1e4 rows 16 -> 15; crossed 1e4 rows 17 -> 19, 1e5
+  rows 15 -> 15 (one fewer inner fit, one more cached point); guimmun 10 -> 9,
+  grouseticks 10 -> 7; without the secant correction guimmun took 40;
+- `"start"`: at the start and after a restart, BFGS correcting it in between.
+
+Either way no iterations are spent learning the scales of parameters whose
+curvatures differ by orders of magnitude (InstEval's students and departments).
 
 Convergence: the quasi-Newton prediction of the remaining decrease,
 `g_F' H_FF g_F / 2` over the free variables, is below `tolerance * (1 + |f|)` and
@@ -73,12 +84,15 @@ class BoundedBFGS:
             nats for the engine's objectives) at convergence.
         initial_step: length (infinity norm) of the first, steepest-descent step.
         max_line_search: trials per line search.
+        curvature: optional `x -> ` an approximation of the Hessian.
+        refresh: when `curvature` replaces the quasi-Newton matrix: `"always"`,
+            `"approach"` or `"start"` (see the module docstring).
         inverse_hessian: an optional first inverse-Hessian matrix.
         canonical: optional `x -> x'` with `f(x') = f(x)`, where probes start.
     """
 
     def __init__(self, function, x0, lower, tolerance=1e-12, initial_step=0.1, max_line_search=20,
-                 probe_steps=(0.1, 0.01, 0.001), curvature=None, refresh=True, boundary_fraction=0.05,
+                 probe_steps=(0.1, 0.01, 0.001), curvature=None, refresh="always", boundary_fraction=0.05,
                  snap=1e-7, inverse_hessian=None, canonical=None, absolute_tolerance=1e-7):
         self.function = function
         self.canonical = canonical
@@ -94,7 +108,11 @@ class BoundedBFGS:
         self.max_line_search = int(max_line_search)
         self.probe_steps = tuple(probe_steps)
         self.curvature = curvature
-        self.refresh = bool(refresh)
+        if refresh not in ("always", "approach", "start"):
+            raise ValueError(f"refresh must be 'always', 'approach' or 'start', got {refresh!r}.")
+        self.refresh = refresh
+        self._approaching = refresh == "approach"  # until the first step that backtracks
+        self._last_pair = None  # the last step and its change of gradient
         self._probed = np.zeros(len(self.x), dtype=bool)
         self._settling = False  # convergence is near: probe bounded variables whatever their gradient
         self.f, self.g = function(self.x)
@@ -164,7 +182,9 @@ class BoundedBFGS:
             self._settling = True
             self.converged = self.stalled = not np.any(self._stuck())
             return self.converged
-        x_new, f_new, g_new = accepted
+        x_new, f_new, g_new, full_step = accepted
+        if not full_step:
+            self._approaching = False
         self._update(x_new, f_new, g_new)
         return self.converged
 
@@ -173,11 +193,8 @@ class BoundedBFGS:
         if self.inverse_hessian is None:
             sy, yy = s @ y, y @ y
             self.inverse_hessian = np.eye(len(s)) * (sy / yy if sy > 0 and yy > 0 else 1.0)
-        sy = s @ y
-        if sy > 1e-12 * np.linalg.norm(s) * np.linalg.norm(y):
-            rho = 1.0 / sy
-            v = np.eye(len(s)) - rho * np.outer(s, y)
-            self.inverse_hessian = v @ self.inverse_hessian @ v.T + rho * np.outer(s, s)
+        self.inverse_hessian = secant_update(self.inverse_hessian, s, y)
+        self._last_pair = s, y
         decrease = self.f - f_new
         self.x, self.f, self.g = x_new, f_new, g_new
         pg = self.projected_gradient()
@@ -219,7 +236,8 @@ class BoundedBFGS:
 
     def _use_curvature(self):
         """Sets the inverse Hessian from `curvature(x)` on the free variables, if positive definite."""
-        if self.curvature is None or (self.inverse_hessian is not None and not self.refresh):
+        refreshing = self.refresh == "always" or self._approaching
+        if self.curvature is None or (self.inverse_hessian is not None and not refreshing):
             return
         free = self._free()
         hessian = np.asarray(self.curvature(self.x), dtype=np.float64)
@@ -231,6 +249,11 @@ class BoundedBFGS:
         inverse = np.eye(len(self.x)) * (1.0 / max(np.max(np.abs(np.diag(hessian))), 1e-12))
         inv_sub = np.linalg.inv(chol)
         inverse[np.ix_(free, free)] = inv_sub.T @ inv_sub
+        if self.refresh == "approach" and self._last_pair is not None:
+            # The last step's secant corrects the curvature along the direction the
+            # iterates move in, where a Fisher-scoring sequence converges only
+            # linearly (its error there is the curvature's).
+            inverse = secant_update(inverse, *self._last_pair)
         self.inverse_hessian = inverse
 
     def _stuck(self):
@@ -259,7 +282,7 @@ class BoundedBFGS:
         return False
 
     def _line_search(self, d):
-        """Backtracking along `max(x + a d, lower)`; returns `(x, f, g)` or None."""
+        """Backtracking along `max(x + a d, lower)`; returns `(x, f, g, whether a = 1)` or None."""
         alpha = 1.0
         bounded = np.isfinite(self.lower)
         lower = np.where(bounded, self.lower, 0.0)
@@ -276,7 +299,7 @@ class BoundedBFGS:
             f_new, g_new = self.function(x_new)
             self.evaluations += 1
             if np.isfinite(f_new) and f_new <= self.f + 1e-4 * slope:
-                return x_new, f_new, g_new
+                return x_new, f_new, g_new, alpha == 1.0
             # Minimizer of the quadratic through f, the slope and f_new, within [0.1, 0.5].
             if np.isfinite(f_new):
                 curvature = f_new - self.f - slope
@@ -285,6 +308,17 @@ class BoundedBFGS:
             else:
                 alpha *= 0.1
         return None
+
+
+def secant_update(inverse_hessian, s, y):
+    """BFGS's update of an inverse Hessian by the step `s` and its change of gradient `y`
+    (unchanged where the curvature condition `s'y > 0` fails)."""
+    sy = s @ y
+    if not sy > 1e-12 * np.linalg.norm(s) * np.linalg.norm(y):
+        return inverse_hessian
+    rho = 1.0 / sy
+    v = np.eye(len(s)) - rho * np.outer(s, y)
+    return v @ inverse_hessian @ v.T + rho * np.outer(s, s)
 
 
 def evaluate_safely(function, x):

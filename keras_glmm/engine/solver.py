@@ -233,10 +233,11 @@ class VariationalSolver:
             curvature = self.stage.start_weights(beta, means, ordered, start_dispersion)
             self.stage.inner_start = InnerStart(means=means, beta=beta, curvature=curvature)
         # A GLMM's ELBO is only as precise as its inner Newton loop (1e-11 relative):
-        # its outer tolerance is looser, and its working-model curvature only starts BFGS.
+        # its outer tolerance is looser, and its working-model curvature steers the
+        # approach, BFGS the end (it is not the ELBO's Hessian at the optimum).
         self.optimizer = BoundedBFGS(
             self.stage.objective, vector, self.parameters.lower, curvature=self.stage.curvature,
-            refresh=self.conjugate, tolerance=1e-12 if self.conjugate else 1e-10,
+            refresh="always" if self.conjugate else "approach", tolerance=1e-12 if self.conjugate else 1e-10,
             canonical=self.parameters.canonical,
         )
         if not np.isfinite(self.optimizer.f):
