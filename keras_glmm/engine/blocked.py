@@ -122,7 +122,10 @@ class BlockedSystem:
             and dense_g_bytes <= memory_budget
             and self.num_diag_levels * self.num_dense_random**2 < DENSE_G_SPEEDUP * self.num_triples
         )
-        triples_bytes = 2 * 8 * self.num_triples
+        # Each triple's two entries and its position in the inverse, as numpy's own index
+        # type: gathers by int32 indices convert them to it first, at four times the
+        # cost of the gather (crossed 1e5 rows: 0.8 s of a 6 s fit).
+        triples_bytes = 3 * np.dtype(np.intp).itemsize * self.num_triples
         if not self.dense_g and triples_bytes > memory_budget:
             raise TooLarge(
                 f"The joint posterior's selected inverse needs {self.num_triples:,} products "
@@ -165,10 +168,9 @@ class BlockedSystem:
         """`(first, second)` entry indices of the triples, built on first use."""
         if self._triples is None:
             size = self._pairs_per_entry
-            dtype = np.int32 if self.num_entries < 2**31 else np.int64
-            first = np.repeat(np.arange(self.num_entries, dtype=dtype), size)
-            within = np.arange(self.num_triples, dtype=np.int64) - np.repeat(np.cumsum(size) - size, size)
-            self._triples = (first, (first + within).astype(dtype))
+            first = np.repeat(np.arange(self.num_entries, dtype=np.intp), size)
+            within = np.arange(self.num_triples, dtype=np.intp) - np.repeat(np.cumsum(size) - size, size)
+            self._triples = (first, first + within)
         return self._triples
 
     def lower_flat(self, rows, cols, dim):
@@ -185,7 +187,7 @@ class BlockedSystem:
         if dim not in self._flat:
             first, second = self.triples
             flat = self.lower_flat(self.entry_col[first], self.entry_col[second], dim)
-            self._flat[dim] = flat.astype(np.int32) if dim * dim < 2**31 else flat
+            self._flat[dim] = flat.astype(np.intp, copy=False)
         return self._flat[dim]
 
     def _build_dense_positions(self):
