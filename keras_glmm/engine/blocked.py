@@ -45,7 +45,6 @@ estimate.
 
 import numpy as np
 import scipy.linalg
-import scipy.sparse as sp
 
 
 # A product of the dense `G = F S^-1` costs about this many times fewer seconds per
@@ -190,6 +189,16 @@ class BlockedSystem:
             self._flat[dim] = flat.astype(np.intp, copy=False)
         return self._flat[dim]
 
+    def off_diagonal_triples(self, dim):
+        """`(first, second, positions)` of the triples of two different entries, cached per
+        inverse size (each serves both orders of its pair)."""
+        key = ("off_diagonal", dim)
+        if key not in self._flat:
+            first, second = self.triples
+            off = np.flatnonzero(first != second)
+            self._flat[key] = (first[off], second[off], self.triple_positions(dim)[off])
+        return self._flat[key]
+
     def _build_dense_positions(self):
         """Rows and columns in `S` of each pair of dense blocks' `(P, ka, kb)` values."""
         structure = self.structure
@@ -265,16 +274,32 @@ class BlockedSystem:
             if a != b:
                 dense[cols, rows] = values
         flat_fixed = f_fixed.reshape(num_levels * k0, self.num_fixed)
-        if self.num_entries:
+        if self.num_entries and self.dense_g:
             # Where the levels of block 0 meet most columns (kb07's subjects see every
             # item) a dense `F` and BLAS beat the sparse product by 50x.
-            f_random = self._dense_random_columns(entries) if self.dense_g else self._random_columns(entries)
-            product = f_random.T @ f_random
-            dense[:random_end, :random_end] -= product if self.dense_g else product.toarray()
-            cross_rx = np.asarray(f_random.T @ flat_fixed)
+            f_random = self._dense_random_columns(entries)
+            dense[:random_end, :random_end] -= f_random.T @ f_random
+            cross_rx = f_random.T @ flat_fixed
+        elif self.num_entries:
+            # `F'F` by the triples the selected inverse uses: each pair of entries of a
+            # level adds its product to the lower triangle, the only one the Cholesky
+            # factorization reads (half the time of scipy's sparse product, whose
+            # symbolic phase runs again at every call).
+            first, second = self.triples
+            products = np.take(entries[:, 0], first) * np.take(entries[:, 0], second)
+            for a in range(1, self.k0):
+                products += np.take(entries[:, a], first) * np.take(entries[:, a], second)
+            lower = np.bincount(self.triple_positions(random_end), products, minlength=random_end * random_end)
+            dense[:random_end, :random_end] -= lower.reshape(random_end, random_end)
+            # F_R' X-part: each entry's column gets its level's fixed rows, weighted.
+            weighted = np.einsum("ea,eap->ep", entries, f_fixed[self.entry_level])
+            cross_rx = np.stack([np.bincount(self.entry_col, weighted[:, j], minlength=random_end)
+                                 for j in range(self.num_fixed)], axis=1).reshape(random_end, self.num_fixed)
+        if self.num_entries:
             dense[:random_end, random_end:] -= cross_rx
             dense[random_end:, :random_end] -= cross_rx.T
         dense[random_end:, random_end:] -= flat_fixed.T @ flat_fixed
+        # Cholesky reads the lower triangle only (where the triples' product went).
         dense_factor = scipy.linalg.cholesky(dense, lower=True, check_finite=False) if num_dense else np.zeros((0, 0))
         return Factor(self, l00, l00_inv, entries, f_fixed, dense_factor)
 
@@ -283,15 +308,6 @@ class BlockedSystem:
         out = np.zeros((self.num_diag_levels, self.k0, self.num_dense_random))
         out[self.entry_level, :, self.entry_col] = entries
         return out.reshape(self.num_diag_levels * self.k0, self.num_dense_random)
-
-    def _random_columns(self, entries):
-        """`F`'s random columns as a sparse `(L0 k0, q_r)` matrix."""
-        k0 = self.k0
-        rows = (self.entry_level[:, None] * k0 + np.arange(k0)).reshape(-1)
-        cols = np.repeat(self.entry_col, k0)
-        return sp.csr_matrix(
-            (entries.reshape(-1), (rows, cols)), shape=(self.num_diag_levels * k0, self.num_dense_random)
-        )
 
 
 class Factor:
@@ -413,8 +429,8 @@ class Factor:
             elif system.num_entries:
                 first, second = system.triples
                 schur_values = np.take(flat, system.triple_positions(dim))
-                off_diagonal = first != second
-                first_off, second_off, schur_off = first[off_diagonal], second[off_diagonal], schur_values[off_diagonal]
+                first_off, second_off, positions_off = system.off_diagonal_triples(dim)
+                schur_off = np.take(flat, positions_off)
                 for a in range(k0):
                     column = entries[:, a]
                     g_entries[:, a] = np.bincount(
