@@ -374,3 +374,48 @@ def test_binomial_logit_kernel_is_the_generic_quadrature(trials):
     for got, want in zip(kernel[:4], generic[:4]):
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_pilot_on_a_share_of_the_levels_starts_a_large_fit_at_the_same_optimum(monkeypatch):
+    """Beyond `PILOT_FROM_ROWS` rows the engine starts from a fit to whole levels of the
+    largest term (`VariationalSolver.pilot`): the same end point as without, and the
+    pilot's share holds every row of the levels it drew."""
+    from keras_glmm.engine import solver as solver_module
+
+    rng = np.random.default_rng(4)
+    n, groups = 6000, 300
+    g = rng.integers(0, groups, n)
+    h = g % 30  # g nested in h
+    xcol = rng.normal(size=n)
+    x = np.column_stack([np.ones(n), xcol])
+    u = rng.normal(size=(groups, 2)) * [0.7, 0.3]
+    eta = -0.2 + 0.5 * xcol + u[g, 0] + u[g, 1] * xcol + 0.6 * rng.normal(size=30)[h]
+    y = rng.binomial(1, 1.0 / (1.0 + np.exp(-eta))).astype(float)
+    terms = [("g", g, np.column_stack([np.ones(n), xcol]), groups, True), ("h", h, np.ones((n, 1)), 30, True)]
+    start = dict(lambdas=[np.eye(2) * 0.5, np.eye(1) * 0.5], beta=np.zeros(2), dispersion={})
+
+    def fit():
+        solver = VariationalSolver(x, terms, y, families.get_family("binomial"))
+        solver.start(**start)
+        while not solver.finished:
+            solver.step()
+        return solver
+
+    plain = fit()
+    shares = []
+    pilot = VariationalSolver.pilot
+
+    def recording(self, *args, **kwargs):
+        out = pilot(self, *args, **kwargs)
+        shares.append(out)
+        return out
+
+    monkeypatch.setattr(solver_module, "PILOT_FROM_ROWS", 4000)
+    monkeypatch.setattr(solver_module, "PILOT_ROWS", 2000)
+    monkeypatch.setattr(VariationalSolver, "pilot", recording)
+    piloted = fit()
+    assert len(shares) == 1 and shares[0] is not None
+    assert piloted.converged and plain.converged
+    np.testing.assert_allclose(piloted.optimizer.x, plain.optimizer.x, atol=2e-3)
+    np.testing.assert_allclose(piloted.state.beta, plain.state.beta, atol=1e-4)
+    assert abs(piloted.optimizer.f - plain.optimizer.f) < 1e-6

@@ -99,7 +99,7 @@ def row_limit(family):
     rows full-batch coordinate ascent (`keras_glmm.fitting.large_data`: 1M crossed
     binary rows in 5 s) costs far less. A nested design keeps the engine at any
     number of rows (`nested_terms`: the alternatives' mean-field posterior collapses
-    it; 1M nested binary rows take the engine about 20 s).
+    it; 1M nested binary rows take the engine about 10 s, from a pilot fit).
     """
     if family.is_gaussian_identity:
         return None, None
