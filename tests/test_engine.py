@@ -411,7 +411,7 @@ def test_a_pilot_on_a_share_of_the_levels_starts_a_large_fit_at_the_same_optimum
         return out
 
     monkeypatch.setattr(solver_module, "PILOT_FROM_ROWS", 4000)
-    monkeypatch.setattr(solver_module, "PILOT_ROWS", 2000)
+    monkeypatch.setattr(solver_module, "PILOT_SHARE", 1 / 3)
     monkeypatch.setattr(VariationalSolver, "pilot", recording)
     piloted = fit()
     assert len(shares) == 1 and shares[0] is not None
