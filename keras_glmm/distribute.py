@@ -19,6 +19,8 @@ import re
 import socket
 import time
 
+import tensorflow as tf
+
 from keras_glmm import compat
 
 __all__ = ["multi_worker_strategy", "tf_config_from_slurm"]
@@ -255,8 +257,6 @@ def multi_worker_strategy(timeout=60.0):
         TimeoutError: A worker did not accept connections within `timeout`
             seconds (the message names it and shows `TF_CONFIG`).
     """
-    import tensorflow as tf
-
     raw, addresses, own = _cluster_from_tf_config()
     if len(addresses) > 1:
         _wait_for_peers(raw, addresses, own, timeout)
@@ -275,3 +275,20 @@ def multi_worker_strategy(timeout=60.0):
                 f"seconds ({err}). TF_CONFIG={raw}"
             ) from err
         raise
+
+
+def replica_share(loss, rows):
+    """A replica's share of a step's loss, the mean over its `rows` rows (a scalar tensor).
+
+    Keras sums the replicas' gradients and expects each replica's share of the loss
+    (`Trainer.compute_loss`'s convention, which the model's `compute_loss` replaces).
+    Weighted by its share of the step's rows, as batches may differ (workers' shares
+    of files), the replicas' gradients add up to those of the mean over all the rows.
+    """
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    context = tf.distribute.get_replica_context()
+    if replicas > 1 and context is not None:
+        return loss * rows / context.all_reduce("SUM", tf.stop_gradient(rows))
+    if replicas > 1:
+        return loss / tf.cast(replicas, loss.dtype)
+    return loss

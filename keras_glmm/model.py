@@ -43,7 +43,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_glmm import compat
+from keras_glmm import compat, distribute
 from keras_glmm import composition  # networks as fixed effects (keras_glmm.composition)
 from keras_glmm import families as families_lib
 from keras_glmm import formula_model
@@ -120,15 +120,12 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
             probability, the head's `zi_odds`: glmmTMB's `ziformula = ~1`) or a
             `keras.layers.Dense(1, use_bias=False)` mapping `inputs["x_zi"]` to each
             row's `logit(pi_i) = x_zi,i' gamma` (glmmTMB's `ziformula` with
-            covariates; `from_formula(..., ziformula=...)` builds it). Such a model
-            is fitted in memory by the engine only (`fit`'s default): stochastic
-            VI, minibatches, files and `export` raise a ValueError saying so.
-        intercept: whether the model has an intercept (lme4's models do, unless the
-            formula says `0 +`). A formula model's formula decides; for arrays, `x`
-            must then carry it (a column of ones, or columns adding up to one, as a
-            full dummy coding), or the fit raises a ValueError
-            (`keras_glmm.checks.check_intercept`): without it the random effects
-            would take up the mean. `intercept=False` fits a model without one.
+            covariates; `from_formula(..., ziformula=...)` builds it), fitted in
+            memory by the engine only: stochastic VI, files and `export` refuse it.
+        intercept: whether the model has one (lme4's do unless the formula says `0 +`;
+            a formula decides). With arrays, `x` must carry it (ones, or columns
+            adding up to one) or the fit raises a ValueError (`checks.check_intercept`):
+            the random effects would take up the mean.
 
     Inputs: a dict with `"x"` `(batch, p)`, one entry per random-effects layer (its
     level indices), `name + "_z"` covariates for layers with slopes, optionally
@@ -155,35 +152,15 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
         super().__init__(**kwargs)
         self.intercept = bool(intercept)
         self.family = families_lib.get_family(family, link=link)
+        check_arguments(self.family, posterior, reml, agq_points, random_effects, zero_inflation)
         self.quadrature_points = quadrature_points
-        if posterior not in POSTERIORS:
-            raise ValueError(f"`posterior` must be one of {POSTERIORS}. Received: posterior={posterior!r}")
-        if reml and not self.family.is_gaussian_identity:
-            raise ValueError(
-                "`reml=True` is defined for gaussian models with the identity link only. "
-                f"Received: family={self.family.name!r}, link={self.family.link.name!r}."
-            )
-        if reml and posterior == "mean_field":
-            raise ValueError("`reml=True` needs the engine's joint posterior: use posterior='auto' or 'joint'.")
         self.posterior = posterior
         self.reml = bool(reml)
         self.memory_budget = int(memory_budget)
-        if agq_points is not None and (not isinstance(agq_points, (int, np.integer)) or agq_points < 0):
-            raise ValueError(f"`agq_points` must be None or a non-negative integer. Received: {agq_points!r}")
         self.agq_points = agq_points
-        random_effects = list(random_effects)
-        for layer in random_effects:
-            if not isinstance(layer, RandomEffects):
-                raise TypeError(f"`random_effects` must hold RandomEffects layers. Received: {layer!r}")
-            # The model's ELBO needs each term's mean and variance, not a draw.
-            layer.output_mode = "moments"
-        self.random_effects = random_effects
-        names = [term.name for term in self.terms]
-        for name in names:
-            if name in ("x", "x_zi", "offset") or name.endswith("_z"):
-                raise ValueError(f"A random-effects term may not be named '{name}'.")
-        if len(set(names)) != len(names):
-            raise ValueError(f"Random-effects terms need distinct names. Received: {names}")
+        self.random_effects = list(random_effects)
+        for layer in self.random_effects:
+            layer.output_mode = "moments"  # the model's ELBO needs each term's mean and variance, not a draw
         if fixed_effects is None:
             fixed_effects = keras.layers.Dense(
                 1, use_bias=False, kernel_initializer="zeros", name="fixed_effects", dtype=self.dtype_policy
@@ -191,12 +168,6 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
         if isinstance(fixed_effects, VariationalFixedEffects):
             fixed_effects.output_mode = "moments"
         self.fixed_effects = fixed_effects
-        if zero_inflation is not None:
-            if not isinstance(zero_inflation, keras.layers.Layer):
-                raise TypeError(f"`zero_inflation` must be a Keras layer or None. Received: {zero_inflation!r}")
-            if "zi_odds" not in self.family.dispersion_params:
-                raise ValueError(f"`zero_inflation` needs a zero-inflated family. Received: "
-                                 f"family={self.family.name!r}")
         self.zero_inflation = zero_inflation
         self.head = FamilyHead(
             self.family, fixed_params=fixed_params, name="family_head", dtype=self.dtype_policy,
@@ -301,18 +272,7 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
         self.nll_tracker.update_state(nll, sample_weight=rows)
         self.kl_tracker.update_state(kl, sample_weight=rows)
         self.elbo_tracker.update_state(-loss, sample_weight=rows)
-        # Keras sums the replicas' gradients and expects each replica's share of the
-        # loss (Trainer.compute_loss's convention, which this override replaces).
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        context = tf.distribute.get_replica_context()
-        if replicas > 1 and context is not None:
-            # Each replica's loss is a mean over its rows (the KL's too): weighted by its
-            # share of the step's rows, as batches may differ (workers' shares of files),
-            # the replicas' gradients add up to those of the mean over all the rows.
-            loss = loss * rows / context.all_reduce("SUM", tf.stop_gradient(rows))
-        elif replicas > 1:
-            loss = loss / tf.cast(replicas, loss.dtype)
-        return loss
+        return distribute.replica_share(loss, rows)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         # Under several workers Keras averages each log in a way that rejects scalars.
@@ -324,12 +284,10 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
 
         `x` may be files (`kg.read_csv`, `kg.read_parquet`): one pass over them.
 
-        After a fit by the engine, on its own training arrays, this is the engine's
-        ELBO (the joint posterior's: for a gaussian model lme4's log-likelihood or
-        REML criterion). Otherwise it is the exact ELBO of the posterior the layers
-        hold, each term's levels independent of the other terms' (the joint
-        posterior's marginals): for a single term the same, for crossed or nested
-        terms a lower value.
+        After a fit by the engine, on its training arrays, this is the engine's ELBO
+        (for a gaussian model lme4's log-likelihood or REML criterion); otherwise
+        the exact ELBO of the layers' posterior, each term independent of the others
+        (the joint posterior's marginals: lower for crossed or nested terms).
 
         Returns:
             A dict with `elbo`, `expected_log_likelihood` and `kl`.
@@ -441,18 +399,6 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
         """Why the engine cannot fit this model (a sentence), or None when it can (`engine.engine_problem`)."""
         return engine.engine_problem(self, num_rows, batch_size)
 
-    def fit_callbacks(self, callbacks, minibatch):
-        """A stochastic-VI fit's `(callbacks, convergence)` (`stochastic.fit_callbacks`)."""
-        return stochastic.fit_callbacks(self, callbacks, minibatch)
-
-    def use_minibatch_optimizer(self, x, y):
-        """Natural-gradient steps for minibatch fits (`stochastic.use_minibatch_optimizer`)."""
-        return stochastic.use_minibatch_optimizer(self, x, y)
-
-    def use_full_batch_optimizer(self):
-        """`SparseAdam` on every weight again after minibatches (`stochastic.use_full_batch_optimizer`)."""
-        return stochastic.use_full_batch_optimizer(self)
-
     # ------------------------------------------------------------ formulas
     @classmethod
     def from_formula(cls, formula, data, family="gaussian", link=None, weights=None, reml=False, posterior="auto",
@@ -478,16 +424,7 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
         `mean` and `eta`; see `keras_glmm.serving`. Other models use Keras's export.
         A zero-inflation with covariates (ziformula) is not exported: a ValueError.
         """
-        if self.zero_inflation is not None:
-            raise ValueError(
-                "A model with a zero-inflation probability with covariates (ziformula) has no SavedModel "
-                "export: save it with model.save('model.keras') and predict with predict_response.")
-        if ordinal_lib.is_ordinal(self.family):
-            # Its answer is a probability per category (predict_response), which the
-            # serving graph does not compute: refused rather than serving something else.
-            raise ValueError(
-                "An ordinal model has no SavedModel export (its predictions are category probabilities): "
-                "save it with model.save('model.keras') and predict with predict_response.")
+        serving.check_exportable(self.zero_inflation is not None, ordinal_lib.is_ordinal(self.family))
         with serving.written_to(filepath):  # a full disk: an OSError naming the path
             if self.design is not None and format == "tf_saved_model" and input_signature is None:
                 return serving.export_saved_model(self, filepath)
@@ -547,6 +484,36 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
             model.design = design
         model._weights = weights
         return model
+
+
+def check_arguments(family, posterior, reml, agq_points, random_effects, zero_inflation):
+    """The `GLMM` constructor's checks of its arguments: a ValueError or TypeError naming the one at fault."""
+    if posterior not in POSTERIORS:
+        raise ValueError(f"`posterior` must be one of {POSTERIORS}. Received: posterior={posterior!r}")
+    if reml and not family.is_gaussian_identity:
+        raise ValueError(
+            "`reml=True` is defined for gaussian models with the identity link only. "
+            f"Received: family={family.name!r}, link={family.link.name!r}."
+        )
+    if reml and posterior == "mean_field":
+        raise ValueError("`reml=True` needs the engine's joint posterior: use posterior='auto' or 'joint'.")
+    if agq_points is not None and (not isinstance(agq_points, (int, np.integer)) or agq_points < 0):
+        raise ValueError(f"`agq_points` must be None or a non-negative integer. Received: {agq_points!r}")
+    random_effects = list(random_effects)
+    for layer in random_effects:
+        if not isinstance(layer, RandomEffects):
+            raise TypeError(f"`random_effects` must hold RandomEffects layers. Received: {layer!r}")
+    names = [layer.name for layer in random_effects]
+    for name in names:
+        if name in ("x", "x_zi", "offset") or name.endswith("_z"):
+            raise ValueError(f"A random-effects term may not be named '{name}'.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"Random-effects terms need distinct names. Received: {names}")
+    if zero_inflation is not None:
+        if not isinstance(zero_inflation, keras.layers.Layer):
+            raise TypeError(f"`zero_inflation` must be a Keras layer or None. Received: {zero_inflation!r}")
+        if "zi_odds" not in family.dispersion_params:
+            raise ValueError(f"`zero_inflation` needs a zero-inflated family. Received: family={family.name!r}")
 
 
 def glmm(formula, data, family="gaussian", weights=None, **options):

@@ -455,6 +455,20 @@ def written_to(filepath):
         ) from err
 
 
+def check_exportable(zero_inflated_with_covariates, ordinal):
+    """Refuses the models whose answer the serving graph does not compute: a ValueError."""
+    if zero_inflated_with_covariates:
+        raise ValueError(
+            "A model with a zero-inflation probability with covariates (ziformula) has no SavedModel "
+            "export: save it with model.save('model.keras') and predict with predict_response.")
+    if ordinal:
+        # Its answer is a probability per category (predict_response): refused rather
+        # than serving something else.
+        raise ValueError(
+            "An ordinal model has no SavedModel export (its predictions are category probabilities): "
+            "save it with model.save('model.keras') and predict with predict_response.")
+
+
 def export_saved_model(model, filepath):
     """Writes `model` (a fitted formula GLMM) as a SavedModel with a `serving_default`.
 
