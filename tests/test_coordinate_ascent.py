@@ -15,6 +15,7 @@ import pytest
 import keras_glmm as kg
 from keras_glmm import families
 from keras_glmm.fitting import large_data
+from keras_glmm.engine import coordinate_ascent
 from keras_glmm.engine.coordinate_ascent import CoordinateAscent
 from keras_glmm.model import FULL_BATCH_ROWS
 
@@ -52,7 +53,8 @@ def test_one_term_reaches_the_engines_optimum(family):
     engine = kg.GLMM.from_formula("y ~ x + (1 | g)", data, family=family, agq_points=0)
     engine.fit(data)
     solver = _fit_by_ascent(data, family, 150, start_scale=1.0 if family == "gaussian" else None)
-    assert solver.converged
+    assert solver.converged and solver.check.passed
+    assert solver.check.largest_step <= coordinate_ascent.STEP_TOLERANCE and solver.check.nonpositive_levels == 0
     results = solver.results()
     np.testing.assert_allclose(results["beta"], engine.fixef().values, atol=2e-3)
     sd = np.sqrt(results["covariances"][0][0, 0])
@@ -61,6 +63,18 @@ def test_one_term_reaches_the_engines_optimum(family):
         np.testing.assert_allclose(results["dispersion"]["scale"], engine.varcorr()["sdcor"].values[-1], rtol=1e-3)
     # The ELBO is the engine's at the same optimum (float32 rows: to 1e-6 per row).
     assert abs(solver.report()["elbo"] - engine.fit_summary_["elbo"]) < 1e-6 * len(data) + 1e-3
+
+
+def test_the_end_check_fails_where_the_last_pass_still_moves_a_mean(monkeypatch):
+    """`PassCheck`: where the ELBO's change says stop but a Newton step is still above its
+    tolerance, the passes go on; a fit that ends so is not converged, and says where."""
+    monkeypatch.setattr(coordinate_ascent, "STEP_TOLERANCE", 0.0)
+    monkeypatch.setattr(coordinate_ascent, "MAX_PASSES", 12)
+    solver = _fit_by_ascent(_one_term("binomial"), "binomial", 150)
+    assert solver.finished and not solver.converged and solver.passes == 12
+    assert not solver.check.passed and solver.check.largest_step > 0
+    message = solver.check.message()
+    assert message.startswith("Model failed to converge: the last pass moved ") and "posterior sds" in message
 
 
 def test_crossed_terms_reach_the_joint_posteriors_sds():

@@ -56,7 +56,10 @@ of the log sds is over-relaxed by `omega = 1 / (1 - r)`, with `r` measured from
 successive changes (`CoordinateAscent._relax`); the ELBO then need not rise at
 every pass. The fit stops when a pass changes the ELBO by less than `tolerance`
 per row (or than float32's rounding of it) and no sd by more than `SD_TOLERANCE`
-(relative).
+(relative), and is called converged once its end check (`PassCheck`: the last
+pass's Newton steps below `STEP_TOLERANCE` posterior sds, every level's posterior
+proper) passes; where it fails the passes go on, and a fit that ends without it
+says why.
 
 Each term's update is one XLA-compiled pass over the rows in float32 (the sums in
 float64): gathers of the levels' moments, the family's expectation and its
@@ -78,6 +81,7 @@ Nothing here imports Keras or the model; the solver has the interface the model'
 fit by the engine drives (`start`, `step`, `results`, `report`).
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -102,6 +106,59 @@ FLOAT32_NOISE = 1e-7
 SD_TOLERANCE = 1e-5
 # lme4's isSingular: an sd below this (relative to the largest of its term).
 SINGULAR_TOLERANCE = 1e-4
+# The end check: the last pass's Newton steps of the levels' means and the fixed
+# effects, in their posterior sds, at most this (`PassCheck`).
+STEP_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass
+class PassCheck:
+    """The end check of coordinate ascent, where the ELBO's change says it has stopped.
+
+    The fixed point of the passes is where each term's Newton step of `(beta, m_t)`
+    vanishes (the ELBO's gradient in them is 0), each level's covariance is its
+    curvature's inverse and the M-step leaves the sds where they are (the ELBO's
+    gradient in `Sigma_t` is 0: the M-step is its exact maximizer given `q`). The
+    check reads the last pass: its Newton steps in posterior sds (Newton's steps
+    shrink quadratically, so the distance left is far smaller than the last step),
+    the sds' last relative change, and whether every level's posterior covariance
+    is positive definite (the ELBO concave in that level's mean: a maximum, not a
+    saddle). It costs no pass over the rows.
+
+    Attributes:
+        passed: every part below its tolerance.
+        largest_step: the largest step, in posterior sds.
+        component: where (`beta[j]` or a term's name and effect).
+        largest_sd_change: the largest relative change of an sd in the last M-step.
+        nonpositive_levels: levels whose posterior covariance is not positive definite.
+        tolerance: `STEP_TOLERANCE`.
+    """
+
+    passed: bool
+    largest_step: float
+    component: str
+    largest_sd_change: float
+    nonpositive_levels: int
+    tolerance: float = STEP_TOLERANCE
+
+    def message(self):
+        """A sentence for a warning: why the check failed, or that it passed."""
+        if self.passed:
+            return (f"the last pass's steps were below {self.tolerance:g} posterior sds (largest "
+                    f"{self.largest_step:.2g}, {self.component}) and every level's posterior is proper")
+        parts = []
+        if not self.largest_step <= self.tolerance:
+            parts.append(f"the last pass moved {self.component} by {self.largest_step:.3g} posterior sds "
+                         f"(tol = {self.tolerance:g})")
+        if not self.largest_sd_change <= 10 * SD_TOLERANCE:
+            parts.append(f"an sd changed by {self.largest_sd_change:.3g} (relative) in the last pass")
+        if self.nonpositive_levels:
+            parts.append(f"{self.nonpositive_levels} level(s) have a posterior covariance that is not positive "
+                         "definite")
+        return "Model failed to converge: " + "; ".join(parts)
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
 
 
 class _Term:
@@ -323,7 +380,38 @@ class CoordinateAscent:
         mean_step = inverse_residual - np.einsum("lkp,p->lk", inverse_cross, beta_step)
         self._schur[target] = schur
         self._xhx = state["xhx"]
+        self._steps[target] = self._largest_steps(target, beta_step, mean_step, inverse, schur)
         return beta_step, mean_step, inverse
+
+    def _largest_steps(self, target, beta_step, mean_step, inverse, schur):
+        """`(largest step in posterior sds, where)` of a term's Newton step, for `PassCheck`."""
+        term = self.terms[target]
+        sds = np.sqrt(np.maximum(np.diagonal(inverse, axis1=1, axis2=2), 1e-300))
+        scaled = np.abs(mean_step) / sds
+        level, effect = np.unravel_index(int(np.argmax(scaled)), scaled.shape) if scaled.size else (0, 0)
+        largest = (float(scaled[level, effect]) if scaled.size else 0.0, f"level {level} of '{term.name}' "
+                   f"(effect {effect})")
+        try:
+            fixed_sds = np.sqrt(np.maximum(np.diag(np.linalg.inv(schur)), 1e-300))
+        except np.linalg.LinAlgError:
+            return largest
+        fixed = np.abs(beta_step) / fixed_sds
+        if fixed.size and float(np.max(fixed)) > largest[0]:
+            largest = (float(np.max(fixed)), f"beta[{int(np.argmax(fixed))}]")
+        return largest
+
+    def _end_check(self):
+        """The `PassCheck` of the last pass."""
+        step, component = max(self._steps, key=lambda pair: pair[0])
+        sd_change = max(float(np.max(np.abs(c))) for c in self._last_change)
+        nonpositive = 0
+        for cov in self.covariances:
+            try:
+                np.linalg.cholesky(cov)
+            except np.linalg.LinAlgError:
+                nonpositive += int(np.sum(np.linalg.eigvalsh(cov)[:, 0] <= 0))
+        passed = step <= STEP_TOLERANCE and sd_change <= 10 * SD_TOLERANCE and not nonpositive
+        return PassCheck(bool(passed), step, component, sd_change, nonpositive, STEP_TOLERANCE)
 
     def _m_step(self, target):
         """`Sigma_t = mean_c (m_c m_c' + S_c)`, its sds over-relaxed (see `_relax`)."""
@@ -394,6 +482,8 @@ class CoordinateAscent:
         self._relaxation = [np.ones(term.size) for term in self.terms]
         self._last_change = [None] * len(self.terms)
         self._schur = [None] * len(self.terms)
+        self._steps = [(0.0, "")] * len(self.terms)
+        self.check = None
         self._marginal = [None] * len(self.terms)
         self._gradient = [0.0] * len(self.terms)
         self._xhx = None
@@ -426,11 +516,12 @@ class CoordinateAscent:
         settled = max(float(np.max(np.abs(c))) for c in self._last_change) < SD_TOLERANCE
         # The rows' values are float32: their sum is exact to about FLOAT32_NOISE of itself.
         tolerance = max(self.tolerance * self.num_rows, FLOAT32_NOISE * abs(elbo))
-        if len(self._elbos) >= 2 and abs(self._elbos[-1] - self._elbos[-2]) < tolerance and settled:
-            self.converged = True
-            self.finished = True
-        elif self.passes >= MAX_PASSES:
-            self.finished = True
+        stopped = len(self._elbos) >= 2 and abs(self._elbos[-1] - self._elbos[-2]) < tolerance and settled
+        if stopped or self.passes >= MAX_PASSES:
+            # Where the ELBO has stopped but the check fails, the passes go on (to MAX_PASSES).
+            self.check = self._end_check()
+            self.converged = self.check.passed
+            self.finished = self.converged or self.passes >= MAX_PASSES
         return self._report
 
     def report(self):
