@@ -225,12 +225,13 @@ class Variational(Stage):
                 # absolute tolerance on 1e6 rows.)
                 break
             rho = 1.0
+            accepted = False
             for _ in range(30):
                 trial = self.at_means(
                     lambdas, point.posterior, [m + rho * d for m, d in zip(point.means, step_means)],
                     point.beta + rho * step_beta, dispersion)
                 if np.isfinite(trial.elbo) and trial.elbo >= point.elbo - 1e-13 * abs(point.elbo):
-                    point = trial
+                    point, accepted = trial, True
                     break
                 rho *= 0.5
             # Row curvatures may be negative (a zero-inflated likelihood is not
@@ -249,11 +250,13 @@ class Variational(Stage):
                     continue
                 trial = self.at_means(lambdas, posterior, point.means, point.beta, dispersion)
                 if np.isfinite(trial.elbo) and trial.elbo >= point.elbo - 1e-13 * abs(point.elbo):
-                    point = trial
+                    point, accepted = trial, True
                     break
                 rho *= 0.5
             else:
                 moved = 0.0  # no damped step improves the ELBO: the covariance is settled
+            if not accepted:
+                break  # neither step improves the ELBO: the next iteration would repeat this one
             if (point.elbo - before <= tolerance and decrement <= 1e-9 * (1.0 + abs(point.elbo))
                     and moved < 1e-6):
                 break
