@@ -378,9 +378,8 @@ def test_binomial_logit_kernel_is_the_generic_quadrature(trials):
 
 def test_a_pilot_on_a_share_of_the_levels_starts_a_large_fit_at_the_same_optimum(monkeypatch):
     """Beyond `PILOT_FROM_ROWS` rows the engine starts from a fit to whole levels of the
-    largest term (`VariationalSolver.pilot`): the same end point as without, and the
-    pilot's share holds every row of the levels it drew."""
-    from keras_glmm.engine import solver as solver_module
+    largest term (`keras_glmm.engine.pilot`): the same end point as without."""
+    from keras_glmm.engine import pilot as pilot_module
 
     rng = np.random.default_rng(4)
     n, groups = 6000, 300
@@ -403,16 +402,16 @@ def test_a_pilot_on_a_share_of_the_levels_starts_a_large_fit_at_the_same_optimum
 
     plain = fit()
     shares = []
-    pilot = VariationalSolver.pilot
+    pilot_start = pilot_module.pilot_start
 
-    def recording(self, *args, **kwargs):
-        out = pilot(self, *args, **kwargs)
+    def recording(*args, **kwargs):
+        out = pilot_start(*args, **kwargs)
         shares.append(out)
         return out
 
-    monkeypatch.setattr(solver_module, "PILOT_FROM_ROWS", 4000)
-    monkeypatch.setattr(solver_module, "PILOT_SHARE", 1 / 3)
-    monkeypatch.setattr(VariationalSolver, "pilot", recording)
+    monkeypatch.setattr(pilot_module, "PILOT_FROM_ROWS", 4000)
+    monkeypatch.setattr(pilot_module, "PILOT_SHARE", 1 / 3)
+    monkeypatch.setattr(pilot_module, "pilot_start", recording)
     piloted = fit()
     assert len(shares) == 1 and shares[0] is not None
     assert piloted.converged and plain.converged

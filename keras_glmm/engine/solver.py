@@ -29,7 +29,7 @@ factors, log-dispersions, zero-inflation coefficients) move by a bounded
 quasi-Newton method (`keras_glmm.engine.quasi_newton`): a standard deviation (a
 diagonal entry of `Lambda_t`) can reach exactly 0, lme4's boundary fit. A `step()`
 is one of its iterations; the model runs one per Keras `train_step`. On many rows
-a GLMM starts from a pilot fit to a share of the levels (`VariationalSolver.pilot`:
+a GLMM starts from a pilot fit to a share of the levels (`keras_glmm.engine.pilot`:
 1M nested binary rows 21.6 s -> 10.5 s, 1e5 rows 1.54 s -> 1.17 s, the same
 optimum). The end point
 is checked, and the fit sent on where the check fails, by
@@ -49,6 +49,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from keras_glmm.engine import covariances
+from keras_glmm.engine import pilot as pilot_lib
 from keras_glmm.engine.blocked import BlockedSystem
 from keras_glmm.engine.exact_likelihood import AGQ_POINTS, ExactLikelihood, initial_status
 from keras_glmm.engine.linear_mixed import LinearMixed
@@ -74,16 +75,6 @@ def _blas():
     every call, which scans the process's memory map (3 ms each with TensorFlow
     loaded, 60 ms of a 0.8 s fit)."""
     return ThreadpoolController()
-
-
-# Non-gaussian fits of at least this many rows start from a pilot fit to a
-# `PILOT_SHARE` of them (`VariationalSolver.pilot`). Measured on nested binary data
-# (`y ~ x + (x|g) + (1|h)`): 1e5 rows 1.54 s -> 1.17 s with an eighth (1.24 s with a
-# quarter), 1e6 rows 21.6 s -> 10.5 s; crossed 1e5 rows 4.13 s -> 4.02 s.
-PILOT_FROM_ROWS = 2**16
-PILOT_SHARE = 1 / 8
-# The pilot's seed: the same data give the same start, hence the same fit.
-PILOT_SEED = 0
 
 
 class VariationalSolver:
@@ -192,7 +183,7 @@ class VariationalSolver:
         return contextlib.nullcontext()
 
     # ================================================================ the fit
-    def start(self, lambdas, beta=None, dispersion=None, u=None, zi=None):
+    def start(self, lambdas, beta=None, dispersion=None, u=None, zi=None, pilot=True):
         """Sets the starting point and evaluates it.
 
         Args:
@@ -205,57 +196,15 @@ class VariationalSolver:
             zi: the zero-inflation coefficients `gamma` `(q,)` (with `zi_design`); by
                 default the constant log-odds of `dispersion["zi_odds"]` (else 0),
                 projected on the columns of `zi_design`.
+            pilot: whether a GLMM of many rows starts from a pilot fit to a share of
+                its levels (`keras_glmm.engine.pilot`: the point above starts the pilot).
         """
         with self.threads():
-            if not self.conjugate and self.num_rows >= PILOT_FROM_ROWS:
-                start = self.pilot(lambdas, beta, dispersion, zi)
+            if pilot and not self.conjugate and self.num_rows >= pilot_lib.PILOT_FROM_ROWS:
+                start = pilot_lib.pilot_start(self, lambdas, beta, dispersion, zi)
                 if start is not None:
                     return self._start(**start)
             return self._start(lambdas, beta, dispersion, u, zi)
-
-    def pilot(self, lambdas, beta=None, dispersion=None, zi=None):
-        """A starting point fitted to a random share of the levels of the largest term.
-
-        On many rows each evaluation of the profiled ELBO is a quadrature over all of
-        them, and from a generic start the outer iterations far from the optimum
-        (where the working-model curvature overshoots) cost the most. The same model
-        fitted by VI to every row of a random `PILOT_SHARE` of the largest term's
-        levels (whole levels: their within-level information intact; the other
-        terms keep most of their levels) lands near the optimum for a fraction of
-        the cost; the full fit starts from its variance parameters, fixed effects
-        and posterior means, and its own optimizer and end check decide the answer.
-
-        Returns the keyword arguments of `_start`, or None (the given start stands)
-        where the share holds too few rows or the pilot ends on a bound or unconverged.
-        """
-        structure = self.structure
-        largest = structure.random_blocks[0]
-        keep = np.random.default_rng(PILOT_SEED).random(largest.num_levels) < PILOT_SHARE
-        rows = np.flatnonzero(keep[largest.index])
-        if len(rows) < PILOT_SHARE * self.num_rows / 2:
-            return None  # a few levels hold most rows: the share would say little
-        given = [structure.random_blocks[structure.order[j]] for j in range(structure.num_random)]
-        terms = [(block.name, block.index[rows], block.z[rows], block.num_levels, block.correlated)
-                 for block in given]
-        pilot = VariationalSolver(
-            structure.fixed_block.z[rows], terms, self.y[rows], self.family,
-            trials=None if self.trials is None else self.trials[rows], weights=self.weights[rows],
-            offset=self.offset[rows], fixed_params=self.fixed_params, num_points=self.stage.num_points,
-            memory_budget=self.memory_budget, agq_points=0,
-            zi_design=self.parameters.zi_design[rows] if self.parameters.num_zi else None)
-        try:
-            pilot._start(lambdas, beta, dispersion, None, zi)
-            if not pilot.fit_variational():
-                return None
-        except (ValueError, np.linalg.LinAlgError, FloatingPointError):
-            return None
-        if np.any(pilot.optimizer.x <= pilot.parameters.lower):
-            return None  # a boundary of the share's fit says little of the full data's
-        fitted = pilot.results()
-        return {"lambdas": fitted["factors"], "beta": fitted["beta"],
-                "dispersion": {k: v for k, v in fitted["dispersion"].items() if k not in self.fixed_params},
-                "u": [pilot.state.means[structure.order[j]] for j in range(structure.num_random)],
-                "zi": fitted.get("zi")}
 
     def fit_variational(self, max_iterations=200):
         """Runs the variational stage's optimizer from the start to its convergence, without
