@@ -558,7 +558,16 @@ def check_fit_data(design, inputs: dict, y: np.ndarray | None, checks: Checks) -
     y = np.asarray(y, np.float64)
     successes, trials = (y[:, 0], y[:, 1]) if y.ndim == 2 else (y, None)
     columns = separated_columns(inputs["x"], successes, trials, inputs.get("weights"))
-    if columns:
+    if columns is None:
+        # Said, not skipped silently: the linear programs' size grows with the distinct rows.
+        warnings.warn(
+            f"keras_glmm could not check the binomial response '{design.spec.response}' for separation: "
+            f"its fixed design has more than {SEPARATION_MAX_ROWS:,} distinct rows of a single outcome or "
+            "both, beyond the check's linear programs; if some fixed effects come out very large with huge "
+            "standard errors, look for columns (or levels) that predict the response perfectly "
+            "(checks={'separation': 'ignore'} silences this)",
+            UserWarning, stacklevel=3)
+    elif columns:
         names = [design.fixed_columns[j] for j in columns]
         _act(
             checks.separation,

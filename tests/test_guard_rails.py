@@ -7,6 +7,8 @@ The numbers are lme4 1.1-31's (R 4.2.2), printed by `tests/reference/guard_rails
 
 import os
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -242,6 +244,19 @@ def test_complete_separation_names_the_slope():
     data = separation_data()
     with pytest.warns(UserWarning, match=r"separate the binomial response 'y2' .* moves \['\(Intercept\)', 'x'\]"):
         kg.GLMM.from_formula("y2 ~ x + (1 | g)", data, family="binomial")
+
+
+def test_separation_beyond_the_checks_rows_is_said_not_skipped(monkeypatch):
+    """Where the linear programs would exceed SEPARATION_MAX_ROWS distinct rows the check
+    cannot decide: a warning says so (before, the fit went on without a word)."""
+    data = separation_data()
+    monkeypatch.setattr(checks, "SEPARATION_MAX_ROWS", 5)
+    with pytest.warns(UserWarning, match=r"could not check the binomial response 'y2' for separation: .* "
+                                         r"more than 5 distinct rows"):
+        kg.GLMM.from_formula("y2 ~ x + (1 | g)", data, family="binomial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kg.GLMM.from_formula("y2 ~ x + (1 | g)", data, family="binomial", checks={"separation": "ignore"})
 
 
 def test_no_separation_no_warning(recwarn):
