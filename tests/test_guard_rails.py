@@ -6,7 +6,6 @@ The numbers are lme4 1.1-31's (R 4.2.2), printed by `tests/reference/guard_rails
 """
 
 import os
-
 import warnings
 
 import numpy as np
