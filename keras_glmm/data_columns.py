@@ -184,11 +184,13 @@ def frame_fingerprint(data: pd.DataFrame, columns: list[str]):
     bytes; ``None`` when a column is not a plain NumPy array of numbers or booleans
     (strings, categoricals, extension arrays), whose bytes say nothing.
 
-    Two equal fingerprints mean the same frame with the same values in these
-    columns: replacing a column or the index changes an identity or an address,
-    and an edit in place changes the CRC (any change of up to 32 bits is certain
-    to; others collide with probability 2**-32 per column). A 32M-row column of
-    float64 costs about 0.06 s (zlib's CRC-32 runs at some 4 GB/s).
+    Two equal fingerprints mean, all but certainly, the same values in these
+    columns: replacing a column or the index changes an identity or an address
+    (an identity may be reused once its object is freed, so the CRC is what vouches
+    for the values), and an edit in place changes the CRC where it is confined to 32
+    consecutive bits (one float32 value; a burst, which CRC-32 always detects);
+    other edits go unseen with probability about 2**-32 per column. A 32M-row column
+    of float64 costs about 0.06 s (zlib's CRC-32 runs at some 4 GB/s).
     """
     parts: list[Any] = [id(data), id(data.index)]
     for column in columns:
