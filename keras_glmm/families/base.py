@@ -204,7 +204,7 @@ class Family:
           ``(value, d_mean, d2_mean, d_var, params_gradient)``: four ``(rows,)``
           arrays (unweighted) and a dict: for each scalar parameter a float, the
           gradient of the rows' weighted sum (`weighted_expected_log_prob`, whose
-          value is ``w * value + weight_value(weights, params)``); for each
+          value is ``w * value`` plus the family's ``_weight_terms``); for each
           per-row parameter the ``(rows,)`` array of its rows' weighted gradients.
         """
         m = np.asarray(eta_mean, np.float64).reshape(-1)
@@ -245,11 +245,6 @@ class Family:
         )
         grads = {k: float(g) for k, g in zip(names, grads)}
         return value.numpy(), first.numpy(), second.numpy(), d_var.numpy(), grads
-
-    def weight_value(self, weights, params):
-        """The rows' weighted log-likelihood minus ``w * log p``, summed (numpy; 0 for most)."""
-        extra = self._weight_terms(np.asarray(weights, np.float64), {k: float(v) for k, v in params.items()}, np)
-        return 0.0 if extra is None else float(np.sum(extra[0]))
 
     def log_prob_derivatives(self, y, eta, params=None, trials=None, weights=None):
         """``log p(y_i | eta_i)`` and its first and second derivatives in ``eta``, per row.
