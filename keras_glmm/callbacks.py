@@ -32,7 +32,11 @@ class ELBOConvergence(keras.callbacks.Callback):
         reduce_below: improvement under which the learning rate is lowered.
         factor: multiplier of the learning rate on a plateau.
         min_learning_rate: lower bound of the learning rate.
-        monitor: the History key to watch.
+        monitor: the History key to watch. For `"loss"`, a GLMM's `elbo` log is read
+            where there is one (its negative is the loss): it is weighted by each
+            replica's rows, while Keras's `loss` log of a multi-worker fit weights
+            the replicas' shares of the loss as if their batches were equal (biased
+            where workers' shares of files differ).
         sd_tolerance: optional; the learning rate is lowered (and convergence
             declared) only once no random-effect sd moved by more than this
             relative change in the epoch. A minibatch loss plateaus at its noise
@@ -85,7 +89,8 @@ class ELBOConvergence(keras.callbacks.Callback):
         self._sds = None
 
     def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
+        logs = logs or {}
+        value = -logs["elbo"] if self.monitor == "loss" and "elbo" in logs else logs.get(self.monitor)
         if value is None or not np.isfinite(value):
             return
         settled = self._sds_settled()
