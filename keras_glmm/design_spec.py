@@ -718,6 +718,52 @@ def coding_spec(coding: dict[str, Any], where: str) -> Any:
                        encoder_state=encoder_state, transform_state=transform_state)
 
 
+def _check_consistent(doc: dict[str, Any]) -> None:
+    """Fields that describe the same thing twice must agree: a document edited by hand (or
+    by an attacker) whose lists disagree would code new data against the wrong columns
+    or levels without a word."""
+    def refuse(message: str) -> None:
+        raise DesignSpecError(f"saved design: {message}")
+
+    for where, part in (("fixed", doc["fixed"]), ("zero_inflation", doc["zero_inflation"])):
+        if part is not None and len(part["columns"]) != len(part["formulaic_columns"]):
+            refuse(f"field '{where}' names {len(part['columns'])} columns but {len(part['formulaic_columns'])} "
+                   "formulaic columns")
+    formula_terms = doc["formula"]["random"]
+    if len(formula_terms) != len(doc["random"]):
+        refuse(f"the formula has {len(formula_terms)} random terms but field 'random' describes {len(doc['random'])}")
+    names = set()
+    for i, (term, r) in enumerate(zip(formula_terms, doc["random"])):
+        if r["term"] != term:
+            refuse(f"field 'random[{i}]' is the term {r['term']} where the formula has {term}")
+        if r["name"] in names:
+            refuse(f"field 'random[{i}]' repeats the name '{r['name']}'")
+        names.add(r["name"])
+        if len(set(r["keys"])) != len(r["keys"]):
+            refuse(f"field 'random[{i}]' lists a level key twice")
+        if not r["columns"] or (r["intercept"] and r["columns"][0] != "(Intercept)"):
+            refuse(f"field 'random[{i}]' has effects {r['columns']} (intercept={r['intercept']})")
+
+
+def check_model_matches(design: Any, model: Any) -> None:
+    """A loaded model's layers must have the sizes its saved design codes data for: each
+    term's levels and effects, and the fixed effects' columns (a ValueError naming them)."""
+    terms = {term.name: term for term in model.random_effects}
+    for r in design.random:
+        term = terms.get(r.name)
+        if term is None or term.num_levels != len(r.levels) or term.num_effects != len(r.columns):
+            got = "no layer" if term is None else f"a layer of {term.num_levels} levels x {term.num_effects} effects"
+            raise DesignSpecError(f"saved model: the design's term '{r.name}' has {len(r.levels)} levels x "
+                                  f"{len(r.columns)} effects, the model {got}")
+    if len(terms) != len(design.random):
+        raise DesignSpecError(f"saved model: {len(terms)} random-effects layers for the design's "
+                              f"{len(design.random)} terms")
+    kernel = getattr(model.fixed_effects, "kernel", None) if getattr(model.fixed_effects, "built", False) else None
+    if kernel is not None and kernel.shape[0] != len(design.fixed_columns):
+        raise DesignSpecError(f"saved model: the fixed effects take {kernel.shape[0]} columns, the design codes "
+                              f"{len(design.fixed_columns)} ({design.fixed_columns})")
+
+
 def read(config: Any) -> dict[str, Any]:
     """Checks a saved design (the document of :func:`write`, e.g. after ``json.loads``) and decodes it.
 
@@ -742,6 +788,7 @@ def read(config: Any) -> dict[str, Any]:
             _check_expressions(doc)
         except ExpressionError as e:
             raise ExpressionError(f"{_REFUSED} {e} {_TRUST}") from None
+    _check_consistent(doc)
     formula = doc["formula"]
     spec = FormulaSpec(
         formula=formula["text"], response=formula["response"], fixed=formula["fixed"],

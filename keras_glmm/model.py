@@ -43,7 +43,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from keras_glmm import compat, distribute
+from keras_glmm import compat, design_spec, distribute
 from keras_glmm import composition  # networks as fixed effects (keras_glmm.composition)
 from keras_glmm import families as families_lib
 from keras_glmm import formula_model
@@ -481,6 +481,7 @@ class GLMM(Lme4Generics, Predictions, compat.BuiltModelFitsUnequalShards, keras.
                 config["family"] = families_lib.Ordinal(config.pop("link", None), levels=design.response_levels)
         model = cls(**config)
         if design is not None:
+            design_spec.check_model_matches(design, model)  # a file whose parts disagree is refused
             model.design = design
         model._weights = weights
         return model

@@ -199,6 +199,30 @@ def test_a_malformed_saved_design_is_refused_with_a_message():
         Design.from_config(config)
 
 
+def test_a_saved_design_whose_parts_disagree_is_refused():
+    """Lists that describe the same thing twice must agree (a hand-edited file would code
+    new data against the wrong columns or levels); so must the model's layers and its design."""
+    text = design_config("y ~ x + (x | g)", frame())
+    edits = [
+        (lambda c: c["fixed"]["columns"].append("z"), r"field 'fixed' names 3 columns but 2 formulaic"),
+        (lambda c: c["random"][0]["term"].update(correlated=False), r"field 'random\[0\]' is the term"),
+        (lambda c: c["random"][0]["keys"].__setitem__(1, c["random"][0]["keys"][0]), "lists a level key twice"),
+        (lambda c: c["random"][0].update(columns=["x", "(Intercept)"]), r"has effects \['x', '\(Intercept\)'\]"),
+        (lambda c: c["formula"]["random"].append(dict(c["formula"]["random"][0])), "the formula has 2 random terms"),
+    ]
+    for edit, message in edits:
+        config = json.loads(text)
+        edit(config)
+        with pytest.raises(DesignSpecError, match=message):
+            Design.from_config(config)
+    model = kg.GLMM.from_formula("y ~ x + (x | g)", frame())
+    config = model.get_config()
+    for key in ("levels", "keys"):
+        config["design"]["random"][0][key] = config["design"]["random"][0][key][:-1]
+    with pytest.raises(DesignSpecError, match=r"the design's term 'g' has \d+ levels x 2 effects, the model a layer"):
+        kg.GLMM.from_config(config)
+
+
 def _hostile_fields(config):
     """Edits of a saved design that name code or smuggle fields in (each must be refused)."""
     coding = config["fixed"]["coding"]
