@@ -89,6 +89,10 @@ def test_blocked_factorization_and_selected_inverse_match_dense_algebra(dense_g,
             np.testing.assert_allclose(values, inverse[rows, cols], atol=1e-10, err_msg=f"{mode} {(p, q)}")
     # The fixed effects' covariance is the fixed block of A^-1.
     np.testing.assert_allclose(factor.fixed_covariance(), np.linalg.inv(a)[-3:, -3:], atol=1e-10)
+    # Without fixed effects (`y ~ 0 + ...`): the same factorization of the random block.
+    structure = Structure(np.zeros((structure.num_rows, 0)), terms)
+    factor = BlockedSystem(structure).factor(lambdas, structure.cross_products(weights))
+    assert factor.logdet == pytest.approx(np.linalg.slogdet(a[:k, :k])[1], abs=1e-9)
 
 
 def test_factorization_with_a_standard_deviation_at_zero():

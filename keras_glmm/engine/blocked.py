@@ -291,10 +291,7 @@ class BlockedSystem:
                 products += np.take(entries[:, a], first) * np.take(entries[:, a], second)
             lower = np.bincount(self.triple_positions(random_end), products, minlength=random_end * random_end)
             dense[:random_end, :random_end] -= lower.reshape(random_end, random_end)
-            # F_R' X-part: each entry's column gets its level's fixed rows, weighted.
-            weighted = np.einsum("ea,eap->ep", entries, f_fixed[self.entry_level])
-            cross_rx = np.stack([np.bincount(self.entry_col, weighted[:, j], minlength=random_end)
-                                 for j in range(self.num_fixed)], axis=1).reshape(random_end, self.num_fixed)
+            cross_rx = self.random_transpose_times(entries, f_fixed)
         if self.num_entries:
             dense[:random_end, random_end:] -= cross_rx
             dense[random_end:, :random_end] -= cross_rx.T
@@ -302,6 +299,17 @@ class BlockedSystem:
         # Cholesky reads the lower triangle only (where the triples' product went).
         dense_factor = scipy.linalg.cholesky(dense, lower=True, check_finite=False) if num_dense else np.zeros((0, 0))
         return Factor(self, l00, l00_inv, entries, f_fixed, dense_factor)
+
+    def random_transpose_times(self, entries, level_values):
+        """`F_R' v`, `F_R` the random columns of `F` held as `entries`, for `v` per level of
+        block 0: `(L0, k0)` gives `(q_r,)`, `(L0, k0, m)` gives `(q_r, m)` (`m` may be 0)."""
+        weighted = np.einsum("ea,ea...->e...", entries, level_values[self.entry_level])
+        if weighted.ndim == 1:
+            return np.bincount(self.entry_col, weighted, minlength=self.num_dense_random)
+        out = np.zeros((self.num_dense_random, weighted.shape[1]))
+        for j in range(weighted.shape[1]):
+            out[:, j] = np.bincount(self.entry_col, weighted[:, j], minlength=self.num_dense_random)
+        return out
 
     def _dense_random_columns(self, entries):
         """`F`'s random columns as a dense `(L0 k0, q_r)` array."""
@@ -346,8 +354,7 @@ class Factor:
         out = np.zeros(system.num_dense)
         out[system.num_dense_random:] = np.einsum("lap,la->p", self.f_fixed, diag_vector)
         if system.num_entries:
-            values = np.sum(self.entries * diag_vector[system.entry_level], axis=1)
-            out[: system.num_dense_random] = np.bincount(system.entry_col, values, minlength=system.num_dense_random)
+            out[: system.num_dense_random] = system.random_transpose_times(self.entries, diag_vector)
         return out
 
     def _l00_times(self, inverse, vector, transpose=False):
