@@ -213,7 +213,7 @@ class VariationalSolver:
             if self.optimizer.converged:
                 break
             self.optimizer.step()
-            self.state = self.stage.accept(self.optimizer.x)
+            self._accept()
         return bool(self.optimizer.converged and np.isfinite(self.optimizer.f))
 
     def _start(self, lambdas, beta=None, dispersion=None, u=None, zi=None):
